@@ -1,0 +1,158 @@
+//! Which acknowledgements to send, given which deliveries are finished.
+//!
+//! Deliveries finish out of order (two regions, several requests in flight), but one
+//! `basic.ack` with `multiple` can settle every delivery up to a tag. The tracker keeps the
+//! lowest unsettled tag (the frontier) and the finished tags above it; each call to
+//! [`AckTracker::take_acks`] turns what became contiguous into one multiple ack. Finished
+//! tags stuck behind a slow one (a batch retrying for minutes) are acknowledged one by one
+//! once there are many of them, so they do not hold the prefetch window shut.
+//!
+//! It relies on RabbitMQ numbering the deliveries of a channel 1, 2, 3, … and on this
+//! worker's channel carrying one consumer and nothing else that is delivered.
+
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub tag: u64,
+    pub multiple: bool,
+}
+
+#[derive(Debug)]
+pub struct AckTracker {
+    /// The lowest tag not yet settled.
+    frontier: u64,
+    /// Settled tags above the frontier, and whether each still needs an ack.
+    settled: BTreeMap<u64, bool>,
+    /// How many entries of `settled` still need an ack.
+    waiting: usize,
+    /// Past this many waiting tags, they are acknowledged one by one.
+    straggler_limit: usize,
+}
+
+impl AckTracker {
+    pub fn new(straggler_limit: usize) -> Self {
+        AckTracker {
+            frontier: 1,
+            settled: BTreeMap::new(),
+            waiting: 0,
+            straggler_limit,
+        }
+    }
+
+    /// Records that `tag` is finished. `needs_ack` is false when it was settled some other
+    /// way (rejected back to the queue), so that no ack names it.
+    ///
+    /// # Panics
+    /// In debug builds, when a tag is settled twice: that would be a double ack, which
+    /// RabbitMQ answers by closing the channel.
+    pub fn settle(&mut self, tag: u64, needs_ack: bool) {
+        debug_assert!(tag >= self.frontier, "tag {tag} settled twice");
+        let previous = self.settled.insert(tag, needs_ack);
+        debug_assert!(previous.is_none(), "tag {tag} settled twice");
+        if needs_ack {
+            self.waiting += 1;
+        }
+    }
+
+    /// The acks to send now, in order.
+    pub fn take_acks(&mut self, out: &mut Vec<Ack>) {
+        let mut highest = None;
+        while let Some(needs_ack) = self.settled.remove(&self.frontier) {
+            if needs_ack {
+                self.waiting -= 1;
+                highest = Some(self.frontier);
+            }
+            self.frontier += 1;
+        }
+        if let Some(tag) = highest {
+            out.push(Ack {
+                tag,
+                multiple: true,
+            });
+        }
+        if self.waiting > self.straggler_limit {
+            for (&tag, needs_ack) in self.settled.iter_mut().filter(|(_, n)| **n) {
+                *needs_ack = false;
+                out.push(Ack {
+                    tag,
+                    multiple: false,
+                });
+            }
+            self.waiting = 0;
+        }
+    }
+
+    /// Tags settled but not yet acknowledged.
+    pub fn waiting(&self) -> usize {
+        self.waiting
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acks(t: &mut AckTracker) -> Vec<(u64, bool)> {
+        let mut out = Vec::new();
+        t.take_acks(&mut out);
+        out.into_iter().map(|a| (a.tag, a.multiple)).collect()
+    }
+
+    #[test]
+    fn contiguous_finished_tags_become_one_multiple_ack() {
+        let mut t = AckTracker::new(100);
+        for tag in [3, 1, 2] {
+            t.settle(tag, true);
+        }
+        assert_eq!(acks(&mut t), [(3, true)]);
+        assert_eq!(acks(&mut t), []);
+    }
+
+    #[test]
+    fn a_gap_holds_the_acks_above_it_until_it_is_filled() {
+        let mut t = AckTracker::new(100);
+        t.settle(1, true);
+        t.settle(3, true);
+        t.settle(4, true);
+        assert_eq!(acks(&mut t), [(1, true)]);
+        assert_eq!(t.waiting(), 2);
+        t.settle(2, true);
+        assert_eq!(acks(&mut t), [(4, true)]);
+        assert_eq!(t.waiting(), 0);
+    }
+
+    #[test]
+    fn a_requeued_tag_is_never_named_in_an_ack_but_lets_the_frontier_pass() {
+        let mut t = AckTracker::new(100);
+        t.settle(1, false);
+        assert_eq!(acks(&mut t), []);
+        t.settle(2, true);
+        assert_eq!(acks(&mut t), [(2, true)]);
+        t.settle(3, false);
+        t.settle(4, false);
+        assert_eq!(acks(&mut t), []);
+    }
+
+    #[test]
+    fn many_tags_stuck_behind_a_slow_one_are_acked_one_by_one_and_only_once() {
+        let mut t = AckTracker::new(2);
+        for tag in 2..=4 {
+            t.settle(tag, true);
+        }
+        assert_eq!(acks(&mut t), [(2, false), (3, false), (4, false)]);
+        t.settle(5, true);
+        assert_eq!(acks(&mut t), []);
+        t.settle(1, true);
+        // 2..=4 were acked singly; the multiple ack up to 5 settles 1 and 5 only.
+        assert_eq!(acks(&mut t), [(5, true)]);
+    }
+
+    #[test]
+    #[should_panic(expected = "settled twice")]
+    fn settling_a_tag_twice_is_a_bug() {
+        let mut t = AckTracker::new(10);
+        t.settle(1, true);
+        t.settle(1, true);
+    }
+}

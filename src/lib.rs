@@ -1,0 +1,29 @@
+//! segment-bridge forwards collected quiz and survey sessions from a RabbitMQ queue to
+//! Segment's HTTP Tracking API, as one Identify and one `Survey Completed` Track event per
+//! session, acknowledging each delivery only after Segment accepted both of its events.
+//!
+//! # Layout
+//! - [`config`]: `config.toml` + `SEGMENT_BRIDGE__*` environment, validated into typed values.
+//! - [`session`]: the two input shapes → a validated [`session::Session`].
+//! - [`events`]: session + mapping options → serialised Identify and Track (pure).
+//! - [`batch`]: one region's batch: fits / push / full / take / split (pure).
+//! - [`ack`]: which acknowledgements to send for deliveries finished out of order (pure).
+//! - [`segment`]: the HTTP client, classifying responses into outcomes, backoff.
+//! - [`consumer`]: RabbitMQ connections, queues, tickets, ack / requeue / dead-letter.
+//! - [`worker`]: the wiring: deliveries → sessions → events → batches → send → settle.
+//! - [`health`]: the side port, `/healthz`, `/readyz`, `/metrics`.
+//! - [`metrics`]: metric names, help texts and handles.
+//! - [`tools`]: the operator commands `preview`, `publish`, `replay-dead` and `check`.
+#![forbid(unsafe_code)]
+
+pub mod ack;
+pub mod batch;
+pub mod config;
+pub mod consumer;
+pub mod events;
+pub mod health;
+pub mod metrics;
+pub mod segment;
+pub mod session;
+pub mod tools;
+pub mod worker;

@@ -1,0 +1,268 @@
+//! The worker's Prometheus metrics: names, help texts, buckets, and typed handles.
+//!
+//! Each [`Metrics`] owns its own recorder instead of installing a global one, so that a
+//! process (or a test) running several workers sees each worker's numbers apart. Handles
+//! used per session are registered once; those whose labels vary (status codes, reasons)
+//! are registered when used, which happens at most once per request.
+
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::session::Region;
+
+pub const SESSIONS: &str = "segment_bridge_sessions_total";
+pub const DELIVERIES: &str = "segment_bridge_deliveries_received_total";
+pub const DEAD_LETTERS: &str = "segment_bridge_dead_letters_total";
+pub const REQUEUED: &str = "segment_bridge_deliveries_requeued_total";
+pub const EVENTS_SENT: &str = "segment_bridge_events_sent_total";
+pub const REQUESTS: &str = "segment_bridge_requests_total";
+pub const REQUEST_DURATION: &str = "segment_bridge_request_duration_seconds";
+pub const BATCH_EVENTS: &str = "segment_bridge_batch_events";
+pub const RETRIES: &str = "segment_bridge_retries_total";
+pub const IN_FLIGHT: &str = "segment_bridge_in_flight_requests";
+pub const AMQP_CONNECTED: &str = "segment_bridge_amqp_connected";
+pub const AMQP_CONNECTS: &str = "segment_bridge_amqp_connections_total";
+pub const REGION_MISCONFIGURED: &str = "segment_bridge_region_misconfigured";
+
+const HELP: &[(&str, &str)] = &[
+    (
+        SESSIONS,
+        "Sessions finished, by outcome: delivered, skipped_no_email, skipped_no_opt_in, dead_lettered.",
+    ),
+    (DELIVERIES, "Messages received from RabbitMQ."),
+    (
+        DEAD_LETTERS,
+        "Messages moved to the dead-letter queue, by reason.",
+    ),
+    (
+        REQUEUED,
+        "Deliveries handed back to RabbitMQ unacknowledged, by cause.",
+    ),
+    (EVENTS_SENT, "Events Segment accepted, by region."),
+    (
+        REQUESTS,
+        "Requests to Segment, by region and HTTP status (or transport/timeout).",
+    ),
+    (
+        REQUEST_DURATION,
+        "Time of one request to Segment, by region.",
+    ),
+    (BATCH_EVENTS, "Events per request to Segment."),
+    (RETRIES, "Retried requests, by region and cause."),
+    (IN_FLIGHT, "Requests to Segment under way."),
+    (
+        AMQP_CONNECTED,
+        "1 while connected to RabbitMQ and consuming.",
+    ),
+    (
+        AMQP_CONNECTS,
+        "Connections made to RabbitMQ (more than one means reconnects).",
+    ),
+    (
+        REGION_MISCONFIGURED,
+        "1 when Segment refused the region's write key or endpoint (401/403/404).",
+    ),
+];
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    delivered: Counter,
+    skipped_no_email: Counter,
+    skipped_no_opt_in: Counter,
+    dead_lettered: Counter,
+    deliveries: Counter,
+    events_sent: [Counter; 2],
+    batch_events: Histogram,
+    in_flight: Gauge,
+    amqp_connected: Gauge,
+    amqp_connects: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(REQUEST_DURATION.into()),
+                &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(BATCH_EVENTS.into()),
+                    &[2.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 2500.0],
+                )
+            })
+            .expect("bucket lists are not empty")
+            .build_recorder();
+        for (name, help) in HELP {
+            let unit = (*name == REQUEST_DURATION).then_some(Unit::Seconds);
+            recorder.describe_counter(KeyName::from(*name), unit, (*help).into());
+        }
+        let handle = recorder.handle();
+        let counter = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+            recorder.register_counter(&key(name, labels), &METADATA)
+        };
+        let session = |outcome| counter(SESSIONS, &[("outcome", outcome)]);
+        let m = Metrics {
+            delivered: session("delivered"),
+            skipped_no_email: session("skipped_no_email"),
+            skipped_no_opt_in: session("skipped_no_opt_in"),
+            dead_lettered: session("dead_lettered"),
+            deliveries: counter(DELIVERIES, &[]),
+            events_sent: Region::ALL.map(|r| counter(EVENTS_SENT, &[("region", r.as_str())])),
+            batch_events: recorder.register_histogram(&key(BATCH_EVENTS, &[]), &METADATA),
+            in_flight: recorder.register_gauge(&key(IN_FLIGHT, &[]), &METADATA),
+            amqp_connected: recorder.register_gauge(&key(AMQP_CONNECTED, &[]), &METADATA),
+            amqp_connects: counter(AMQP_CONNECTS, &[]),
+            handle,
+            recorder,
+        };
+        for r in Region::ALL {
+            m.set_misconfigured(r, false);
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+
+    pub fn delivery_received(&self) {
+        self.deliveries.increment(1);
+    }
+
+    /// A session finished with `outcome` (see [`SESSIONS`]).
+    pub fn sessions(&self, outcome: &str, n: u64) {
+        match outcome {
+            "delivered" => &self.delivered,
+            "skipped_no_email" => &self.skipped_no_email,
+            "skipped_no_opt_in" => &self.skipped_no_opt_in,
+            "dead_lettered" => &self.dead_lettered,
+            other => unreachable!("unknown session outcome {other}"),
+        }
+        .increment(n);
+    }
+
+    pub fn dead_lettered(&self, reason: &'static str) {
+        self.sessions("dead_lettered", 1);
+        self.counter(DEAD_LETTERS, &[("reason", reason)])
+            .increment(1);
+    }
+
+    pub fn requeued(&self, cause: &'static str, n: u64) {
+        self.counter(REQUEUED, &[("cause", cause)]).increment(n);
+    }
+
+    pub fn events_sent(&self, region: Region, n: u64) {
+        self.events_sent[region as usize].increment(n);
+    }
+
+    /// One finished request: its status (a code, `transport` or `timeout`) and duration.
+    pub fn request(&self, region: Region, status: &str, events: usize, took: Duration) {
+        let labels = [
+            Label::new("region", region.as_str()),
+            Label::new("status", status.to_owned()),
+        ];
+        self.recorder
+            .register_counter(&Key::from_parts(REQUESTS, labels.to_vec()), &METADATA)
+            .increment(1);
+        self.recorder
+            .register_histogram(
+                &key(REQUEST_DURATION, &[("region", region.as_str())]),
+                &METADATA,
+            )
+            .record(took.as_secs_f64());
+        self.batch_events.record(events as f64);
+    }
+
+    pub fn retry(&self, region: Region, cause: &'static str) {
+        self.counter(RETRIES, &[("region", region.as_str()), ("cause", cause)])
+            .increment(1);
+    }
+
+    pub fn in_flight(&self, delta: f64) {
+        self.in_flight.increment(delta);
+    }
+
+    pub fn amqp_connected(&self, connected: bool) {
+        if connected {
+            self.amqp_connects.increment(1);
+        }
+        self.amqp_connected.set(f64::from(u8::from(connected)));
+    }
+
+    pub fn set_misconfigured(&self, region: Region, misconfigured: bool) {
+        self.recorder
+            .register_gauge(
+                &key(REGION_MISCONFIGURED, &[("region", region.as_str())]),
+                &METADATA,
+            )
+            .set(f64::from(u8::from(misconfigured)));
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+        self.recorder
+            .register_counter(&key(name, labels), &METADATA)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+    Key::from_parts(
+        name,
+        labels
+            .iter()
+            .map(|(k, v)| Label::from_static_parts(k, v))
+            .collect::<Vec<_>>(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendered_metrics_use_prometheus_names_help_and_labels() {
+        let m = Metrics::new();
+        m.sessions("delivered", 3);
+        m.dead_lettered("invalid_email");
+        m.events_sent(Region::Eu, 6);
+        m.request(Region::Eu, "200", 6, Duration::from_millis(20));
+        m.retry(Region::Us, "throttled");
+        let text = m.render();
+        for line in [
+            "segment_bridge_sessions_total{outcome=\"delivered\"} 3",
+            "segment_bridge_sessions_total{outcome=\"dead_lettered\"} 1",
+            "segment_bridge_dead_letters_total{reason=\"invalid_email\"} 1",
+            "segment_bridge_events_sent_total{region=\"eu\"} 6",
+            "segment_bridge_requests_total{region=\"eu\",status=\"200\"} 1",
+            "segment_bridge_retries_total{region=\"us\",cause=\"throttled\"} 1",
+            "segment_bridge_request_duration_seconds_bucket{region=\"eu\",le=\"0.025\"} 1",
+            "segment_bridge_region_misconfigured{region=\"us\"} 0",
+            "# HELP segment_bridge_sessions_total Sessions finished",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn two_workers_in_one_process_count_apart() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.sessions("delivered", 1);
+        assert!(!b.render().contains("outcome=\"delivered\"} 1"));
+    }
+}

@@ -1,0 +1,386 @@
+//! Talking to Segment's HTTP Tracking API: posting one batch body and deciding what its
+//! answer means, and how long to wait before trying again.
+//!
+//! [`classify`] is the one place that turns a response into an [`Outcome`]; the worker
+//! acts on outcomes and never looks at status codes.
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use secrecy::{ExposeSecret, SecretString};
+
+/// What an attempt to post a batch came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx: Segment took every event of the batch.
+    Accepted,
+    /// Try the same batch again later; `after` is the server's `Retry-After`, capped.
+    Retry {
+        after: Option<Duration>,
+        cause: RetryCause,
+    },
+    /// 400 or 413: something in this batch's content is refused; split it to find what.
+    Rejected { status: u16, detail: String },
+    /// 401, 403, 404 or another 4xx: the region's endpoint or write key is wrong. No event
+    /// is at fault; the operator must fix the configuration.
+    Misconfigured { status: u16 },
+}
+
+/// Why an attempt is retried: the `cause` label of `segment_bridge_retries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryCause {
+    Transport,
+    Timeout,
+    Throttled,
+    ServerError,
+}
+
+impl RetryCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryCause::Transport => "transport",
+            RetryCause::Timeout => "timeout",
+            RetryCause::Throttled => "throttled",
+            RetryCause::ServerError => "server_error",
+        }
+    }
+}
+
+/// Classifies a response. `retry_after` is the raw header; `now` reads its HTTP-date form.
+pub fn classify(
+    status: u16,
+    retry_after: Option<&HeaderValue>,
+    now: SystemTime,
+    max_retry_after: Duration,
+    body: impl FnOnce() -> String,
+) -> Outcome {
+    let after = || {
+        retry_after
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, now))
+            .map(|d| d.min(max_retry_after))
+    };
+    match status {
+        200..=299 => Outcome::Accepted,
+        408 => Outcome::Retry {
+            after: after(),
+            cause: RetryCause::Timeout,
+        },
+        429 => Outcome::Retry {
+            after: after(),
+            cause: RetryCause::Throttled,
+        },
+        400 | 413 => Outcome::Rejected {
+            status,
+            detail: body(),
+        },
+        400..=499 => Outcome::Misconfigured { status },
+        // 5xx, and anything else a proxy might invent, is Segment's side: try again.
+        _ => Outcome::Retry {
+            after: after(),
+            cause: RetryCause::ServerError,
+        },
+    }
+}
+
+/// `Retry-After` as delay-seconds or as an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Exponential backoff with jitter, capped; `Retry-After` wins when the server sends one.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            inner: ExponentialBuilder::new()
+                .with_min_delay(self.initial)
+                .with_max_delay(self.max)
+                .with_factor(2.0)
+                .with_jitter()
+                .without_max_times()
+                .build(),
+            max: self.max,
+        }
+    }
+}
+
+/// The delays of one batch's retries. It never runs out: transient failures have no
+/// retry budget (the hold limit bounds how long a delivery waits instead).
+#[derive(Debug)]
+pub struct Backoff {
+    inner: ExponentialBackoff,
+    max: Duration,
+}
+
+impl Backoff {
+    /// The next delay, or the server's `after` if it sent one.
+    pub fn next_delay(&mut self, after: Option<Duration>) -> Duration {
+        let computed = self.inner.next().unwrap_or(self.max).min(self.max);
+        after.unwrap_or(computed)
+    }
+}
+
+/// Where a region's batches go.
+pub enum Sink {
+    /// Segment's HTTP API, or a server standing in for it.
+    Http(HttpSink),
+    /// `run --dry-run`: each body is written as one line to standard output.
+    DryRun(Mutex<std::io::Stdout>),
+}
+
+pub struct HttpSink {
+    client: reqwest::Client,
+    endpoint: reqwest::Url,
+    write_key: SecretString,
+    max_retry_after: Duration,
+}
+
+impl HttpSink {
+    pub fn new(
+        client: reqwest::Client,
+        endpoint: reqwest::Url,
+        write_key: SecretString,
+        max_retry_after: Duration,
+    ) -> Self {
+        HttpSink {
+            client,
+            endpoint,
+            write_key,
+            max_retry_after,
+        }
+    }
+}
+
+/// The HTTP client all regions share: rustls, one connection pool, the request timeout.
+pub fn http_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    // rustls is built with ring only; make it the process default (a no-op if it is).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("segment-bridge/", env!("CARGO_PKG_VERSION")))
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+}
+
+/// One attempt's answer: the status label for metrics and logs, and what it means.
+#[derive(Debug)]
+pub struct Response {
+    /// The HTTP status code, or `transport` / `timeout` when there was none.
+    pub status: String,
+    pub outcome: Outcome,
+}
+
+impl Sink {
+    /// Posts one body and classifies the answer.
+    pub async fn send(&self, body: Vec<u8>) -> Response {
+        match self {
+            Sink::DryRun(stdout) => {
+                let mut out = stdout.lock().unwrap_or_else(|e| e.into_inner());
+                let written = out
+                    .write_all(&body)
+                    .and_then(|()| out.write_all(b"\n"))
+                    .and_then(|()| out.flush());
+                let outcome = match written {
+                    Ok(()) => Outcome::Accepted,
+                    Err(_) => Outcome::Retry {
+                        after: None,
+                        cause: RetryCause::Transport,
+                    },
+                };
+                Response {
+                    status: "dry_run".into(),
+                    outcome,
+                }
+            }
+            Sink::Http(http) => http.send(body).await,
+        }
+    }
+}
+
+impl HttpSink {
+    async fn send(&self, body: Vec<u8>) -> Response {
+        let sent = self
+            .client
+            .post(self.endpoint.clone())
+            .basic_auth(self.write_key.expose_secret(), Some(""))
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "Request to Segment failed.");
+                let cause = if e.is_timeout() {
+                    RetryCause::Timeout
+                } else {
+                    RetryCause::Transport
+                };
+                return Response {
+                    status: cause.as_str().into(),
+                    outcome: Outcome::Retry { after: None, cause },
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response.headers().get(RETRY_AFTER).cloned();
+        // Only a rejection's body is worth reading: it says what Segment disliked.
+        let detail = if matches!(status, 400 | 413) {
+            response.text().await.unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Response {
+            status: status.to_string(),
+            outcome: classify(
+                status,
+                retry_after.as_ref(),
+                SystemTime::now(),
+                self.max_retry_after,
+                || truncate(detail, 300),
+            ),
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAP: Duration = Duration::from_secs(300);
+
+    fn outcome(status: u16, retry_after: Option<&str>) -> Outcome {
+        let header = retry_after.map(|v| HeaderValue::from_str(v).unwrap());
+        classify(
+            status,
+            header.as_ref(),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000),
+            CAP,
+            || "body".into(),
+        )
+    }
+
+    fn retry(after: Option<u64>, cause: RetryCause) -> Outcome {
+        Outcome::Retry {
+            after: after.map(Duration::from_secs),
+            cause,
+        }
+    }
+
+    #[test]
+    fn each_status_code_has_one_meaning() {
+        use RetryCause::*;
+        let table: &[(u16, Option<&str>, Outcome)] = &[
+            (200, None, Outcome::Accepted),
+            (202, None, Outcome::Accepted),
+            (408, None, retry(None, Timeout)),
+            (429, None, retry(None, Throttled)),
+            (429, Some("7"), retry(Some(7), Throttled)),
+            (500, None, retry(None, ServerError)),
+            (502, Some("2"), retry(Some(2), ServerError)),
+            (503, None, retry(None, ServerError)),
+            (504, None, retry(None, ServerError)),
+            (
+                400,
+                None,
+                Outcome::Rejected {
+                    status: 400,
+                    detail: "body".into(),
+                },
+            ),
+            (
+                413,
+                None,
+                Outcome::Rejected {
+                    status: 413,
+                    detail: "body".into(),
+                },
+            ),
+            (401, None, Outcome::Misconfigured { status: 401 }),
+            (403, None, Outcome::Misconfigured { status: 403 }),
+            (404, None, Outcome::Misconfigured { status: 404 }),
+            (405, None, Outcome::Misconfigured { status: 405 }),
+        ];
+        for (status, header, want) in table {
+            assert_eq!(&outcome(*status, *header), want, "status {status}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_an_http_date_and_capped() {
+        assert_eq!(
+            outcome(429, Some("100000")),
+            retry(Some(300), RetryCause::Throttled)
+        );
+        // The clock in `outcome` is 2001-09-09T01:46:40Z.
+        assert_eq!(
+            outcome(503, Some("Sun, 09 Sep 2001 01:47:00 GMT")),
+            retry(Some(20), RetryCause::ServerError)
+        );
+        assert_eq!(
+            outcome(503, Some("Sun, 09 Sep 2001 01:00:00 GMT")),
+            retry(Some(0), RetryCause::ServerError),
+            "a date in the past means now"
+        );
+        assert_eq!(
+            outcome(503, Some("soon")),
+            retry(None, RetryCause::ServerError),
+            "an unreadable header falls back to backoff"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_with_jitter_and_is_capped() {
+        let policy = RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        let mut b = policy.backoff();
+        let delays: Vec<_> = (0..12).map(|_| b.next_delay(None)).collect();
+        // Jitter adds up to 100% of the base delay: 100ms, 200ms, 400ms, … then the cap.
+        for (i, d) in delays.iter().take(4).enumerate() {
+            let base = Duration::from_millis(100 << i);
+            assert!(*d >= base && *d <= base * 2, "attempt {i}: {d:?}");
+        }
+        assert!(delays.iter().all(|d| *d <= policy.max));
+        assert_eq!(delays[11], policy.max, "it never runs out and stays capped");
+        assert_eq!(
+            b.next_delay(Some(Duration::from_secs(9))),
+            Duration::from_secs(9),
+            "Retry-After wins over the computed delay"
+        );
+    }
+
+    #[test]
+    fn truncation_respects_character_boundaries() {
+        assert_eq!(truncate("ééé".into(), 3), "é…");
+        assert_eq!(truncate("abc".into(), 3), "abc");
+    }
+}

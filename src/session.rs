@@ -1,0 +1,647 @@
+//! Parsing a message body into a validated [`Session`].
+//!
+//! Two input shapes are accepted (see the README): the canonical one, with the session's
+//! fields at the top level and its answers under `attributes`, and the body of a Jebbit
+//! webhook, with the email, the opt-in and the answers under `data`. Both are read by one
+//! serde pass into loose wire types, then checked once into a [`Session`] that cannot be
+//! invalid. Nothing here knows about AMQP, clocks or Segment.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// The two Segment regions a session can be routed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Region {
+    Us,
+    Eu,
+}
+
+impl Region {
+    pub const ALL: [Region; 2] = [Region::Us, Region::Eu];
+
+    /// The lowercase name used in config sections, logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Region::Us => "us",
+            Region::Eu => "eu",
+        }
+    }
+
+    /// Reads `eu`, `us` or `non-eu` (meaning `us`), in any case.
+    pub fn parse(s: &str) -> Option<Region> {
+        if s.eq_ignore_ascii_case("eu") {
+            Some(Region::Eu)
+        } else if s.eq_ignore_ascii_case("us") || s.eq_ignore_ascii_case("non-eu") {
+            Some(Region::Us)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A normalised email address: trimmed, lowercased, with exactly one `@` between two
+/// non-empty parts and no white space inside.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Email(String);
+
+impl Email {
+    /// Normalises `raw`; `Ok(None)` when nothing is left after trimming.
+    pub fn parse(raw: &str) -> Result<Option<Email>, InputError> {
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return Ok(None);
+        }
+        let email = trimmed.to_lowercase();
+        let valid = match email.split_once('@') {
+            Some((local, domain)) => {
+                !local.is_empty()
+                    && !domain.is_empty()
+                    && !domain.contains('@')
+                    && !email.chars().any(char::is_whitespace)
+            }
+            None => false,
+        };
+        if valid {
+            Ok(Some(Email(email)))
+        } else {
+            Err(InputError::InvalidEmail)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+// Emails are personal data: they never reach a log through `{:?}`.
+impl fmt::Debug for Email {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Email(<redacted>)")
+    }
+}
+
+/// One collected session, valid by construction.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// What makes this session unique: `session_id`, or for a webhook body without one,
+    /// the lowercase hex SHA-256 of the raw body. messageIds are derived from it.
+    pub identity: String,
+    /// The `session_id` as sent, if any; becomes `surveySessionId`.
+    pub session_id: Option<String>,
+    pub campaign_id: Option<String>,
+    pub campaign_name: Option<String>,
+    pub traffic_source: Option<String>,
+    pub completed_at: Option<OffsetDateTime>,
+    /// `None`: the configured default region applies.
+    pub region: Option<Region>,
+    /// `None`: the session had no email and produces no events.
+    pub email: Option<Email>,
+    pub opt_in: bool,
+    /// Mapped attribute id → raw JSON value, in the order they came, without duplicates.
+    pub attributes: Vec<(String, Box<RawValue>)>,
+}
+
+/// Why a message body is not a valid session. Every variant is permanent: the same body
+/// will fail the same way, so the message is dead-lettered with this text as its reason.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum InputError {
+    #[error("the message body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("the message body is not a JSON object")]
+    NotAnObject,
+    #[error("`{field}` must be {expected}, found {found}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+        found: &'static str,
+    },
+    #[error("`session_id` is missing (required unless the body is a Jebbit webhook with `data`)")]
+    MissingSessionId,
+    #[error("`session_id` is empty")]
+    EmptySessionId,
+    #[error("`email` is not an email address")]
+    InvalidEmail,
+    #[error("`completed_at` is not an RFC 3339 time: {0:?}")]
+    InvalidCompletedAt(String),
+    #[error("`region` must be \"eu\", \"us\" or \"non-eu\", found {0:?}")]
+    InvalidRegion(String),
+}
+
+impl InputError {
+    /// A short, stable name for the `reason` label of the dead-letter metric.
+    pub fn code(&self) -> &'static str {
+        match self {
+            InputError::NotJson(_) => "not_json",
+            InputError::NotAnObject => "not_an_object",
+            InputError::WrongType { .. } => "wrong_type",
+            InputError::MissingSessionId | InputError::EmptySessionId => "invalid_session_id",
+            InputError::InvalidEmail => "invalid_email",
+            InputError::InvalidCompletedAt(_) => "invalid_completed_at",
+            InputError::InvalidRegion(_) => "invalid_region",
+        }
+    }
+}
+
+impl Session {
+    /// Parses and validates one message body.
+    pub fn parse(body: &[u8]) -> Result<Session, InputError> {
+        let wire: Wire = serde_json::from_slice(body).map_err(|e| {
+            if e.classify() == serde_json::error::Category::Data {
+                InputError::NotAnObject
+            } else {
+                InputError::NotJson(e.to_string())
+            }
+        })?;
+        Session::from_wire(wire, body)
+    }
+
+    fn from_wire(wire: Wire, body: &[u8]) -> Result<Session, InputError> {
+        let (data_email, data_opt_in, data_attributes, is_webhook) = match wire.data {
+            None => (None, None, Vec::new(), false),
+            Some(Object::Other(found)) => {
+                return Err(InputError::WrongType {
+                    field: "data",
+                    expected: "an object",
+                    found,
+                });
+            }
+            Some(Object::Map(data)) => (data.email, data.opt_in, data.attributes, true),
+        };
+
+        let session_id = string_field("session_id", wire.session_id)?;
+        let identity = match (&session_id, is_webhook) {
+            (Some(id), _) if id.is_empty() => return Err(InputError::EmptySessionId),
+            (Some(id), _) => id.clone(),
+            (None, true) => hex::encode(Sha256::digest(body)),
+            (None, false) => return Err(InputError::MissingSessionId),
+        };
+
+        // In a webhook body, `data.email` and `data.opt_in` win over top-level keys.
+        let email = match data_email.or(wire.email) {
+            None | Some(Loose::Null) => None,
+            Some(Loose::Str(s)) => Email::parse(&s)?,
+            Some(other) => {
+                return Err(InputError::WrongType {
+                    field: "email",
+                    expected: "a string",
+                    found: other.kind(),
+                });
+            }
+        };
+        let opt_in = match data_opt_in.or(wire.opt_in) {
+            Some(Loose::Bool(b)) => b,
+            Some(Loose::Str(s)) => s.trim().eq_ignore_ascii_case("true"),
+            _ => false,
+        };
+
+        let completed_at = match string_field("completed_at", wire.completed_at)? {
+            None => None,
+            Some(s) => Some(
+                OffsetDateTime::parse(&s, &Rfc3339)
+                    .map_err(|_| InputError::InvalidCompletedAt(s.clone()))?,
+            ),
+        };
+        let region = match string_field("region", wire.region)? {
+            None => None,
+            Some(s) => Some(Region::parse(&s).ok_or(InputError::InvalidRegion(s))?),
+        };
+
+        let mut attributes = match wire.attributes {
+            None => Vec::new(),
+            Some(Object::Map(attrs)) => attrs.0,
+            Some(Object::Other(found)) => {
+                return Err(InputError::WrongType {
+                    field: "attributes",
+                    expected: "an object",
+                    found,
+                });
+            }
+        };
+        for (key, value) in data_attributes {
+            upsert(&mut attributes, key, value);
+        }
+
+        Ok(Session {
+            identity,
+            session_id,
+            campaign_id: string_field("campaign_id", wire.campaign_id)?,
+            campaign_name: string_field("campaign_name", wire.campaign_name)?,
+            traffic_source: string_field("traffic_source", wire.traffic_source)?,
+            completed_at,
+            region,
+            email,
+            opt_in,
+            attributes,
+        })
+    }
+}
+
+/// An optional string field: absent and `null` are `None`, any other type is an error.
+fn string_field(field: &'static str, value: Option<Loose>) -> Result<Option<String>, InputError> {
+    match value {
+        None | Some(Loose::Null) => Ok(None),
+        Some(Loose::Str(s)) => Ok(Some(s)),
+        Some(other) => Err(InputError::WrongType {
+            field,
+            expected: "a string",
+            found: other.kind(),
+        }),
+    }
+}
+
+/// Inserts or replaces `key`, so that a later duplicate wins as in most JSON readers.
+fn upsert(attributes: &mut Vec<(String, Box<RawValue>)>, key: String, value: Box<RawValue>) {
+    match attributes.iter_mut().find(|(k, _)| *k == key) {
+        Some(slot) => slot.1 = value,
+        None => attributes.push((key, value)),
+    }
+}
+
+// ---- wire types: what serde reads, before any rule is checked ----
+
+#[derive(Deserialize)]
+struct Wire {
+    session_id: Option<Loose>,
+    campaign_id: Option<Loose>,
+    campaign_name: Option<Loose>,
+    traffic_source: Option<Loose>,
+    completed_at: Option<Loose>,
+    region: Option<Loose>,
+    email: Option<Loose>,
+    opt_in: Option<Loose>,
+    attributes: Option<Object<Attributes>>,
+    data: Option<Object<Data>>,
+}
+
+/// Any JSON value, keeping strings and booleans and only the kind of anything else, so
+/// that a wrong type becomes an error naming the field instead of a serde message.
+enum Loose {
+    Null,
+    Bool(bool),
+    Str(String),
+    Other(&'static str),
+}
+
+impl Loose {
+    fn kind(&self) -> &'static str {
+        match self {
+            Loose::Null => "null",
+            Loose::Bool(_) => "a boolean",
+            Loose::Str(_) => "a string",
+            Loose::Other(kind) => kind,
+        }
+    }
+}
+
+struct LooseVisitor;
+
+impl<'de> Deserialize<'de> for Loose {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(LooseVisitor)
+    }
+}
+
+impl<'de> Visitor<'de> for LooseVisitor {
+    type Value = Loose;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Loose, E> {
+        Ok(Loose::Null)
+    }
+    fn visit_none<E>(self) -> Result<Loose, E> {
+        Ok(Loose::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Loose, D::Error> {
+        Loose::deserialize(d)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Loose, E> {
+        Ok(Loose::Bool(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Loose, E> {
+        Ok(Loose::Str(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Loose, E> {
+        Ok(Loose::Str(v))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Loose, E> {
+        Ok(Loose::Other("a number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Loose, E> {
+        Ok(Loose::Other("a number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Loose, E> {
+        Ok(Loose::Other("a number"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Loose::Other("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Loose, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Loose::Other("an object"))
+    }
+}
+
+/// A field that must be a JSON object: its contents, or the kind of what stood there.
+enum Object<T> {
+    Map(T),
+    Other(&'static str),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Object::Map)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Object<T>, A::Error> {
+                Ok(Object::Other(LooseVisitor.visit_seq(seq)?.kind()))
+            }
+            fn visit_unit<E>(self) -> Result<Object<T>, E> {
+                Ok(Object::Other("null"))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Object<T>, E> {
+                Ok(Object::Other("a boolean"))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Object<T>, E> {
+                Ok(Object::Other("a string"))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Object<T>, E> {
+                Ok(Object::Other("a number"))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Object<T>, E> {
+                Ok(Object::Other("a number"))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Object<T>, E> {
+                Ok(Object::Other("a number"))
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
+}
+
+/// The `attributes` object, in order, duplicates resolved.
+struct Attributes(Vec<(String, Box<RawValue>)>);
+
+impl<'de> Deserialize<'de> for Attributes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Attributes;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Attributes, A::Error> {
+                let mut attributes = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some((key, value)) = map.next_entry::<String, Box<RawValue>>()? {
+                    upsert(&mut attributes, key, value);
+                }
+                Ok(Attributes(attributes))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The webhook's `data` object: email and opt-in taken out, every other key an attribute.
+struct Data {
+    email: Option<Loose>,
+    opt_in: Option<Loose>,
+    attributes: Vec<(String, Box<RawValue>)>,
+}
+
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Data;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Data, A::Error> {
+                let mut data = Data {
+                    email: None,
+                    opt_in: None,
+                    attributes: Vec::with_capacity(map.size_hint().unwrap_or(16)),
+                };
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "email" => data.email = Some(map.next_value()?),
+                        "opt_in" => data.opt_in = Some(map.next_value()?),
+                        _ => upsert(&mut data.attributes, key, map.next_value()?),
+                    }
+                }
+                Ok(data)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<Session, InputError> {
+        Session::parse(body.as_bytes())
+    }
+
+    fn attrs(s: &Session) -> Vec<(&str, &str)> {
+        s.attributes
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.get()))
+            .collect()
+    }
+
+    #[test]
+    fn the_canonical_shape_is_read_field_by_field() {
+        let s = parse(
+            r#"{"session_id":"y2P5ks05mqzGsdkIGjbQ","campaign_id":"n3zrik6g",
+                "campaign_name":"New Quiz","traffic_source":"Owned+Web",
+                "completed_at":"2021-03-12T00:00:00.000Z","region":"eu",
+                "email":"  Jane.Doe@Example.com ","opt_in":true,
+                "attributes":{"attribute_id_1":"attribute_value_1","favorite_colors":["option 1","option 4"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.identity, "y2P5ks05mqzGsdkIGjbQ");
+        assert_eq!(s.session_id.as_deref(), Some("y2P5ks05mqzGsdkIGjbQ"));
+        assert_eq!(s.campaign_id.as_deref(), Some("n3zrik6g"));
+        assert_eq!(s.campaign_name.as_deref(), Some("New Quiz"));
+        assert_eq!(s.traffic_source.as_deref(), Some("Owned+Web"));
+        assert_eq!(s.completed_at.unwrap().unix_timestamp(), 1_615_507_200);
+        assert_eq!(s.region, Some(Region::Eu));
+        assert_eq!(s.email.as_ref().unwrap().as_str(), "jane.doe@example.com");
+        assert!(s.opt_in);
+        assert_eq!(
+            attrs(&parse(r#"{"session_id":"a","attributes":{"x":1,"y":[1,2]}}"#).unwrap()),
+            [("x", "1"), ("y", "[1,2]")]
+        );
+    }
+
+    #[test]
+    fn the_jebbit_webhook_body_is_a_session_identified_by_its_hash() {
+        let body = include_str!("../../shared/examples/jebbit-webhook-test-submission.json");
+        let s = Session::parse(body.as_bytes()).unwrap();
+        assert_eq!(s.identity, hex::encode(Sha256::digest(body.as_bytes())));
+        assert_eq!(s.session_id, None);
+        assert_eq!(s.email.as_ref().unwrap().as_str(), "test@example.com");
+        assert!(s.opt_in, "the string \"true\" is an opt-in");
+        assert_eq!(
+            attrs(&s),
+            [
+                ("test_attribute", "\"attribute_value\""),
+                ("test_sata_attribute", "[\"option 1\",\"option 4\"]"),
+                ("outcome", "\"example_outcome\""),
+            ]
+        );
+    }
+
+    #[test]
+    fn webhook_data_wins_over_top_level_keys_and_session_keys_may_stand_beside_it() {
+        let s = parse(
+            r#"{"session_id":"s1","region":"non-eu","email":"top@x.io","opt_in":true,
+                "attributes":{"a":1,"b":2},
+                "data":{"email":"data@x.io","opt_in":"false","b":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.identity, "s1");
+        assert_eq!(s.region, Some(Region::Us));
+        assert_eq!(s.email.as_ref().unwrap().as_str(), "data@x.io");
+        assert!(!s.opt_in);
+        assert_eq!(attrs(&s), [("a", "1"), ("b", "3")]);
+    }
+
+    #[test]
+    fn opt_in_is_true_only_for_true_or_the_string_true_in_any_case() {
+        for (v, want) in [
+            ("true", true),
+            ("\"TRUE\"", true),
+            ("\"True\"", true),
+            ("false", false),
+            ("\"false\"", false),
+            ("\"yes\"", false),
+            ("1", false),
+            ("null", false),
+        ] {
+            let s = parse(&format!(r#"{{"session_id":"a","opt_in":{v}}}"#)).unwrap();
+            assert_eq!(s.opt_in, want, "opt_in {v}");
+        }
+        assert!(!parse(r#"{"session_id":"a"}"#).unwrap().opt_in);
+    }
+
+    #[test]
+    fn region_is_read_in_any_case_and_non_eu_means_us() {
+        for (v, want) in [
+            ("eu", Region::Eu),
+            ("EU", Region::Eu),
+            ("us", Region::Us),
+            ("Non-EU", Region::Us),
+        ] {
+            let s = parse(&format!(r#"{{"session_id":"a","region":"{v}"}}"#)).unwrap();
+            assert_eq!(s.region, Some(want));
+        }
+        assert_eq!(parse(r#"{"session_id":"a"}"#).unwrap().region, None);
+        assert_eq!(
+            parse(r#"{"session_id":"a","region":"apac"}"#).unwrap_err(),
+            InputError::InvalidRegion("apac".into())
+        );
+    }
+
+    #[test]
+    fn a_missing_or_blank_email_is_no_email_and_a_malformed_one_is_an_error() {
+        for v in ["null", "\"\"", "\"   \""] {
+            let s = parse(&format!(r#"{{"session_id":"a","email":{v}}}"#)).unwrap();
+            assert!(s.email.is_none(), "email {v}");
+        }
+        for v in [
+            "\"jane\"",
+            "\"@x.io\"",
+            "\"jane@\"",
+            "\"a@b@c\"",
+            "\"ja ne@x.io\"",
+        ] {
+            assert_eq!(
+                parse(&format!(r#"{{"session_id":"a","email":{v}}}"#)).unwrap_err(),
+                InputError::InvalidEmail,
+                "email {v}"
+            );
+        }
+        assert!(matches!(
+            parse(r#"{"session_id":"a","email":42}"#).unwrap_err(),
+            InputError::WrongType { field: "email", .. }
+        ));
+    }
+
+    #[test]
+    fn email_normalisation_is_unicode_aware() {
+        let s =
+            parse("{\"session_id\":\"a\",\"email\":\"\u{2003}ÉLODIE@Exämple.COM\\n\"}").unwrap();
+        assert_eq!(s.email.as_ref().unwrap().as_str(), "élodie@exämple.com");
+    }
+
+    #[test]
+    fn bad_bodies_are_errors_that_say_what_is_wrong() {
+        let cases: &[(&str, &str)] = &[
+            ("not json", "not valid JSON"),
+            ("[1,2]", "not a JSON object"),
+            ("\"s\"", "not a JSON object"),
+            (r#"{"email":"a@b.c"}"#, "`session_id` is missing"),
+            (r#"{"session_id":""}"#, "`session_id` is empty"),
+            (
+                r#"{"session_id":7}"#,
+                "`session_id` must be a string, found a number",
+            ),
+            (
+                r#"{"session_id":"a","completed_at":"yesterday"}"#,
+                "not an RFC 3339 time",
+            ),
+            (
+                r#"{"session_id":"a","attributes":[1]}"#,
+                "`attributes` must be an object, found an array",
+            ),
+            (
+                r#"{"data":"x"}"#,
+                "`data` must be an object, found a string",
+            ),
+            (
+                r#"{"session_id":"a","campaign_name":{"x":1}}"#,
+                "`campaign_name` must be a string, found an object",
+            ),
+        ];
+        for (body, want) in cases {
+            let err = parse(body).unwrap_err().to_string();
+            assert!(err.contains(want), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_later_duplicate_attribute_wins() {
+        let s = parse(r#"{"session_id":"a","attributes":{"x":1,"y":2,"x":3}}"#).unwrap();
+        assert_eq!(attrs(&s), [("x", "3"), ("y", "2")]);
+    }
+
+    #[test]
+    fn completed_at_with_an_offset_is_the_same_instant() {
+        let s = parse(r#"{"session_id":"a","completed_at":"2021-03-12T01:00:00+01:00"}"#).unwrap();
+        assert_eq!(s.completed_at.unwrap().unix_timestamp(), 1_615_507_200);
+    }
+}

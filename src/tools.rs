@@ -1,0 +1,374 @@
+//! The operator's commands besides `run`: `preview`, `publish`, `replay-dead`, `check`.
+//!
+//! Each writes its report to the given writer (standard output in the binary) and its
+//! progress to standard error, and returns an error for the exit code when something
+//! went wrong.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::config::Config;
+use crate::consumer::{self, confirmed, publish_mandatory, without_error_header};
+use crate::events::{self, Mapped};
+use crate::session::{Region, Session};
+
+/// Publishes with at most this many confirmations outstanding.
+const PUBLISH_WINDOW: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("{failed} of {total} messages were not confirmed by the broker (first error: {first})")]
+    Unconfirmed {
+        failed: u64,
+        total: u64,
+        first: String,
+    },
+    #[error("{0}")]
+    Check(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// `preview`: one JSON line out per non-blank line in: the session's events, the reason it
+/// is skipped, or an `error` naming what is wrong with it. No broker, no network.
+pub fn preview(config: &Config, input: impl BufRead, mut out: impl Write) -> std::io::Result<()> {
+    let options = config.mapping_options();
+    let now = OffsetDateTime::now_utc();
+    for line in input.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let report = match Session::parse(line.as_bytes()) {
+            Err(e) => json!({ "error": e.to_string() }),
+            Ok(session) => {
+                let id = session
+                    .session_id
+                    .clone()
+                    .unwrap_or(session.identity.clone());
+                match events::map(&session, now, &options) {
+                    Err(e) => json!({ "session_id": id, "error": e.to_string() }),
+                    Ok(Mapped::Skipped(reason)) => {
+                        json!({ "session_id": id, "skipped": reason.as_str() })
+                    }
+                    Ok(Mapped::Events(e)) if !config.has_write_key(e.region) => json!({
+                        "session_id": id,
+                        "region": e.region.as_str(),
+                        "events": [raw(&e.identify), raw(&e.track)],
+                        "warning": format!("no write key is configured for region {}: `run` would dead-letter this session", e.region),
+                    }),
+                    Ok(Mapped::Events(e)) => json!({
+                        "session_id": id,
+                        "region": e.region.as_str(),
+                        "events": [raw(&e.identify), raw(&e.track)],
+                    }),
+                }
+            }
+        };
+        serde_json::to_writer(&mut out, &report)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
+fn raw(event: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(event).expect("events are valid JSON")
+}
+
+/// `publish FILE`: every non-blank line, unchanged, onto the queue as a persistent message,
+/// with publisher confirms. Returns how many were published.
+pub async fn publish(config: &Config, file: &Path, mut out: impl Write) -> Result<u64, ToolError> {
+    let read_err = |source| ToolError::Read {
+        path: file.display().to_string(),
+        source,
+    };
+    let size = std::fs::metadata(file).map_err(read_err)?.len().max(1);
+    let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(read_err)?);
+
+    let conn = consumer::connect(&config.amqp).await?;
+    consumer::ensure_queue(&conn, &config.amqp.queue, config.amqp.declare).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let queue: ShortString = config.amqp.queue.as_str().into();
+
+    let mut progress = Progress::new("published");
+    let mut pending = FuturesUnordered::new();
+    let (mut total, mut failed, mut first_error) = (0u64, 0u64, None);
+    let mut read = 0u64;
+    let mut settle = |result: Result<(), String>, failed: &mut u64| {
+        if let Err(e) = result {
+            *failed += 1;
+            first_error.get_or_insert(e);
+        }
+    };
+    for line in reader.split(b'\n') {
+        let line = line.map_err(read_err)?;
+        read += line.len() as u64 + 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_timestamp(OffsetDateTime::now_utc().unix_timestamp() as u64);
+        let confirm = publish_mandatory(&channel, &queue, &line, properties).await?;
+        pending.push(confirmed(confirm));
+        total += 1;
+        if pending.len() >= PUBLISH_WINDOW {
+            let result = pending.next().await.expect("not empty");
+            settle(result, &mut failed);
+        }
+        progress.tick(total, Some(read * 100 / size));
+    }
+    while let Some(result) = pending.next().await {
+        settle(result, &mut failed);
+    }
+    progress.done(total);
+    let _ = conn.close(200, "OK".into()).await;
+    writeln!(
+        out,
+        "published {} of {total} sessions to queue {}",
+        total - failed,
+        config.amqp.queue
+    )?;
+    if let Some(first) = first_error {
+        return Err(ToolError::Unconfirmed {
+            failed,
+            total,
+            first,
+        });
+    }
+    Ok(total)
+}
+
+/// `replay-dead`: moves dead-lettered messages back to the main queue, body and properties
+/// as they were, without the error header. Takes at most the messages there at the start
+/// (and at most `limit`), so a cause not yet fixed cannot make it loop.
+pub async fn replay_dead(
+    config: &Config,
+    limit: Option<u64>,
+    mut out: impl Write,
+) -> Result<u64, ToolError> {
+    let conn = consumer::connect(&config.amqp).await?;
+    consumer::ensure_queue(&conn, &config.amqp.queue, config.amqp.declare).await?;
+    let channel = conn.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let dead = channel
+        .queue_declare(
+            config.amqp.dead_letter_queue.as_str().into(),
+            passive,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let there = u64::from(dead.message_count());
+    let todo = limit.map_or(there, |l| l.min(there));
+    let queue: ShortString = config.amqp.queue.as_str().into();
+
+    let mut progress = Progress::new("replayed");
+    let mut moved = 0;
+    while moved < todo {
+        let Some(message) = channel
+            .basic_get(
+                config.amqp.dead_letter_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await?
+        else {
+            break;
+        };
+        let delivery = message.delivery;
+        let properties = without_error_header(delivery.properties.clone());
+        let confirm = publish_mandatory(&channel, &queue, &delivery.data, properties).await?;
+        if let Err(e) = confirmed(confirm).await {
+            channel
+                .basic_nack(
+                    delivery.delivery_tag,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    },
+                )
+                .await?;
+            return Err(ToolError::Unconfirmed {
+                failed: 1,
+                total: moved + 1,
+                first: e,
+            });
+        }
+        channel
+            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+            .await?;
+        moved += 1;
+        progress.tick(moved, (todo > 0).then(|| moved * 100 / todo));
+    }
+    progress.done(moved);
+    let _ = conn.close(200, "OK".into()).await;
+    writeln!(
+        out,
+        "moved {moved} messages from {} back to {}",
+        config.amqp.dead_letter_queue, config.amqp.queue
+    )?;
+    Ok(moved)
+}
+
+/// `check`: the configuration is valid (it was loaded), the broker answers, the queues are
+/// there or will be declared, and which regions have a write key. Never prints a key.
+pub async fn check(config: &Config, mut out: impl Write) -> Result<(), ToolError> {
+    writeln!(out, "config: valid")?;
+    let mut problems = Vec::new();
+    let connected =
+        tokio::time::timeout(Duration::from_secs(10), consumer::connect(&config.amqp)).await;
+    match connected {
+        Ok(Ok(conn)) => {
+            writeln!(out, "broker: reachable")?;
+            for queue in [&config.amqp.queue, &config.amqp.dead_letter_queue] {
+                match consumer::ensure_queue(&conn, queue, false).await {
+                    Ok(()) => writeln!(out, "queue {queue}: exists")?,
+                    Err(_) if config.amqp.declare => writeln!(
+                        out,
+                        "queue {queue}: missing; `run` will declare it (amqp.declare = true)"
+                    )?,
+                    Err(e) => {
+                        writeln!(out, "queue {queue}: missing and amqp.declare = false")?;
+                        problems.push(format!("queue {queue} does not exist: {e}"));
+                    }
+                }
+            }
+            let _ = conn.close(200, "OK".into()).await;
+        }
+        Ok(Err(e)) => {
+            writeln!(out, "broker: unreachable ({e})")?;
+            problems.push(format!("cannot connect to the broker at amqp.url: {e}"));
+        }
+        Err(_) => {
+            writeln!(out, "broker: unreachable (no answer in 10 s)")?;
+            problems.push("cannot connect to the broker at amqp.url: no answer in 10 s".into());
+        }
+    }
+    for region in Region::ALL {
+        let endpoint = &config.endpoint(region).endpoint;
+        if config.has_write_key(region) {
+            writeln!(out, "region {region}: write key set, endpoint {endpoint}")?;
+        } else {
+            writeln!(
+                out,
+                "region {region}: no write key ({region} sessions would be dead-lettered)"
+            )?;
+        }
+    }
+    if !Region::ALL.iter().any(|r| config.has_write_key(*r)) {
+        problems.push(
+            "no write key is configured for either region: `run` would refuse to start without --dry-run".into(),
+        );
+    }
+    if problems.is_empty() {
+        writeln!(out, "ok")?;
+        Ok(())
+    } else {
+        Err(ToolError::Check(problems.join("; ")))
+    }
+}
+
+/// A line on standard error at most once a second, for long runs.
+struct Progress {
+    verb: &'static str,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(verb: &'static str) -> Self {
+        Progress {
+            verb,
+            last: Instant::now(),
+        }
+    }
+
+    fn tick(&mut self, count: u64, percent: Option<u64>) {
+        if self.last.elapsed() >= Duration::from_secs(1) {
+            self.last = Instant::now();
+            match percent {
+                Some(p) => eprintln!("{} {count} messages ({p}%)", self.verb),
+                None => eprintln!("{} {count} messages", self.verb),
+            }
+        }
+    }
+
+    fn done(&self, count: u64) {
+        if self.last.elapsed() >= Duration::from_secs(1) || count > 10_000 {
+            eprintln!("{} {count} messages (100%)", self.verb);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn preview_lines(input: &str) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        preview(&Config::default(), input.as_bytes(), &mut out).unwrap();
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn preview_prints_events_skips_and_errors_one_line_each() {
+        let lines = preview_lines(concat!(
+            r#"{"session_id":"s1","email":"a@b.c","region":"eu"}"#,
+            "\n\n",
+            r#"{"session_id":"s2"}"#,
+            "\n",
+            "not json\n",
+            r#"{"session_id":"s3","email":"nope"}"#,
+            "\n",
+        ));
+        assert_eq!(lines.len(), 4, "blank lines are passed over");
+        assert_eq!(lines[0]["region"], "eu");
+        assert_eq!(lines[0]["events"][0]["type"], "identify");
+        assert_eq!(lines[0]["events"][1]["event"], "Survey Completed");
+        assert!(
+            lines[0]["warning"]
+                .as_str()
+                .unwrap()
+                .contains("no write key")
+        );
+        assert_eq!(lines[1]["skipped"], "skipped_no_email");
+        assert!(
+            lines[2]["error"]
+                .as_str()
+                .unwrap()
+                .contains("not valid JSON")
+        );
+        assert_eq!(lines[3]["session_id"], serde_json::Value::Null);
+        assert!(lines[3]["error"].as_str().unwrap().contains("email"));
+    }
+}

@@ -1,0 +1,411 @@
+//! The pipeline: deliveries → sessions → events → per-region batches → Segment → acks.
+//!
+//! One task consumes (and reconnects); it parses and maps each delivery and hands its
+//! events to the region's batcher over a bounded channel. Each batcher gathers a batch and
+//! sends it with at most `max_in_flight` requests under way; a batch's outcome settles
+//! every delivery in it. When Segment is slow or down, the batchers stop taking entries,
+//! the consumer stops reading, and the broker stops delivering once `prefetch` deliveries
+//! are held: memory stays bounded and nothing is acknowledged that Segment has not taken.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use time::OffsetDateTime;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{Batch, Entry, Limits};
+use crate::config::Config;
+use crate::consumer::{Link, Ticket};
+use crate::events::{self, Mapped};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::segment::{self, HttpSink, Outcome, RetryPolicy, Sink};
+use crate::session::{Region, Session};
+
+/// Everything a running worker shares.
+pub struct Worker {
+    config: Arc<Config>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    dry_run: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    #[error(
+        "no write key is configured for either region: set SEGMENT_BRIDGE__SEGMENT__US__WRITE_KEY and/or SEGMENT_BRIDGE__SEGMENT__EU__WRITE_KEY (or segment.us/eu.write_key in the config file), or try the mapping with `run --dry-run`"
+    )]
+    NoWriteKey,
+}
+
+type Sender = mpsc::Sender<Entry<Ticket>>;
+
+impl Worker {
+    pub fn new(
+        config: Arc<Config>,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+        dry_run: bool,
+    ) -> Self {
+        Worker {
+            config,
+            health,
+            metrics,
+            dry_run,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops consuming, sends and acknowledges
+    /// what it holds, and returns. The caller bounds that drain with the grace period.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        if !self.dry_run && !Region::ALL.iter().any(|r| self.config.has_write_key(*r)) {
+            return Err(WorkerError::NoWriteKey);
+        }
+        let client = segment::http_client(self.config.request_timeout())?;
+        let stop_consuming = CancellationToken::new();
+        let mut batchers = JoinSet::new();
+        let mut senders: [Option<Sender>; 2] = [None, None];
+        for region in Region::ALL {
+            let sink = if self.dry_run {
+                Sink::DryRun(std::sync::Mutex::new(std::io::stdout()))
+            } else if self.config.has_write_key(region) {
+                let endpoint = self.config.endpoint(region);
+                Sink::Http(HttpSink::new(
+                    client.clone(),
+                    endpoint.endpoint.parse().expect("validated at start-up"),
+                    endpoint.write_key.clone(),
+                    self.config.max_retry_after(),
+                ))
+            } else {
+                tracing::warn!(region = %region, "No write key for this region: its sessions will be dead-lettered.");
+                continue;
+            };
+            // Room for one batch beyond those in flight, so that a batch can gather while
+            // requests are out, and no more.
+            let (tx, rx) = mpsc::channel(self.config.segment.max_batch_events / 2);
+            senders[region as usize] = Some(tx);
+            let deliverer = Arc::new(Deliverer {
+                region,
+                sink,
+                policy: self.config.retry_policy(),
+                max_hold: self.config.max_hold(),
+                health: self.health.clone(),
+                metrics: self.metrics.clone(),
+                stop_consuming: stop_consuming.clone(),
+            });
+            batchers.spawn(run_batcher(
+                rx,
+                deliverer,
+                self.config.batch_limits(),
+                self.config.flush_interval(),
+                self.config.segment.max_in_flight,
+            ));
+        }
+
+        let link = self.consume(&senders, &shutdown, &stop_consuming).await;
+        tracing::info!("Stopped consuming; sending and acknowledging what is held.");
+        drop(senders);
+        while batchers.join_next().await.is_some() {}
+        if let Some(link) = link {
+            link.close().await;
+        }
+        self.health.set_connected(false);
+        self.metrics.amqp_connected(false);
+        tracing::info!("All held deliveries are settled.");
+        Ok(())
+    }
+
+    /// Consumes, reconnecting with backoff, until shutdown. Returns the live link, if any,
+    /// so that its acknowledgements can finish before it closes.
+    async fn consume(
+        &self,
+        senders: &[Option<Sender>; 2],
+        shutdown: &CancellationToken,
+        stop_consuming: &CancellationToken,
+    ) -> Option<Link> {
+        let mut backoff = RetryPolicy {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        }
+        .backoff();
+        loop {
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                opened = Link::open(&self.config.amqp, self.metrics.clone()) => opened,
+            };
+            let (link, mut consumer) = match opened {
+                Ok(opened) => opened,
+                Err(e) => {
+                    let delay = backoff.next_delay(None);
+                    tracing::warn!(error = %e, retry_in = ?delay, "Cannot consume from RabbitMQ; retrying.");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            backoff = RetryPolicy {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(30),
+            }
+            .backoff();
+            self.health.set_connected(true);
+            self.health.set_consuming(true);
+            self.metrics.amqp_connected(true);
+            tracing::info!(queue = %self.config.amqp.queue, prefetch = self.config.amqp.prefetch, "Consuming.");
+
+            let lost = loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        let _ = link.cancel(consumer.tag()).await;
+                        self.health.set_consuming(false);
+                        return Some(link);
+                    }
+                    _ = stop_consuming.cancelled(), if self.health.is_consuming() => {
+                        // A region's key was refused. Take no more work; what the broker
+                        // already sent is still read and settled (the refused region's
+                        // deliveries go back to the queue).
+                        let _ = link.cancel(consumer.tag()).await;
+                        self.health.set_consuming(false);
+                    }
+                    delivery = consumer.next() => match delivery {
+                        Some(Ok(delivery)) => self.handle(link.ticket(delivery), senders, shutdown).await,
+                        Some(Err(e)) => break e.to_string(),
+                        None if !self.health.is_consuming() => {
+                            shutdown.cancelled().await;
+                            return Some(link);
+                        }
+                        None => break "the broker cancelled the consumer".to_owned(),
+                    },
+                }
+            };
+            self.health.set_connected(false);
+            self.metrics.amqp_connected(false);
+            tracing::warn!(error = %lost, "Lost the RabbitMQ connection; reconnecting. Unacknowledged deliveries will be redelivered.");
+            // Its tickets may still be in flight; the link closes once they are settled.
+            tokio::spawn(link.close());
+        }
+    }
+
+    /// Parses and maps one delivery, then settles it or hands it to its region.
+    async fn handle(
+        &self,
+        ticket: Ticket,
+        senders: &[Option<Sender>; 2],
+        shutdown: &CancellationToken,
+    ) {
+        self.metrics.delivery_received();
+        let message = ticket.message();
+        let session = match Session::parse(&message.body) {
+            Ok(session) => session,
+            Err(e) => return self.dead_letter(ticket, None, e.to_string(), e.code()),
+        };
+        let fallback_time = message
+            .properties
+            .timestamp()
+            .and_then(|t| OffsetDateTime::from_unix_timestamp(t as i64).ok())
+            .unwrap_or_else(OffsetDateTime::now_utc);
+        let id = session.session_id.as_deref().unwrap_or(&session.identity);
+        let events = match events::map(&session, fallback_time, &self.config.mapping_options()) {
+            Ok(Mapped::Events(events)) => events,
+            Ok(Mapped::Skipped(reason)) => {
+                tracing::debug!(session_id = %id, outcome = reason.as_str(), "Session skipped.");
+                self.metrics.sessions(reason.as_str(), 1);
+                return ticket.ack();
+            }
+            Err(e) => return self.dead_letter(ticket, Some(id), e.to_string(), "too_large"),
+        };
+        let region = events.region;
+        let Some(sender) = &senders[region as usize] else {
+            let reason = format!(
+                "no write key is configured for region {region} (set SEGMENT_BRIDGE__SEGMENT__{}__WRITE_KEY)",
+                region.as_str().to_uppercase()
+            );
+            return self.dead_letter(ticket, Some(id), reason, "no_write_key");
+        };
+        if self.health.is_misconfigured(region) {
+            self.metrics.requeued("misconfigured", 1);
+            return ticket.requeue();
+        }
+        let entry = Entry { ticket, events };
+        tokio::select! {
+            _ = sender.send(entry) => {}
+            // Dropped unsettled, the ticket is requeued.
+            _ = shutdown.cancelled() => {}
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        ticket: Ticket,
+        session_id: Option<&str>,
+        reason: String,
+        code: &'static str,
+    ) {
+        tracing::warn!(session_id = session_id.unwrap_or("-"), reason = %reason, "Message dead-lettered.");
+        ticket.dead_letter(reason, code);
+    }
+}
+
+/// Gathers one region's batches and sends them, `max_in_flight` at a time, until its
+/// channel closes; then sends what is left and waits for every request.
+async fn run_batcher(
+    mut rx: mpsc::Receiver<Entry<Ticket>>,
+    deliverer: Arc<Deliverer>,
+    limits: Limits,
+    flush_interval: Duration,
+    max_in_flight: usize,
+) {
+    let permits = Arc::new(Semaphore::new(max_in_flight));
+    let mut in_flight = JoinSet::new();
+    let mut batch = Batch::new(limits);
+    let mut deadline = None;
+    loop {
+        let entry = tokio::select! {
+            entry = rx.recv() => entry,
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                deadline = None;
+                dispatch(batch.take(), &mut in_flight, &permits, &deliverer).await;
+                continue;
+            }
+        };
+        let Some(entry) = entry else { break };
+        if !batch.is_empty() && !batch.fits(&entry.events) {
+            deadline = None;
+            dispatch(batch.take(), &mut in_flight, &permits, &deliverer).await;
+        }
+        if batch.is_empty() {
+            deadline = Some(Instant::now() + flush_interval);
+        }
+        batch.push(entry);
+        if batch.is_full() {
+            deadline = None;
+            dispatch(batch.take(), &mut in_flight, &permits, &deliverer).await;
+        }
+        while in_flight.try_join_next().is_some() {}
+    }
+    if !batch.is_empty() {
+        dispatch(batch.take(), &mut in_flight, &permits, &deliverer).await;
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Starts sending a batch once a request slot is free. Waiting for the slot is the
+/// backpressure: the consumer stops while every slot is busy.
+async fn dispatch(
+    batch: Batch<Ticket>,
+    in_flight: &mut JoinSet<()>,
+    permits: &Arc<Semaphore>,
+    deliverer: &Arc<Deliverer>,
+) {
+    let permit = permits.clone().acquire_owned().await.expect("never closed");
+    let deliverer = deliverer.clone();
+    in_flight.spawn(async move {
+        deliverer.deliver(batch).await;
+        drop(permit);
+    });
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends one region's batches and settles their deliveries by the outcome.
+struct Deliverer {
+    region: Region,
+    sink: Sink,
+    policy: RetryPolicy,
+    max_hold: Duration,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    stop_consuming: CancellationToken,
+}
+
+impl Deliverer {
+    /// Posts the batch until Segment takes it, isolating what it rejects; never gives up
+    /// on a transient failure, but requeues rather than hold a delivery past `max_hold`.
+    async fn deliver(&self, batch: Batch<Ticket>) {
+        let region = self.region;
+        let mut backoff = self.policy.backoff();
+        loop {
+            if self.health.is_misconfigured(region) {
+                return self.requeue(batch, "misconfigured");
+            }
+            let body = batch.body(&events::format_timestamp(OffsetDateTime::now_utc()));
+            self.metrics.in_flight(1.0);
+            let started = std::time::Instant::now();
+            let response = self.sink.send(body).await;
+            self.metrics.in_flight(-1.0);
+            self.metrics
+                .request(region, &response.status, batch.events(), started.elapsed());
+            match response.outcome {
+                Outcome::Accepted => {
+                    self.metrics.events_sent(region, batch.events() as u64);
+                    self.metrics.sessions("delivered", batch.len() as u64);
+                    for entry in batch.into_entries() {
+                        entry.ticket.ack();
+                    }
+                    return;
+                }
+                Outcome::Retry { after, cause } => {
+                    self.metrics.retry(region, cause.as_str());
+                    let delay = backoff.next_delay(after);
+                    let oldest = batch
+                        .entries()
+                        .iter()
+                        .map(|e| e.ticket.received())
+                        .min()
+                        .expect("a batch is never empty");
+                    if oldest.elapsed() + delay > self.max_hold {
+                        tracing::warn!(region = %region, sessions = batch.len(), "Segment has not taken this batch within retry.max_hold_s; requeueing it for a later attempt.");
+                        return self.requeue(batch, "max_hold");
+                    }
+                    tracing::warn!(region = %region, status = %response.status, retry_in = ?delay, sessions = batch.len(), "Segment did not take the batch; retrying.");
+                    tokio::time::sleep(delay).await;
+                }
+                Outcome::Rejected { status, detail } => {
+                    if batch.len() > 1 {
+                        let (front, back) = batch.split();
+                        Box::pin(self.deliver(front)).await;
+                        return Box::pin(self.deliver(back)).await;
+                    }
+                    let entry = batch.into_entries().pop().expect("one entry");
+                    let reason = format!(
+                        "Segment rejected the session's events with HTTP {status}: {detail}"
+                    );
+                    tracing::warn!(session_id = %entry.events.session, region = %region, reason = %reason, "Message dead-lettered.");
+                    return entry.ticket.dead_letter(reason, "rejected_by_segment");
+                }
+                Outcome::Misconfigured { status } => {
+                    if !self.health.is_misconfigured(region) {
+                        tracing::error!(
+                            region = %region, status,
+                            "Segment refused the {region} write key or endpoint. This worker stops consuming and is not ready; its {region} deliveries go back to the queue, nothing is dead-lettered. Fix segment.{region}.write_key / segment.{region}.endpoint and restart it."
+                        );
+                    }
+                    self.health.set_misconfigured(region);
+                    self.metrics.set_misconfigured(region, true);
+                    self.stop_consuming.cancel();
+                    return self.requeue(batch, "misconfigured");
+                }
+            }
+        }
+    }
+
+    fn requeue(&self, batch: Batch<Ticket>, cause: &'static str) {
+        self.metrics.requeued(cause, batch.len() as u64);
+        for entry in batch.into_entries() {
+            entry.ticket.requeue();
+        }
+    }
+}
