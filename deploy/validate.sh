@@ -1,0 +1,793 @@
+#!/usr/bin/env bash
+# Offline validation of everything under deploy/.
+#
+#   bash deploy/validate.sh
+#
+# Needs only python3 (>= 3.8) with pip and access to PyPI. It installs its
+# tools with `pip install --target` into a temporary directory (no venv, no
+# root, no change to the system Python; works with Debian's PEP 668
+# "externally managed" Python) and removes them afterwards. Set
+# DEPLOY_VALIDATE_CACHE=/some/dir to keep and reuse the install between runs.
+#
+# What it checks (one output line per file, exit status 1 on any problem):
+#   - every YAML document in deploy/kubernetes/*.yaml parses (duplicate keys
+#     are errors, as in kubectl's strict decoding);
+#   - core Kubernetes objects against the official OpenAPI-derived JSON
+#     schemas bundled in the PyPI package kubernetes-validate, in strict mode
+#     (unknown fields are errors), for each version in K8S_VERSIONS
+#     (default: "1.29 latest" = oldest and newest version we target);
+#   - KEDA ScaledObject / TriggerAuthentication (CRDs, not in those schemas)
+#     against a JSON schema transcribed below from KEDA 2.x's CRDs, strict,
+#     with Kubernetes' own ObjectMeta and HPA-behavior schemas for the embedded
+#     parts, plus the rabbitmq scaler's metadata rules;
+#   - kustomization.yaml: known fields, every resource exists and is
+#     validated, no manifest is left out by accident;
+#   - the config.toml inside the ConfigMap: TOML syntax, keys and types of
+#     SPEC section 7, and that it holds no credentials;
+#   - cross-references between the manifests (Secret keys, ConfigMap keys,
+#     selectors vs. pod labels, probe ports, KEDA target/auth/queue, grace
+#     periods);
+#   - deploy/Dockerfile statically (no Docker engine here to build it).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python3}"
+REQS=(
+  "kubernetes-validate==1.37.0"   # bundles the schemas of Kubernetes 1.25 ... 1.37
+  "jsonschema>=4.23,<5"
+  "PyYAML>=6,<7"
+  'tomli>=2; python_version < "3.11"'
+)
+
+start=$(date +%s)
+
+if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+  echo "FATAL: '$PYTHON -m pip' is not available (Debian/Ubuntu: apt-get install python3-pip)" >&2
+  exit 2
+fi
+
+if [[ -n "${DEPLOY_VALIDATE_CACHE:-}" ]]; then
+  mkdir -p "$DEPLOY_VALIDATE_CACHE"
+  libdir="$DEPLOY_VALIDATE_CACHE/site-packages"
+else
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  libdir="$tmp/site-packages"
+fi
+
+want="$("$PYTHON" -c 'import sys; print("py%d.%d" % sys.version_info[:2])') ${REQS[*]}"
+if [[ ! -f "$libdir/.installed" || "$(cat "$libdir/.installed")" != "$want" ]]; then
+  echo "installing validation tools from PyPI into $libdir ..."
+  rm -rf "$libdir"
+  mkdir -p "$libdir"
+  # --target never touches the system site-packages, so PEP 668 does not apply.
+  PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-input \
+    --no-warn-script-location --target "$libdir" "${REQS[@]}"
+  printf '%s' "$want" >"$libdir/.installed"
+fi
+
+rc=0
+PYTHONPATH="$libdir" PYTHONNOUSERSITE=1 PYTHONDONTWRITEBYTECODE=1 \
+  "$PYTHON" - "$here" <<'PY' || rc=$?
+import glob
+import json
+import os
+import re
+import sys
+
+import jsonschema
+import yaml
+from referencing import Registry, Resource
+
+import kubernetes_validate.utils as kv
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+DEPLOY = sys.argv[1]
+KDIR = os.path.join(DEPLOY, "kubernetes")
+REPO = os.path.dirname(DEPLOY)
+
+
+def rel(path):
+    return os.path.relpath(path, REPO)
+
+
+# ---------------------------------------------------------------- reporting
+failed = False
+
+
+def report(path, errors, detail):
+    global failed
+    if errors:
+        failed = True
+        print(f"FAIL  {path}: {detail}")
+        for e in errors:
+            print(f"        - {e}")
+    else:
+        print(f"OK    {path}: {detail}")
+
+
+# ---------------------------------------------------------------- YAML loading
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys (kubectl does too)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_docs(path):
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.load_all(f, Loader=StrictLoader) if d is not None]
+
+
+# ---------------------------------------------------------------- Kubernetes schemas
+latest = kv.latest_version()
+wanted = os.environ.get("K8S_VERSIONS", "1.29 latest").split()
+VERSIONS = []
+for v in wanted:
+    v = latest if v == "latest" else v.lstrip("v")
+    matches = [x for x in kv.all_versions() if kv.major_minor(x) == kv.major_minor(v)]
+    if not matches:
+        sys.exit(f"FATAL: kubernetes-validate has no schemas for Kubernetes {v} "
+                 f"(has {', '.join(dict.fromkeys(kv.major_minor(x) for x in kv.all_versions()))})")
+    if matches[-1] not in VERSIONS:
+        VERSIONS.append(matches[-1])
+
+_cache = {}
+
+
+def k8s_registry(version):
+    key = ("defs", version)
+    if key not in _cache:
+        defs = kv.schema_contents(
+            f"kubernetes-json-schema/v{version}-local-strict/_definitions.json", version)
+        _cache[key] = Resource.from_contents(defs) @ Registry()
+    return _cache[key]
+
+
+def k8s_schema(doc, version):
+    """The strict schema for doc's kind/apiVersion, or None if there is none."""
+    api = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", str(doc.get("apiVersion", "")))
+    name = f"{str(doc.get('kind', '')).lower()}-{api}.json"
+    path = f"kubernetes-json-schema/v{version}-local-strict/{name}"
+    try:
+        return kv.schema_contents(path, version)
+    except FileNotFoundError:
+        return None
+
+
+def schema_errors(schema, doc, registry):
+    validator = jsonschema.Draft202012Validator(schema, registry=registry)
+    out = []
+    for err in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
+        # Report the most specific sub-error of anyOf/oneOf failures.
+        best = jsonschema.exceptions.best_match([err])
+        where = ".".join(str(p) for p in best.absolute_path) or "(top)"
+        out.append(f"{where}: {best.message}")
+    return out
+
+
+# ---------------------------------------------------------------- KEDA schemas
+# Transcribed from KEDA 2.x's CRDs (config/crd/bases/keda.sh_scaledobjects.yaml
+# and keda.sh_triggerauthentications.yaml, version v1alpha1), covering every
+# spec field of ScaledObject and the TriggerAuthentication fields; unknown
+# fields are errors (kubectl's default server-side field validation is Strict).
+K8S_DEFS = "https://kubernetes.io/api/_definitions.json#/$defs/"
+STR = {"type": "string"}
+INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
+META = {"$ref": K8S_DEFS + "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
+
+
+def strict_object(properties, required=()):
+    return {"type": "object", "properties": properties,
+            "required": list(required), "additionalProperties": False}
+
+
+SCALEDOBJECT_SCHEMA = strict_object({
+    "apiVersion": {"const": "keda.sh/v1alpha1"},
+    "kind": {"const": "ScaledObject"},
+    "metadata": META,
+    "status": {"type": "object"},
+    "spec": strict_object({
+        "scaleTargetRef": strict_object({
+            "apiVersion": STR, "kind": STR, "name": {"type": "string", "minLength": 1},
+            "envSourceContainerName": STR}, required=["name"]),
+        "pollingInterval": {**INT32, "minimum": 1},
+        "cooldownPeriod": {**INT32, "minimum": 0},
+        "initialCooldownPeriod": {**INT32, "minimum": 0},
+        "idleReplicaCount": {**INT32, "minimum": 0},
+        "minReplicaCount": {**INT32, "minimum": 0},
+        "maxReplicaCount": {**INT32, "minimum": 1},
+        "fallback": strict_object({
+            "failureThreshold": INT32, "replicas": INT32,
+            "behavior": {"enum": ["static", "currentReplicas",
+                                  "currentReplicasIfHigher", "currentReplicasIfLower"]}},
+            required=["failureThreshold", "replicas"]),
+        "advanced": strict_object({
+            "restoreToOriginalReplicaCount": {"type": "boolean"},
+            "horizontalPodAutoscalerConfig": strict_object({
+                "name": STR,
+                "behavior": {"$ref": K8S_DEFS +
+                             "io.k8s.api.autoscaling.v2.HorizontalPodAutoscalerBehavior"}}),
+            "scalingModifiers": strict_object({
+                "activationTarget": STR, "formula": STR, "metricType": STR, "target": STR}),
+        }),
+        "triggers": {"type": "array", "minItems": 1, "items": strict_object({
+            "type": {"type": "string", "minLength": 1},
+            "name": STR,
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "authenticationRef": strict_object({
+                "name": {"type": "string", "minLength": 1},
+                "kind": {"enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]}},
+                required=["name"]),
+            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+            "useCachedMetrics": {"type": "boolean"},
+        }, required=["type", "metadata"])},
+    }, required=["scaleTargetRef", "triggers"]),
+}, required=["apiVersion", "kind", "metadata", "spec"])
+
+_ref_list = lambda item: {"type": "array", "items": item}  # noqa: E731
+TRIGGERAUTH_SCHEMA = strict_object({
+    "apiVersion": {"const": "keda.sh/v1alpha1"},
+    "kind": {"const": "TriggerAuthentication"},
+    "metadata": META,
+    "status": {"type": "object"},
+    "spec": {**strict_object({
+        "secretTargetRef": _ref_list(strict_object(
+            {"parameter": STR, "name": STR, "key": STR},
+            required=["parameter", "name", "key"])),
+        "configMapTargetRef": _ref_list(strict_object(
+            {"parameter": STR, "name": STR, "key": STR},
+            required=["parameter", "name", "key"])),
+        "env": _ref_list(strict_object(
+            {"parameter": STR, "name": STR, "containerName": STR},
+            required=["parameter", "name"])),
+        "boundServiceAccountToken": _ref_list(strict_object(
+            {"parameter": STR, "serviceAccountName": STR},
+            required=["parameter", "serviceAccountName"])),
+        # Provider blocks: accepted, not modelled field by field (unused here).
+        "podIdentity": {"type": "object"},
+        "hashiCorpVault": {"type": "object"},
+        "azureKeyVault": {"type": "object"},
+        "awsSecretManager": {"type": "object"},
+        "gcpSecretManager": {"type": "object"},
+    }), "minProperties": 1},
+}, required=["apiVersion", "kind", "metadata", "spec"])
+
+CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): SCALEDOBJECT_SCHEMA,
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): TRIGGERAUTH_SCHEMA,
+}
+
+RABBITMQ_METADATA = {
+    "host", "hostFromEnv", "usernameFromEnv", "passwordFromEnv", "protocol",
+    "queueName", "mode", "value", "activationValue", "vhostName", "useRegex",
+    "excludeUnacknowledged", "pageSize", "operation", "timeout", "unsafeSsl",
+    "queueLength",
+}
+NUMBER = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+
+
+def keda_semantics(doc):
+    """Rules KEDA's admission webhook / rabbitmq scaler enforce at run time."""
+    errs = []
+    if doc.get("kind") != "ScaledObject":
+        return errs
+    spec = doc.get("spec") or {}
+    lo, hi = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+    if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
+        errs.append(f"spec: minReplicaCount {lo} > maxReplicaCount {hi}")
+    for i, trig in enumerate(spec.get("triggers") or []):
+        if not isinstance(trig, dict) or trig.get("type") != "rabbitmq":
+            continue
+        md = trig.get("metadata") or {}
+        where = f"spec.triggers.{i}.metadata"
+        for k in sorted(set(md) - RABBITMQ_METADATA):
+            errs.append(f"{where}: unknown rabbitmq scaler parameter {k!r}")
+        if not md.get("queueName"):
+            errs.append(f"{where}: queueName is required")
+        if md.get("protocol", "auto") not in ("auto", "amqp", "http"):
+            errs.append(f"{where}.protocol: must be auto, amqp or http")
+        if md.get("mode") not in ("QueueLength", "MessageRate"):
+            errs.append(f"{where}.mode: must be QueueLength or MessageRate")
+        if not NUMBER.match(str(md.get("value", ""))) or float(md.get("value", 0)) <= 0:
+            errs.append(f"{where}.value: must be a positive number in a string")
+        if "activationValue" in md and not NUMBER.match(md["activationValue"]):
+            errs.append(f"{where}.activationValue: must be a number in a string")
+        if not (md.get("host") or md.get("hostFromEnv") or trig.get("authenticationRef")):
+            errs.append(f"{where}: needs host, hostFromEnv or an authenticationRef")
+        if md.get("host") and "@" in md["host"]:
+            errs.append(f"{where}.host: holds credentials; use a TriggerAuthentication")
+    return errs
+
+
+# ---------------------------------------------------------------- config.toml (SPEC section 7)
+CONFIG_KEYS = {
+    "amqp": {"url": str, "queue": str, "dead_letter_queue": str, "prefetch": int,
+             "declare": bool},
+    "segment": {"default_region": str, "flush_interval_ms": int, "max_batch_events": int,
+                "max_batch_bytes": int, "max_in_flight": int, "request_timeout_ms": int,
+                "us": dict, "eu": dict},
+    "segment.us": {"endpoint": str, "write_key": str},
+    "segment.eu": {"endpoint": str, "write_key": str},
+    "retry": {"initial_backoff_ms": int, "max_backoff_ms": int, "max_retry_after_s": int,
+              "max_hold_s": int},
+    "mapping": {"hash_pii": bool, "require_opt_in": bool, "include_mapped_attributes": bool,
+                "track_event": str},
+    "server": {"listen": str},
+    "shutdown": {"grace_period_s": int},
+}
+
+
+def check_config_toml(text):
+    errs = []
+    try:
+        cfg = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        return None, [f"config.toml: TOML syntax: {e}"]
+
+    def walk(table, section):
+        allowed = CONFIG_KEYS.get(section)
+        if allowed is None:
+            errs.append(f"config.toml: unknown section [{section}]")
+            return
+        for key, value in table.items():
+            typ = allowed.get(key)
+            if typ is None:
+                errs.append(f"config.toml: [{section}] unknown key {key!r} "
+                            "(SPEC section 7; extend CONFIG_KEYS in validate.sh if it is new)")
+            elif typ is dict:
+                if isinstance(value, dict):
+                    walk(value, f"{section}.{key}")
+                else:
+                    errs.append(f"config.toml: [{section}] {key} must be a table")
+            elif type(value) is not typ:  # bool is not int here
+                errs.append(f"config.toml: [{section}] {key} must be {typ.__name__}, "
+                            f"got {type(value).__name__}")
+
+    for section, table in cfg.items():
+        if not isinstance(table, dict):
+            errs.append(f"config.toml: top-level key {section!r} must be a [section]")
+        else:
+            walk(table, section)
+
+    # No credentials in a ConfigMap.
+    if "url" in cfg.get("amqp", {}):
+        errs.append("config.toml: amqp.url holds the broker password; set "
+                    "SEGMENT_BRIDGE__AMQP__URL from the Secret instead")
+    for region in ("us", "eu"):
+        if cfg.get("segment", {}).get(region, {}).get("write_key"):
+            errs.append(f"config.toml: segment.{region}.write_key must not be in a "
+                        "ConfigMap; it comes from the Secret via the environment")
+    seg = cfg.get("segment", {})
+    if seg.get("default_region", "us") not in ("us", "eu"):
+        errs.append("config.toml: segment.default_region must be us or eu")
+    if not 1 <= seg.get("max_batch_events", 1) <= 2500:
+        errs.append("config.toml: segment.max_batch_events must be 1..2500")
+    if not 1 <= seg.get("max_batch_bytes", 1) <= 500_000:
+        errs.append("config.toml: segment.max_batch_bytes must stay under Segment's 500 KB")
+    if cfg.get("retry", {}).get("max_hold_s", 0) >= 1800:
+        errs.append("config.toml: retry.max_hold_s must stay under RabbitMQ's 30 min ack timeout")
+    return cfg, errs
+
+
+# ---------------------------------------------------------------- API-server rules
+# A few checks the API server makes in code rather than in the OpenAPI schema.
+QUANTITY = re.compile(r"^[+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+                      r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+          "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+          "P": 1e15, "E": 1e18}
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+PORT_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def quantity(v):
+    s = str(v)
+    for suf in sorted(SUFFIX, key=len, reverse=True):
+        if s.endswith(suf) and not re.search(r"[eE][+-]?[0-9.]*$", s):
+            return float(s[: -len(suf)]) * SUFFIX[suf]
+    return float(s)
+
+
+def apiserver_rules(doc):
+    errs = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                p = f"{path}.{k}" if path else str(k)
+                if k == "resources" and isinstance(v, dict) and path.startswith("spec"):
+                    req, lim = v.get("requests") or {}, v.get("limits") or {}
+                    for part, table in (("requests", req), ("limits", lim)):
+                        for res, q in table.items():
+                            if not QUANTITY.match(str(q)):
+                                errs.append(f"{p}.{part}.{res}: {q!r} is not a quantity")
+                    for res in set(req) & set(lim):
+                        try:
+                            if quantity(req[res]) > quantity(lim[res]):
+                                errs.append(f"{p}: requests.{res} exceeds limits.{res}")
+                        except ValueError:
+                            pass
+                if k in ("labels", "matchLabels") and isinstance(v, dict):
+                    for lk, lv in v.items():
+                        if not isinstance(lv, str) or len(lv) > 63 or not LABEL_VALUE.match(lv):
+                            errs.append(f"{p}.{lk}: invalid label value {lv!r}")
+                if k == "ports" and isinstance(v, list):
+                    for i, port in enumerate(v):
+                        name = port.get("name") if isinstance(port, dict) else None
+                        if name is not None and (len(name) > 15 or not PORT_NAME.match(name)):
+                            errs.append(f"{p}.{i}.name: {name!r} is not a valid port name")
+                        for key in ("containerPort", "port"):
+                            n = port.get(key) if isinstance(port, dict) else None
+                            if isinstance(n, int) and not 1 <= n <= 65535:
+                                errs.append(f"{p}.{i}.{key}: {n} out of range")
+                walk(v, p)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}.{i}")
+
+    walk(doc, "")
+    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+    if doc.get("kind") == "PodDisruptionBudget":
+        if ("minAvailable" in spec) == ("maxUnavailable" in spec):
+            errs.append("spec: set exactly one of minAvailable and maxUnavailable")
+    if doc.get("kind") == "Deployment":
+        ru = (spec.get("strategy") or {}).get("rollingUpdate") or {}
+        if ru and str(ru.get("maxSurge", 1)) in ("0", "0%") \
+                and str(ru.get("maxUnavailable", 1)) in ("0", "0%"):
+            errs.append("spec.strategy.rollingUpdate: maxSurge and maxUnavailable cannot both be 0")
+        sel = (spec.get("selector") or {}).get("matchLabels") or {}
+        tl = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+        if any(tl.get(k) != v for k, v in sel.items()):
+            errs.append("spec.template.metadata.labels: do not match spec.selector")
+    return errs
+
+
+# ---------------------------------------------------------------- per-document validation
+def validate_doc(doc):
+    """Validate one document; returns (description, errors)."""
+    if not isinstance(doc, dict):
+        return "?", ["document is not a mapping"]
+    api, kind = doc.get("apiVersion"), doc.get("kind")
+    name = (doc.get("metadata") or {}).get("name", "?")
+    label = f"{kind}/{name}"
+    errs = []
+    for field in ("apiVersion", "kind"):
+        if not isinstance(doc.get(field), str):
+            errs.append(f"{field}: required string")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*",
+                        str(name)) or len(str(name)) > 253:
+        errs.append(f"metadata.name: {name!r} is not a valid DNS-1123 name")
+    if errs:
+        return label, errs
+
+    if (api, kind) in CRD_SCHEMAS:
+        seen = set()
+        for v in VERSIONS:  # ObjectMeta / HPA behaviour come from the k8s schemas
+            for e in schema_errors(CRD_SCHEMAS[(api, kind)], doc, k8s_registry(v)):
+                if e not in seen:
+                    seen.add(e)
+                    errs.append(e)
+        errs += keda_semantics(doc)
+        errs += apiserver_rules(doc)
+        return f"{label} [KEDA CRD schema (transcribed), strict]", errs
+
+    for v in VERSIONS:
+        schema = k8s_schema(doc, v)
+        if schema is None:
+            errs.append(f"no schema for {api} {kind} in Kubernetes {kv.major_minor(v)} "
+                        "(unknown kind or API version)")
+            continue
+        for e in schema_errors(schema, doc, k8s_registry(v)):
+            errs.append(f"[k8s {kv.major_minor(v)}] {e}")
+    errs += apiserver_rules(doc)
+    versions = ", ".join(kv.major_minor(v) for v in VERSIONS)
+    return f"{label} [k8s {versions}, strict]", errs
+
+
+# ---------------------------------------------------------------- kustomization
+KUSTOMIZATION_SCHEMA = strict_object({
+    "apiVersion": {"const": "kustomize.config.k8s.io/v1beta1"},
+    "kind": {"const": "Kustomization"},
+    "metadata": {"type": "object"},
+    "namespace": STR,
+    "namePrefix": STR,
+    "nameSuffix": STR,
+    "resources": {"type": "array", "items": STR, "minItems": 1},
+    "components": {"type": "array", "items": STR},
+    "images": {"type": "array", "items": strict_object(
+        {"name": STR, "newName": STR, "newTag": STR, "digest": STR}, required=["name"])},
+    "labels": {"type": "array", "items": {"type": "object"}},
+    "commonAnnotations": {"type": "object", "additionalProperties": STR},
+    "configMapGenerator": {"type": "array"},
+    "secretGenerator": {"type": "array"},
+    "generatorOptions": {"type": "object"},
+    "patches": {"type": "array"},
+    "replicas": {"type": "array"},
+}, required=["apiVersion", "kind", "resources"])
+
+KUSTOMIZATION = os.path.join(KDIR, "kustomization.yaml")
+EXCLUDED_ON_PURPOSE = {"secret.example.yaml"}  # templates; see kustomization.yaml
+
+objects = []  # (file, doc) of every valid-enough document, for cross-references
+
+
+def validate_manifest_file(path):
+    try:
+        docs = load_docs(path)
+    except (OSError, yaml.YAMLError) as e:
+        report(rel(path), [f"YAML: {e}"], "unreadable")
+        return
+    if not docs:
+        report(rel(path), ["no YAML documents"], "empty")
+        return
+    labels, errs = [], []
+    for i, doc in enumerate(docs):
+        label, doc_errs = validate_doc(doc)
+        labels.append(label)
+        prefix = f"doc {i + 1} ({label.split(' ')[0]}): " if len(docs) > 1 else ""
+        errs += [prefix + e for e in doc_errs]
+        if isinstance(doc, dict):
+            objects.append((path, doc))
+            if doc.get("kind") == "ConfigMap" and "config.toml" in (doc.get("data") or {}):
+                cfg, cerrs = check_config_toml(doc["data"]["config.toml"])
+                errs += cerrs
+                if cfg is not None:
+                    labels.append("+ config.toml (SPEC section 7)")
+                    CONFIGS.append(cfg)
+    report(rel(path), errs, "; ".join(labels))
+
+
+CONFIGS = []
+
+if not os.path.isfile(KUSTOMIZATION):
+    report(rel(KUSTOMIZATION), ["missing"], "kustomization")
+    resources = []
+else:
+    kerrs = []
+    try:
+        kdocs = load_docs(KUSTOMIZATION)
+    except (OSError, yaml.YAMLError) as e:
+        kdocs, kerrs = [], [f"YAML: {e}"]
+    kdoc = kdocs[0] if len(kdocs) == 1 else {}
+    if len(kdocs) != 1:
+        kerrs.append("must hold exactly one YAML document")
+    kerrs += schema_errors(KUSTOMIZATION_SCHEMA, kdoc, Registry())
+    resources = [r for r in (kdoc.get("resources") or []) if isinstance(r, str)]
+    for r in resources:
+        p = os.path.normpath(os.path.join(KDIR, r))
+        if not os.path.isfile(p):
+            kerrs.append(f"resources: {r!r} does not exist ({rel(p)})")
+    if len(set(resources)) != len(resources):
+        kerrs.append("resources: listed twice")
+    listed = {os.path.normpath(os.path.join(KDIR, r)) for r in resources}
+    for p in sorted(glob.glob(os.path.join(KDIR, "*.yaml")) + glob.glob(os.path.join(KDIR, "*.yml"))):
+        base = os.path.basename(p)
+        if p == KUSTOMIZATION or p in listed or base in EXCLUDED_ON_PURPOSE:
+            continue
+        kerrs.append(f"{base} is not in resources (add it, or to EXCLUDED_ON_PURPOSE "
+                     "in validate.sh if it is a template)")
+    report(rel(KUSTOMIZATION), kerrs,
+           f"Kustomization [{len(resources)} resources exist; "
+           f"not applied on purpose: {', '.join(sorted(EXCLUDED_ON_PURPOSE))}]")
+
+manifest_files = sorted(set(
+    [p for p in glob.glob(os.path.join(KDIR, "*.yaml")) + glob.glob(os.path.join(KDIR, "*.yml"))
+     if p != KUSTOMIZATION]
+    + [os.path.normpath(os.path.join(KDIR, r)) for r in resources
+       if os.path.isfile(os.path.join(KDIR, r))]))
+for path in manifest_files:
+    validate_manifest_file(path)
+
+
+# ---------------------------------------------------------------- cross-references
+def find(kind, name=None):
+    return [d for _, d in objects if d.get("kind") == kind
+            and (name is None or (d.get("metadata") or {}).get("name") == name)]
+
+
+def one(kind):
+    found = find(kind)
+    return found[0] if len(found) == 1 else None
+
+
+xerrs = []
+dep, cm, secret = one("Deployment"), one("ConfigMap"), one("Secret")
+so, ta, svc, pdb = one("ScaledObject"), one("TriggerAuthentication"), one("Service"), one("PodDisruptionBudget")
+for kind, obj in [("Deployment", dep), ("ConfigMap", cm), ("Secret", secret), ("Service", svc),
+                  ("PodDisruptionBudget", pdb), ("ScaledObject", so),
+                  ("TriggerAuthentication", ta)]:
+    if obj is None:
+        xerrs.append(f"expected exactly one {kind}, found {len(find(kind))}")
+
+
+def g(obj, *path, default=None):
+    for p in path:
+        if isinstance(obj, dict):
+            obj = obj.get(p)
+        elif isinstance(obj, list) and isinstance(p, int) and p < len(obj):
+            obj = obj[p]
+        else:
+            return default
+    return default if obj is None else obj
+
+
+def secret_keys(s):
+    return set(g(s, "data", default={})) | set(g(s, "stringData", default={}))
+
+
+if dep:
+    pod = g(dep, "spec", "template", "spec", default={})
+    pod_labels = g(dep, "spec", "template", "metadata", "labels", default={})
+    if "replicas" in dep.get("spec", {}) and so:
+        xerrs.append("Deployment: spec.replicas is set although KEDA owns the replica count")
+    containers = pod.get("containers") or []
+    c = containers[0] if containers else {}
+    ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
+    for probe in ("livenessProbe", "readinessProbe"):
+        port = g(c, probe, "httpGet", "port")
+        if port is None:
+            xerrs.append(f"Deployment: {probe} has no httpGet port")
+        elif isinstance(port, str) and port not in ports:
+            xerrs.append(f"Deployment: {probe} port {port!r} is not a named container port")
+    if g(c, "livenessProbe", "httpGet", "path") != "/healthz":
+        xerrs.append("Deployment: livenessProbe must be GET /healthz")
+    if g(c, "readinessProbe", "httpGet", "path") != "/readyz":
+        xerrs.append("Deployment: readinessProbe must be GET /readyz")
+    # Credentials only from Secrets.
+    for env in c.get("env") or []:
+        n = env.get("name", "")
+        if re.search(r"WRITE_KEY|AMQP__URL|PASSWORD|TOKEN", n) and "value" in env:
+            xerrs.append(f"Deployment: env {n} is a credential; use secretKeyRef, not value")
+        ref = g(env, "valueFrom", "secretKeyRef")
+        if ref and secret and not ref.get("optional"):
+            if ref.get("name") != g(secret, "metadata", "name"):
+                xerrs.append(f"Deployment: env {n} reads Secret {ref.get('name')!r}, "
+                             f"but the Secret template is {g(secret, 'metadata', 'name')!r}")
+            elif ref.get("key") not in secret_keys(secret):
+                xerrs.append(f"Deployment: env {n} reads key {ref.get('key')!r}, "
+                             "which secret.example.yaml does not define")
+    for vol in pod.get("volumes") or []:
+        ref = vol.get("configMap")
+        if ref and cm:
+            if ref.get("name") != g(cm, "metadata", "name"):
+                xerrs.append(f"Deployment: volume {vol.get('name')} mounts ConfigMap "
+                             f"{ref.get('name')!r}, which is not defined")
+            for item in ref.get("items") or []:
+                if item.get("key") not in (cm.get("data") or {}):
+                    xerrs.append(f"Deployment: ConfigMap key {item.get('key')!r} does not exist")
+    mounts = {m.get("mountPath") for m in c.get("volumeMounts") or []}
+    if "/etc/segment-bridge" not in mounts:
+        xerrs.append("Deployment: config is not mounted at /etc/segment-bridge")
+    if CONFIGS:
+        cfg = CONFIGS[0]
+        listen = g(cfg, "server", "listen", default="0.0.0.0:9464")
+        lport = int(listen.rsplit(":", 1)[1]) if ":" in listen else None
+        if lport not in ports.values():
+            xerrs.append(f"server.listen port {lport} is not a container port ({ports})")
+        grace = g(cfg, "shutdown", "grace_period_s", default=25)
+        tgps = pod.get("terminationGracePeriodSeconds", 30)
+        if not isinstance(tgps, int) or tgps <= grace:
+            xerrs.append(f"terminationGracePeriodSeconds ({tgps}) must exceed "
+                         f"shutdown.grace_period_s ({grace})")
+    for obj, what in ((svc, "Service spec.selector"),
+                      (pdb, "PodDisruptionBudget spec.selector.matchLabels")):
+        if obj:
+            s = g(obj, "spec", "selector", default={})
+            s = s.get("matchLabels", {}) if obj is pdb else s
+            if not s or any(pod_labels.get(k) != v for k, v in s.items()):
+                xerrs.append(f"{what} does not select the Deployment's pods")
+    if svc:
+        for p in g(svc, "spec", "ports", default=[]):
+            t = p.get("targetPort")
+            if isinstance(t, str) and t not in ports:
+                xerrs.append(f"Service: targetPort {t!r} is not a named container port")
+
+if so:
+    ref = g(so, "spec", "scaleTargetRef", default={})
+    if ref.get("kind", "Deployment") != "Deployment" or not find("Deployment", ref.get("name")):
+        xerrs.append(f"ScaledObject: scaleTargetRef {ref} is not the Deployment here")
+    for t in g(so, "spec", "triggers", default=[]):
+        auth = g(t, "authenticationRef", "name")
+        if auth and g(t, "authenticationRef", "kind", default="TriggerAuthentication") \
+                == "TriggerAuthentication" and not find("TriggerAuthentication", auth):
+            xerrs.append(f"ScaledObject: authenticationRef {auth!r} does not exist")
+        q = g(t, "metadata", "queueName")
+        if CONFIGS and t.get("type") == "rabbitmq":
+            want_q = g(CONFIGS[0], "amqp", "queue", default="segment-bridge.sessions")
+            if q != want_q:
+                xerrs.append(f"ScaledObject: queueName {q!r} is not the consumed queue {want_q!r}")
+if ta and secret:
+    for r in g(ta, "spec", "secretTargetRef", default=[]):
+        if r.get("name") != g(secret, "metadata", "name") or r.get("key") not in secret_keys(secret):
+            xerrs.append(f"TriggerAuthentication: secret {r.get('name')!r} key {r.get('key')!r} "
+                         "is not in secret.example.yaml")
+report("(cross-references)", xerrs,
+       "Secret/ConfigMap keys, selectors, probe ports, KEDA target/auth/queue, grace periods")
+
+
+# ---------------------------------------------------------------- Dockerfile (static)
+dockerfile = os.path.join(DEPLOY, "Dockerfile")
+derrs = []
+try:
+    lines = open(dockerfile, encoding="utf-8").read().splitlines()
+except OSError as e:
+    lines, derrs = [], [str(e)]
+# Join continuation lines, drop comments.
+instrs, buf = [], ""
+for line in lines:
+    if not buf and line.lstrip().startswith("#"):
+        continue
+    buf += line.rstrip("\\").strip() + " " if line.rstrip().endswith("\\") else line.strip()
+    if not line.rstrip().endswith("\\"):
+        if buf.strip():
+            instrs.append(buf.strip())
+        buf = ""
+stages = [i for i in instrs if i.upper().startswith("FROM ")]
+last_stage = instrs[instrs.index(stages[-1]):] if stages else []
+
+
+def last(keyword, seq):
+    found = [i for i in seq if i.split(None, 1)[0].upper() == keyword]
+    return found[-1].split(None, 1)[1] if found and " " in found[-1] else None
+
+
+if len(stages) < 2:
+    derrs.append("expected a multi-stage build (builder + runtime)")
+for kw, want in (("ENTRYPOINT", ["/usr/local/bin/segment-bridge"]),
+                 ("CMD", ["run", "--config", "/etc/segment-bridge/config.toml"])):
+    val = last(kw, last_stage)
+    try:
+        parsed = json.loads(val) if val else None
+    except json.JSONDecodeError:
+        parsed = None
+    if parsed != want:
+        derrs.append(f"{kw} must be the exec form {json.dumps(want)} (got {val!r}); "
+                     "shell form would keep SIGTERM from reaching the worker")
+user = last("USER", last_stage)
+if not user or user.split(":")[0] in ("0", "root"):
+    derrs.append("final stage must set a non-root USER")
+elif not user.split(":")[0].isdigit():
+    derrs.append("USER should be numeric so runAsNonRoot can verify it")
+if "9464" not in (last("EXPOSE", last_stage) or ""):
+    derrs.append("final stage must EXPOSE 9464")
+if not any("--locked" in i for i in instrs):
+    derrs.append("cargo build must use --locked")
+ignore_file = dockerfile + ".dockerignore"
+if os.path.isfile(ignore_file):
+    patterns = [ln.strip().rstrip("/") for ln in open(ignore_file, encoding="utf-8")
+                if ln.strip() and not ln.lstrip().startswith("#")]
+    for needed in ("src", "Cargo.toml", "Cargo.lock", "tests", "benches", ".", "*", "**"):
+        if needed in patterns:
+            derrs.append(f"{rel(ignore_file)} excludes {needed!r}, which the build needs")
+report(rel(dockerfile), derrs,
+       "static checks only (multi-stage, exec-form ENTRYPOINT/CMD, numeric non-root USER, "
+       "EXPOSE 9464, --locked, Dockerfile.dockerignore keeps the sources); "
+       "SKIPPED: docker build (no Docker engine in this environment)")
+
+sys.exit(1 if failed else 0)
+PY
+
+elapsed=$(( $(date +%s) - start ))
+if [[ $rc -eq 0 ]]; then
+  echo "deploy/ is valid (${elapsed}s)"
+else
+  echo "deploy/ has problems, see FAIL lines above (${elapsed}s)"
+fi
+exit "$rc"
