@@ -84,12 +84,15 @@ pub struct Message {
 enum Settle {
     Ack(u64),
     Requeue(u64),
-    DeadLetter {
-        tag: u64,
-        message: Message,
-        reason: String,
-        code: &'static str,
-    },
+    DeadLetter(Box<DeadLetter>),
+}
+
+#[derive(Debug)]
+struct DeadLetter {
+    tag: u64,
+    message: Message,
+    reason: String,
+    code: &'static str,
 }
 
 /// One delivery in the pipeline. Settle it once with [`ack`](Self::ack),
@@ -132,12 +135,12 @@ impl Ticket {
             .message
             .take()
             .expect("an unsettled ticket holds its message");
-        self.send(Settle::DeadLetter {
+        self.send(Settle::DeadLetter(Box::new(DeadLetter {
             tag: self.tag,
             message,
             reason,
             code,
-        });
+        })));
     }
 
     fn send(&mut self, settle: Settle) {
@@ -308,12 +311,13 @@ async fn handle(
     match settle {
         Settle::Ack(tag) => tracker.settle(tag, true),
         Settle::Requeue(tag) => requeue(consume, tag, tracker).await,
-        Settle::DeadLetter {
-            tag,
-            message,
-            reason,
-            code,
-        } => {
+        Settle::DeadLetter(dead) => {
+            let DeadLetter {
+                tag,
+                message,
+                reason,
+                code,
+            } = *dead;
             let properties = with_error_header(message.properties, &reason);
             let sent =
                 publish_mandatory(publish, dead_letter_queue, &message.body, properties).await;

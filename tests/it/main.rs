@@ -1,0 +1,5 @@
+//! Integration tests: one binary, against the local RabbitMQ and real HTTP servers.
+//! Every test uses its own queues (deleted afterwards) and ports.
+
+mod delivery;
+mod helpers;
