@@ -72,15 +72,21 @@ impl AckTracker {
             });
         }
         if self.waiting > self.straggler_limit {
-            for (&tag, needs_ack) in self.settled.iter_mut().filter(|(_, n)| **n) {
-                *needs_ack = false;
-                out.push(Ack {
-                    tag,
-                    multiple: false,
-                });
-            }
-            self.waiting = 0;
+            self.take_stragglers(out);
         }
+    }
+
+    /// Acks, one by one, every finished tag still waiting behind an unfinished one: when
+    /// they have waited long enough, or before the channel closes.
+    pub fn take_stragglers(&mut self, out: &mut Vec<Ack>) {
+        for (&tag, needs_ack) in self.settled.iter_mut().filter(|(_, n)| **n) {
+            *needs_ack = false;
+            out.push(Ack {
+                tag,
+                multiple: false,
+            });
+        }
+        self.waiting = 0;
     }
 
     /// Tags settled but not yet acknowledged.
@@ -146,6 +152,25 @@ mod tests {
         t.settle(1, true);
         // 2..=4 were acked singly; the multiple ack up to 5 settles 1 and 5 only.
         assert_eq!(acks(&mut t), [(5, true)]);
+    }
+
+    #[test]
+    fn stragglers_can_be_taken_on_demand_and_the_frontier_then_skips_them() {
+        let mut t = AckTracker::new(100);
+        t.settle(2, true);
+        t.settle(3, false);
+        assert_eq!(acks(&mut t), []);
+        let mut out = Vec::new();
+        t.take_stragglers(&mut out);
+        assert_eq!(
+            out,
+            [Ack {
+                tag: 2,
+                multiple: false
+            }]
+        );
+        t.settle(1, true);
+        assert_eq!(acks(&mut t), [(1, true)]);
     }
 
     #[test]

@@ -108,14 +108,28 @@ impl<T> Batch<T> {
     /// Splits into two halves by session, to find which one Segment refuses.
     pub fn split(mut self) -> (Batch<T>, Batch<T>) {
         let back = self.entries.split_off(self.entries.len() / 2);
-        let rebuild = |entries: Vec<Entry<T>>| {
-            let mut b = Batch::new(self.limits);
-            for e in entries {
-                b.push(e);
-            }
-            b
-        };
-        (rebuild(self.entries), rebuild(back))
+        let limits = self.limits;
+        (
+            Self::rebuild(limits, self.entries),
+            Self::rebuild(limits, back),
+        )
+    }
+
+    /// Keeps the entries for which `keep` is true; returns the others.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Entry<T>) -> bool) -> Vec<Entry<T>> {
+        let (kept, dropped) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| keep(e));
+        *self = Self::rebuild(self.limits, kept);
+        dropped
+    }
+
+    fn rebuild(limits: Limits, entries: Vec<Entry<T>>) -> Batch<T> {
+        let mut b = Batch::new(limits);
+        for e in entries {
+            b.push(e);
+        }
+        b
     }
 
     pub fn into_entries(self) -> Vec<Entry<T>> {
@@ -224,6 +238,18 @@ mod tests {
         assert_eq!(taken.len(), 1);
         assert!(b.is_empty());
         assert_eq!(b.body_bytes(), ENVELOPE_BYTES);
+    }
+
+    #[test]
+    fn retain_drops_entries_and_keeps_the_size_exact() {
+        let mut b = Batch::new(limits(100, 100_000));
+        for i in 0..4 {
+            b.push(entry(i, i as usize));
+        }
+        let dropped = b.retain(|e| e.ticket % 2 == 0);
+        assert_eq!(dropped.iter().map(|e| e.ticket).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b.body(NOW).len(), b.body_bytes());
     }
 
     #[test]

@@ -93,24 +93,28 @@ impl Default for Segment {
             max_in_flight: 4,
             request_timeout_ms: 10_000,
             us: Endpoint {
-                endpoint: "https://api.segment.io/v1/batch".into(),
+                endpoint: US_ENDPOINT.into(),
                 write_key: SecretString::default(),
             },
             eu: Endpoint {
-                endpoint: "https://events.eu1.segmentapis.com/v1/batch".into(),
+                endpoint: EU_ENDPOINT.into(),
                 write_key: SecretString::default(),
             },
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Segment's batch endpoints, used when `segment.<region>.endpoint` is not set.
+pub const US_ENDPOINT: &str = "https://api.segment.io/v1/batch";
+pub const EU_ENDPOINT: &str = "https://events.eu1.segmentapis.com/v1/batch";
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
 pub struct Endpoint {
-    /// Segment's batch endpoint for this region (`http://` is allowed, for tests).
+    /// Segment's batch endpoint for this region (`http://` is allowed, for tests). Empty
+    /// until [`Config::load`] fills in the region's default.
     pub endpoint: String,
     /// The region's source write key; empty means the region receives nothing.
-    #[serde(default)]
     pub write_key: SecretString,
 }
 
@@ -222,7 +226,7 @@ impl Config {
                 .format(config::FileFormat::Toml)
                 .required(false),
         };
-        let config: Config = config::Config::builder()
+        let mut config: Config = config::Config::builder()
             .add_source(file)
             .add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
@@ -232,6 +236,15 @@ impl Config {
             )
             .build()?
             .try_deserialize()?;
+        // A region section that sets only the key keeps Segment's endpoint.
+        for (endpoint, default) in [
+            (&mut config.segment.us.endpoint, US_ENDPOINT),
+            (&mut config.segment.eu.endpoint, EU_ENDPOINT),
+        ] {
+            if endpoint.is_empty() {
+                *endpoint = default.to_owned();
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -461,6 +474,23 @@ mod tests {
         assert!(c.mapping.hash_pii);
         assert_eq!(c.amqp.prefetch, 10);
         assert!(c.has_write_key(Region::Eu) && !c.has_write_key(Region::Us));
+    }
+
+    #[test]
+    fn a_key_alone_keeps_the_regions_default_endpoint_without_any_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.toml");
+        std::fs::write(&empty, "").unwrap();
+        let c = Config::load(
+            Some(&empty),
+            env(&[("SEGMENT_BRIDGE__SEGMENT__EU__WRITE_KEY", "k")]),
+        )
+        .unwrap();
+        assert_eq!(c.segment.eu.endpoint, EU_ENDPOINT);
+        assert_eq!(c.segment.us.endpoint, US_ENDPOINT);
+        let f = file("[segment.us]\nwrite_key = \"k\"\n");
+        let c = Config::load(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(c.segment.us.endpoint, US_ENDPOINT);
     }
 
     #[test]

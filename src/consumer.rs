@@ -10,7 +10,8 @@
 //! the broker, which redelivers them.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -25,7 +26,7 @@ use secrecy::ExposeSecret;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::ack::AckTracker;
+use crate::ack::{Ack, AckTracker};
 use crate::config;
 use crate::metrics::Metrics;
 
@@ -104,9 +105,16 @@ pub struct Ticket {
     received: Instant,
     message: Option<Message>,
     settle: mpsc::UnboundedSender<Settle>,
+    link_alive: Arc<AtomicBool>,
 }
 
 impl Ticket {
+    /// False once the connection it came on is lost: the broker redelivers it on the new
+    /// one, so sending it again here would only make a duplicate.
+    pub fn is_live(&self) -> bool {
+        self.link_alive.load(Ordering::Relaxed)
+    }
+
     /// When the delivery reached this worker; bounds how long it may be held.
     pub fn received(&self) -> Instant {
         self.received
@@ -164,6 +172,7 @@ pub struct Link {
     consume: Channel,
     settle: mpsc::UnboundedSender<Settle>,
     acker: JoinHandle<()>,
+    alive: Arc<AtomicBool>,
 }
 
 impl Link {
@@ -210,6 +219,7 @@ impl Link {
                 consume,
                 settle,
                 acker,
+                alive: Arc::new(AtomicBool::new(true)),
             },
             consumer,
         ))
@@ -225,7 +235,13 @@ impl Link {
                 properties: delivery.properties,
             }),
             settle: self.settle.clone(),
+            link_alive: self.alive.clone(),
         }
+    }
+
+    /// Marks the connection lost: its tickets are no longer worth sending.
+    pub fn mark_lost(&self) {
+        self.alive.store(false, Ordering::Relaxed);
     }
 
     /// Stops the broker from sending more deliveries; held ones stay ours to settle.
@@ -244,6 +260,13 @@ impl Link {
     }
 }
 
+/// How long a delivery whose dead-letter copy was not confirmed waits before it is
+/// requeued: without it, a missing dead-letter queue would loop it at broker speed.
+const DEAD_LETTER_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// Finished deliveries waiting behind an unfinished one are acknowledged one by one after
+/// at most two of these.
+const STRAGGLER_TICK: Duration = Duration::from_millis(200);
+
 /// Owns the consume channel's acknowledgements and the dead-letter publishing of a link.
 async fn run_acker(
     consume: Channel,
@@ -257,6 +280,9 @@ async fn run_acker(
     let mut acks = Vec::new();
     let mut confirms = FuturesUnordered::new();
     let mut open = true;
+    let mut tick = tokio::time::interval(STRAGGLER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stale = false;
     loop {
         tokio::select! {
             settle = rx.recv(), if open => match settle {
@@ -274,25 +300,42 @@ async fn run_acker(
                 match result {
                     Ok(()) => {
                         metrics.dead_lettered(code);
-                        tracker.settle(tag, true);
+                        // Acknowledged at once: a redelivery would make a second copy.
+                        send_ack(&consume, Ack { tag, multiple: false }).await;
+                        tracker.settle(tag, false);
                     }
                     Err(why) => {
-                        tracing::error!(queue = %dead_letter_queue, error = %why, "Could not dead-letter a message; it was requeued. Check that the dead-letter queue exists.");
+                        tracing::error!(queue = %dead_letter_queue, error = %why, "Could not dead-letter a message; it was requeued. Check that the dead-letter queue exists and accepts messages.");
                         requeue(&consume, tag, &mut tracker).await;
                     }
                 }
+            },
+            _ = tick.tick(), if tracker.waiting() > 0 => {
+                if stale {
+                    tracker.take_stragglers(&mut acks);
+                }
+                stale = !stale;
             },
             else => break,
         }
         tracker.take_acks(&mut acks);
         for ack in acks.drain(..) {
-            let options = BasicAckOptions {
-                multiple: ack.multiple,
-            };
-            if let Err(e) = consume.basic_ack(ack.tag, options).await {
-                tracing::debug!(error = %e, "Acknowledgement not sent; the broker will redeliver.");
-            }
+            send_ack(&consume, ack).await;
         }
+    }
+    // Every ticket is settled: acknowledge whatever still waits before the channel closes.
+    tracker.take_stragglers(&mut acks);
+    for ack in acks.drain(..) {
+        send_ack(&consume, ack).await;
+    }
+}
+
+async fn send_ack(consume: &Channel, ack: Ack) {
+    let options = BasicAckOptions {
+        multiple: ack.multiple,
+    };
+    if let Err(e) = consume.basic_ack(ack.tag, options).await {
+        tracing::debug!(error = %e, "Acknowledgement not sent; the broker will redeliver.");
     }
 }
 
@@ -321,17 +364,16 @@ async fn handle(
             let properties = with_error_header(message.properties, &reason);
             let sent =
                 publish_mandatory(publish, dead_letter_queue, &message.body, properties).await;
-            match sent {
-                Ok(confirm) => {
-                    confirms.push(Box::pin(
-                        async move { (tag, code, confirmed(confirm).await) },
-                    ))
+            confirms.push(Box::pin(async move {
+                let result = match sent {
+                    Ok(confirm) => confirmed(confirm).await,
+                    Err(e) => Err(e.to_string()),
+                };
+                if result.is_err() {
+                    tokio::time::sleep(DEAD_LETTER_RETRY_DELAY).await;
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "Could not publish to the dead-letter queue; the message was requeued.");
-                    requeue(consume, tag, tracker).await;
-                }
-            }
+                (tag, code, result)
+            }));
         }
     }
 }

@@ -58,7 +58,7 @@ pub enum Mapped {
 
 #[derive(Debug, Clone)]
 pub struct SessionEvents {
-    /// The session's id for logs: its `session_id`, else its identity (the body's hash).
+    /// The session's identity, for logs: its `session_id`, else the body's hash.
     pub session: String,
     pub region: Region,
     pub identify: Vec<u8>,
@@ -158,8 +158,8 @@ pub fn map(
             context: &context,
             traits: None,
             properties: Some(Properties {
-                questions: options
-                    .include_mapped_attributes
+                // Left out, like any other missing property, when there are no answers.
+                questions: (options.include_mapped_attributes && !session.attributes.is_empty())
                     .then_some(Questions(&attributes)),
                 survey_id: session.campaign_id.as_deref(),
                 survey_session_id: session.session_id.as_deref(),
@@ -170,10 +170,7 @@ pub fn map(
     )?;
 
     Ok(Mapped::Events(SessionEvents {
-        session: session
-            .session_id
-            .clone()
-            .unwrap_or_else(|| session.identity.clone()),
+        session: session.identity.clone(),
         region: session.region.unwrap_or(options.default_region),
         identify,
         track,
@@ -470,10 +467,7 @@ mod tests {
         let sparse = r#"{"session_id":"s","email":"a@b.c"}"#;
         let (identify, track, _) = events(sparse, &Options::default());
         assert_eq!(keys(&identify["traits"]), ["email", "emailSha256Hash"]);
-        assert_eq!(
-            track["properties"],
-            json!({"questions": {}, "surveySessionId": "s"})
-        );
+        assert_eq!(track["properties"], json!({"surveySessionId": "s"}));
     }
 
     #[test]

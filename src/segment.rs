@@ -5,7 +5,7 @@
 //! acts on outcomes and never looks at status codes.
 
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -138,8 +138,9 @@ impl Backoff {
 pub enum Sink {
     /// Segment's HTTP API, or a server standing in for it.
     Http(HttpSink),
-    /// `run --dry-run`: each body is written as one line to standard output.
-    DryRun(Mutex<std::io::Stdout>),
+    /// `run --dry-run`: each body is written as one line to standard output. Both regions
+    /// share the lock, so that their lines never interleave.
+    DryRun(Arc<Mutex<std::io::Stdout>>),
 }
 
 pub struct HttpSink {
@@ -191,10 +192,9 @@ impl Sink {
         match self {
             Sink::DryRun(stdout) => {
                 let mut out = stdout.lock().unwrap_or_else(|e| e.into_inner());
-                let written = out
-                    .write_all(&body)
-                    .and_then(|()| out.write_all(b"\n"))
-                    .and_then(|()| out.flush());
+                let mut line = body;
+                line.push(b'\n');
+                let written = out.write_all(&line).and_then(|()| out.flush());
                 let outcome = match written {
                     Ok(()) => Outcome::Accepted,
                     Err(_) => Outcome::Retry {

@@ -122,6 +122,8 @@ pub enum InputError {
     NotJson(String),
     #[error("the message body is not a JSON object")]
     NotAnObject,
+    #[error("the message body is not a valid session: {0}")]
+    Malformed(String),
     #[error("`{field}` must be {expected}, found {found}")]
     WrongType {
         field: &'static str,
@@ -146,6 +148,7 @@ impl InputError {
         match self {
             InputError::NotJson(_) => "not_json",
             InputError::NotAnObject => "not_an_object",
+            InputError::Malformed(_) => "malformed",
             InputError::WrongType { .. } => "wrong_type",
             InputError::MissingSessionId | InputError::EmptySessionId => "invalid_session_id",
             InputError::InvalidEmail => "invalid_email",
@@ -159,10 +162,13 @@ impl Session {
     /// Parses and validates one message body.
     pub fn parse(body: &[u8]) -> Result<Session, InputError> {
         let wire: Wire = serde_json::from_slice(body).map_err(|e| {
-            if e.classify() == serde_json::error::Category::Data {
-                InputError::NotAnObject
-            } else {
-                InputError::NotJson(e.to_string())
+            let is_object = body.trim_ascii_start().first() == Some(&b'{');
+            match e.classify() {
+                serde_json::error::Category::Data if is_object => {
+                    InputError::Malformed(e.to_string())
+                }
+                serde_json::error::Category::Data => InputError::NotAnObject,
+                _ => InputError::NotJson(e.to_string()),
             }
         })?;
         Session::from_wire(wire, body)
@@ -181,7 +187,17 @@ impl Session {
             Some(Object::Map(data)) => (data.email, data.opt_in, data.attributes, true),
         };
 
-        let session_id = string_field("session_id", wire.session_id)?;
+        // Unlike the optional fields, a `session_id` that is present must be a string.
+        let session_id = match wire.session_id {
+            Some(Loose::Null) => {
+                return Err(InputError::WrongType {
+                    field: "session_id",
+                    expected: "a string",
+                    found: "null",
+                });
+            }
+            other => string_field("session_id", other)?,
+        };
         let identity = match (&session_id, is_webhook) {
             (Some(id), _) if id.is_empty() => return Err(InputError::EmptySessionId),
             (Some(id), _) => id.clone(),
@@ -203,7 +219,7 @@ impl Session {
         };
         let opt_in = match data_opt_in.or(wire.opt_in) {
             Some(Loose::Bool(b)) => b,
-            Some(Loose::Str(s)) => s.trim().eq_ignore_ascii_case("true"),
+            Some(Loose::Str(s)) => s.eq_ignore_ascii_case("true"),
             _ => false,
         };
 
@@ -230,8 +246,9 @@ impl Session {
                 });
             }
         };
-        for (key, value) in data_attributes {
-            upsert(&mut attributes, key, value);
+        if !data_attributes.is_empty() {
+            attributes.extend(data_attributes);
+            dedupe(&mut attributes);
         }
 
         Ok(Session {
@@ -262,18 +279,55 @@ fn string_field(field: &'static str, value: Option<Loose>) -> Result<Option<Stri
     }
 }
 
-/// Inserts or replaces `key`, so that a later duplicate wins as in most JSON readers.
-fn upsert(attributes: &mut Vec<(String, Box<RawValue>)>, key: String, value: Box<RawValue>) {
-    match attributes.iter_mut().find(|(k, _)| *k == key) {
-        Some(slot) => slot.1 = value,
-        None => attributes.push((key, value)),
+/// Removes repeated keys, the later value winning as in most JSON readers, keeping the
+/// position of the first. Linear for the usual handful of attributes, hashed for many.
+fn dedupe(attributes: &mut Vec<(String, Box<RawValue>)>) {
+    if attributes.len() <= 32 {
+        let mut i = 1;
+        while i < attributes.len() {
+            match attributes[..i]
+                .iter()
+                .position(|(k, _)| *k == attributes[i].0)
+            {
+                Some(first) => {
+                    let (_, value) = attributes.remove(i);
+                    attributes[first].1 = value;
+                }
+                None => i += 1,
+            }
+        }
+        return;
     }
+    let mut first_at: std::collections::HashMap<String, usize> =
+        std::collections::HashMap::with_capacity(attributes.len());
+    let mut kept: Vec<(String, Box<RawValue>)> = Vec::with_capacity(attributes.len());
+    for (key, value) in attributes.drain(..) {
+        match first_at.get(&key) {
+            Some(&i) => kept[i].1 = value,
+            None => {
+                first_at.insert(key.clone(), kept.len());
+                kept.push((key, value));
+            }
+        }
+    }
+    *attributes = kept;
+}
+
+/// The `session_id` of a body that failed to parse, if it can be read: for the log line.
+pub fn peek_session_id(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Peek {
+        session_id: Option<String>,
+    }
+    serde_json::from_slice::<Peek>(body).ok()?.session_id
 }
 
 // ---- wire types: what serde reads, before any rule is checked ----
 
 #[derive(Deserialize)]
 struct Wire {
+    /// `null` stays `Some(Loose::Null)` here: a present `session_id` must be a string.
+    #[serde(default, deserialize_with = "present")]
     session_id: Option<Loose>,
     campaign_id: Option<Loose>,
     campaign_name: Option<Loose>,
@@ -284,6 +338,10 @@ struct Wire {
     opt_in: Option<Loose>,
     attributes: Option<Object<Attributes>>,
     data: Option<Object<Data>>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Loose>, D::Error> {
+    Loose::deserialize(d).map(Some)
 }
 
 /// Any JSON value, keeping strings and booleans and only the kind of anything else, so
@@ -412,9 +470,10 @@ impl<'de> Deserialize<'de> for Attributes {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Attributes, A::Error> {
                 let mut attributes = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some((key, value)) = map.next_entry::<String, Box<RawValue>>()? {
-                    upsert(&mut attributes, key, value);
+                while let Some(entry) = map.next_entry::<String, Box<RawValue>>()? {
+                    attributes.push(entry);
                 }
+                dedupe(&mut attributes);
                 Ok(Attributes(attributes))
             }
         }
@@ -447,9 +506,10 @@ impl<'de> Deserialize<'de> for Data {
                     match key.as_str() {
                         "email" => data.email = Some(map.next_value()?),
                         "opt_in" => data.opt_in = Some(map.next_value()?),
-                        _ => upsert(&mut data.attributes, key, map.next_value()?),
+                        _ => data.attributes.push((key, map.next_value()?)),
                     }
                 }
+                dedupe(&mut data.attributes);
                 Ok(data)
             }
         }
@@ -539,6 +599,7 @@ mod tests {
             ("false", false),
             ("\"false\"", false),
             ("\"yes\"", false),
+            ("\" true \"", false),
             ("1", false),
             ("null", false),
         ] {
@@ -623,6 +684,14 @@ mod tests {
                 "`data` must be an object, found a string",
             ),
             (
+                r#"{"data":{"email":"a@b.c"},"session_id":null}"#,
+                "`session_id` must be a string, found null",
+            ),
+            (
+                r#"{"session_id":"a","session_id":"b"}"#,
+                "not a valid session: duplicate field `session_id`",
+            ),
+            (
                 r#"{"session_id":"a","campaign_name":{"x":1}}"#,
                 "`campaign_name` must be a string, found an object",
             ),
@@ -637,6 +706,30 @@ mod tests {
     fn a_later_duplicate_attribute_wins() {
         let s = parse(r#"{"session_id":"a","attributes":{"x":1,"y":2,"x":3}}"#).unwrap();
         assert_eq!(attrs(&s), [("x", "3"), ("y", "2")]);
+        let s = parse(r#"{"data":{"email":"a@b.c","x":1,"x":2,"x":4}}"#).unwrap();
+        assert_eq!(attrs(&s), [("x", "4")]);
+    }
+
+    #[test]
+    fn many_attributes_are_deduplicated_in_linear_time() {
+        let mut body = String::from(r#"{"session_id":"a","attributes":{"#);
+        for i in 0..50_000 {
+            body.push_str(&format!(r#""k{}":{i},"#, i % 25_000));
+        }
+        body.push_str(r#""last":true}}"#);
+        let s = parse(&body).unwrap();
+        assert_eq!(s.attributes.len(), 25_001);
+        assert_eq!(s.attributes[0].0, "k0");
+        assert_eq!(s.attributes[0].1.get(), "25000", "the later value wins");
+    }
+
+    #[test]
+    fn the_session_id_of_an_invalid_body_can_still_be_logged() {
+        assert_eq!(
+            peek_session_id(br#"{"session_id":"s9","email":"nope","region":7}"#).as_deref(),
+            Some("s9")
+        );
+        assert_eq!(peek_session_id(b"not json"), None);
     }
 
     #[test]

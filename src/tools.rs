@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 use crate::config::Config;
 use crate::consumer::{self, confirmed, publish_mandatory, without_error_header};
 use crate::events::{self, Mapped};
-use crate::session::{Region, Session};
+use crate::session::{Region, Session, peek_session_id};
 
 /// Publishes with at most this many confirmations outstanding.
 const PUBLISH_WINDOW: usize = 1024;
@@ -47,39 +47,41 @@ pub enum ToolError {
     Io(#[from] std::io::Error),
 }
 
-/// `preview`: one JSON line out per non-blank line in: the session's events, the reason it
-/// is skipped, or an `error` naming what is wrong with it. No broker, no network.
+/// `preview`: one JSON line out per line in: the session's events, the reason it is
+/// skipped, or an `error` naming what is wrong with it. No broker, no network. Lines are
+/// read as bytes, as `publish` sends them, so a webhook body's hash identity is the same.
 pub fn preview(config: &Config, input: impl BufRead, mut out: impl Write) -> std::io::Result<()> {
     let options = config.mapping_options();
     let now = OffsetDateTime::now_utc();
-    for line in input.lines() {
+    for line in input.split(b'\n') {
         let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let report = match Session::parse(line.as_bytes()) {
-            Err(e) => json!({ "error": e.to_string() }),
-            Ok(session) => {
-                let id = session
-                    .session_id
-                    .clone()
-                    .unwrap_or(session.identity.clone());
-                match events::map(&session, now, &options) {
-                    Err(e) => json!({ "session_id": id, "error": e.to_string() }),
-                    Ok(Mapped::Skipped(reason)) => {
-                        json!({ "session_id": id, "skipped": reason.as_str() })
+        let report = if line.iter().all(u8::is_ascii_whitespace) {
+            json!({ "error": "blank line: no session" })
+        } else {
+            match Session::parse(&line) {
+                Err(e) => json!({ "session_id": peek_session_id(&line), "error": e.to_string() }),
+                Ok(session) => {
+                    let id = &session.identity;
+                    match events::map(&session, now, &options) {
+                        Err(e) => json!({ "session_id": id, "error": e.to_string() }),
+                        Ok(Mapped::Skipped(reason)) => {
+                            json!({ "session_id": id, "skipped": reason.as_str() })
+                        }
+                        Ok(Mapped::Events(e)) => {
+                            let mut report = json!({
+                                "session_id": id,
+                                "region": e.region.as_str(),
+                                "events": [raw(&e.identify), raw(&e.track)],
+                            });
+                            if !config.has_write_key(e.region) {
+                                report["warning"] = json!(format!(
+                                    "no write key is configured for region {}: `run` would dead-letter this session",
+                                    e.region
+                                ));
+                            }
+                            report
+                        }
                     }
-                    Ok(Mapped::Events(e)) if !config.has_write_key(e.region) => json!({
-                        "session_id": id,
-                        "region": e.region.as_str(),
-                        "events": [raw(&e.identify), raw(&e.track)],
-                        "warning": format!("no write key is configured for region {}: `run` would dead-letter this session", e.region),
-                    }),
-                    Ok(Mapped::Events(e)) => json!({
-                        "session_id": id,
-                        "region": e.region.as_str(),
-                        "events": [raw(&e.identify), raw(&e.track)],
-                    }),
                 }
             }
         };
@@ -341,6 +343,18 @@ mod tests {
     }
 
     #[test]
+    fn preview_reports_a_line_that_is_not_utf8_and_goes_on() {
+        let mut out = Vec::new();
+        let input: &[u8] = b"{\"session_id\":\"\xff\"}\n{\"session_id\":\"ok\"}\n";
+        preview(&Config::default(), input, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].contains("not valid JSON"), "{}", lines[0]);
+        assert!(lines[1].contains("skipped_no_email"));
+    }
+
+    #[test]
     fn preview_prints_events_skips_and_errors_one_line_each() {
         let lines = preview_lines(concat!(
             r#"{"session_id":"s1","email":"a@b.c","region":"eu"}"#,
@@ -351,24 +365,19 @@ mod tests {
             r#"{"session_id":"s3","email":"nope"}"#,
             "\n",
         ));
-        assert_eq!(lines.len(), 4, "blank lines are passed over");
+        assert_eq!(lines.len(), 5, "one line out per line in");
         assert_eq!(lines[0]["region"], "eu");
         assert_eq!(lines[0]["events"][0]["type"], "identify");
         assert_eq!(lines[0]["events"][1]["event"], "Survey Completed");
-        assert!(
-            lines[0]["warning"]
-                .as_str()
-                .unwrap()
-                .contains("no write key")
+        let text = |v: &serde_json::Value| v.as_str().unwrap().to_owned();
+        assert!(text(&lines[0]["warning"]).contains("no write key"));
+        assert!(text(&lines[1]["error"]).contains("blank line"));
+        assert_eq!(lines[2]["skipped"], "skipped_no_email");
+        assert!(text(&lines[3]["error"]).contains("not valid JSON"));
+        assert_eq!(
+            lines[4]["session_id"], "s3",
+            "the id is named even for bad input"
         );
-        assert_eq!(lines[1]["skipped"], "skipped_no_email");
-        assert!(
-            lines[2]["error"]
-                .as_str()
-                .unwrap()
-                .contains("not valid JSON")
-        );
-        assert_eq!(lines[3]["session_id"], serde_json::Value::Null);
-        assert!(lines[3]["error"].as_str().unwrap().contains("email"));
+        assert!(text(&lines[4]["error"]).contains("email"));
     }
 }

@@ -24,7 +24,7 @@ use crate::events::{self, Mapped};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::segment::{self, HttpSink, Outcome, RetryPolicy, Sink};
-use crate::session::{Region, Session};
+use crate::session::{Region, Session, peek_session_id};
 
 /// Everything a running worker shares.
 pub struct Worker {
@@ -45,6 +45,12 @@ pub enum WorkerError {
 }
 
 type Sender = mpsc::Sender<Entry<Ticket>>;
+
+/// Backoff between attempts to reach the broker.
+const RECONNECT: RetryPolicy = RetryPolicy {
+    initial: Duration::from_millis(500),
+    max: Duration::from_secs(30),
+};
 
 impl Worker {
     pub fn new(
@@ -71,9 +77,10 @@ impl Worker {
         let stop_consuming = CancellationToken::new();
         let mut batchers = JoinSet::new();
         let mut senders: [Option<Sender>; 2] = [None, None];
+        let stdout = Arc::new(std::sync::Mutex::new(std::io::stdout()));
         for region in Region::ALL {
             let sink = if self.dry_run {
-                Sink::DryRun(std::sync::Mutex::new(std::io::stdout()))
+                Sink::DryRun(stdout.clone())
             } else if self.config.has_write_key(region) {
                 let endpoint = self.config.endpoint(region);
                 Sink::Http(HttpSink::new(
@@ -98,6 +105,7 @@ impl Worker {
                 health: self.health.clone(),
                 metrics: self.metrics.clone(),
                 stop_consuming: stop_consuming.clone(),
+                shutdown: shutdown.clone(),
             });
             batchers.spawn(run_batcher(
                 rx,
@@ -129,11 +137,7 @@ impl Worker {
         shutdown: &CancellationToken,
         stop_consuming: &CancellationToken,
     ) -> Option<Link> {
-        let mut backoff = RetryPolicy {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(30),
-        }
-        .backoff();
+        let mut backoff = RECONNECT.backoff();
         loop {
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => return None,
@@ -150,11 +154,7 @@ impl Worker {
                     }
                 }
             };
-            backoff = RetryPolicy {
-                initial: Duration::from_millis(500),
-                max: Duration::from_secs(30),
-            }
-            .backoff();
+            backoff = RECONNECT.backoff();
             self.health.set_connected(true);
             self.health.set_consuming(true);
             self.metrics.amqp_connected(true);
@@ -186,6 +186,7 @@ impl Worker {
                     },
                 }
             };
+            link.mark_lost();
             self.health.set_connected(false);
             self.metrics.amqp_connected(false);
             tracing::warn!(error = %lost, "Lost the RabbitMQ connection; reconnecting. Unacknowledged deliveries will be redelivered.");
@@ -205,14 +206,17 @@ impl Worker {
         let message = ticket.message();
         let session = match Session::parse(&message.body) {
             Ok(session) => session,
-            Err(e) => return self.dead_letter(ticket, None, e.to_string(), e.code()),
+            Err(e) => {
+                let id = peek_session_id(&message.body);
+                return dead_letter(ticket, id.as_deref(), e.to_string(), e.code());
+            }
         };
         let fallback_time = message
             .properties
             .timestamp()
             .and_then(|t| OffsetDateTime::from_unix_timestamp(t as i64).ok())
             .unwrap_or_else(OffsetDateTime::now_utc);
-        let id = session.session_id.as_deref().unwrap_or(&session.identity);
+        let id = session.identity.as_str();
         let events = match events::map(&session, fallback_time, &self.config.mapping_options()) {
             Ok(Mapped::Events(events)) => events,
             Ok(Mapped::Skipped(reason)) => {
@@ -220,7 +224,7 @@ impl Worker {
                 self.metrics.sessions(reason.as_str(), 1);
                 return ticket.ack();
             }
-            Err(e) => return self.dead_letter(ticket, Some(id), e.to_string(), "too_large"),
+            Err(e) => return dead_letter(ticket, Some(id), e.to_string(), "too_large"),
         };
         let region = events.region;
         let Some(sender) = &senders[region as usize] else {
@@ -228,7 +232,7 @@ impl Worker {
                 "no write key is configured for region {region} (set SEGMENT_BRIDGE__SEGMENT__{}__WRITE_KEY)",
                 region.as_str().to_uppercase()
             );
-            return self.dead_letter(ticket, Some(id), reason, "no_write_key");
+            return dead_letter(ticket, Some(id), reason, "no_write_key");
         };
         if self.health.is_misconfigured(region) {
             self.metrics.requeued("misconfigured", 1);
@@ -241,17 +245,12 @@ impl Worker {
             _ = shutdown.cancelled() => {}
         }
     }
+}
 
-    fn dead_letter(
-        &self,
-        ticket: Ticket,
-        session_id: Option<&str>,
-        reason: String,
-        code: &'static str,
-    ) {
-        tracing::warn!(session_id = session_id.unwrap_or("-"), reason = %reason, "Message dead-lettered.");
-        ticket.dead_letter(reason, code);
-    }
+/// Moves a message to the dead-letter queue, with one log line naming it and the reason.
+fn dead_letter(ticket: Ticket, session_id: Option<&str>, reason: String, code: &'static str) {
+    tracing::warn!(session_id = session_id.unwrap_or("-"), reason = %reason, "Message dead-lettered.");
+    ticket.dead_letter(reason, code);
 }
 
 /// Gathers one region's batches and sends them, `max_in_flight` at a time, until its
@@ -329,17 +328,23 @@ struct Deliverer {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     stop_consuming: CancellationToken,
+    shutdown: CancellationToken,
 }
 
 impl Deliverer {
     /// Posts the batch until Segment takes it, isolating what it rejects; never gives up
     /// on a transient failure, but requeues rather than hold a delivery past `max_hold`.
-    async fn deliver(&self, batch: Batch<Ticket>) {
+    async fn deliver(&self, mut batch: Batch<Ticket>) {
         let region = self.region;
         let mut backoff = self.policy.backoff();
         loop {
             if self.health.is_misconfigured(region) {
                 return self.requeue(batch, "misconfigured");
+            }
+            // Deliveries of a lost connection come again on the new one; let those go.
+            drop(batch.retain(|e| e.ticket.is_live()));
+            if batch.is_empty() {
+                return;
             }
             let body = batch.body(&events::format_timestamp(OffsetDateTime::now_utc()));
             self.metrics.in_flight(1.0);
@@ -370,8 +375,16 @@ impl Deliverer {
                         tracing::warn!(region = %region, sessions = batch.len(), "Segment has not taken this batch within retry.max_hold_s; requeueing it for a later attempt.");
                         return self.requeue(batch, "max_hold");
                     }
+                    if self.shutdown.is_cancelled() {
+                        return self.requeue(batch, "shutdown");
+                    }
                     tracing::warn!(region = %region, status = %response.status, retry_in = ?delay, sessions = batch.len(), "Segment did not take the batch; retrying.");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        // Shutting down: hand the batch back now rather than at the end
+                        // of the grace period.
+                        _ = self.shutdown.cancelled() => return self.requeue(batch, "shutdown"),
+                    }
                 }
                 Outcome::Rejected { status, detail } => {
                     if batch.len() > 1 {
