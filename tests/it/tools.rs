@@ -1,0 +1,955 @@
+//! The operator's commands, run as the real binary: `publish`, `replay-dead`, `check`,
+//! `preview`, `run --dry-run`, and `run` without a write key.
+//!
+//! Each run gets an empty working directory (so the repository's `config.toml` is not
+//! read) and is configured by the environment, or by a file the test writes. Children are
+//! killed when a test fails or times out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_segment-bridge");
+/// Nothing listens on port 1: a command that needs the broker fails at once.
+const UNREACHABLE: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
+const WITHIN: Duration = Duration::from_secs(15);
+const ERROR_HEADER: &str = "x-segment-bridge-error";
+
+/// One invocation of the binary, configured by the environment, in an empty directory.
+struct Bridge {
+    cmd: Command,
+    dir: tempfile::TempDir,
+}
+
+impl Bridge {
+    fn new(args: &[&str]) -> Bridge {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).current_dir(dir.path());
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("SEGMENT_BRIDGE") || k == "RUST_LOG" {
+                cmd.env_remove(&key);
+            }
+        }
+        let mut bridge = Bridge { cmd, dir };
+        bridge
+            .set("AMQP__URL", AMQP_URL)
+            .set("SERVER__LISTEN", "127.0.0.1:0")
+            .set("SEGMENT__FLUSH_INTERVAL_MS", "50");
+        bridge
+    }
+
+    /// Sets `SEGMENT_BRIDGE__<key>`.
+    fn set(&mut self, key: &str, value: &str) -> &mut Bridge {
+        self.cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
+        self
+    }
+
+    fn queues(&mut self, queues: &Queues) -> &mut Bridge {
+        self.set("AMQP__QUEUE", &queues.main)
+            .set("AMQP__DEAD_LETTER_QUEUE", &queues.dead)
+    }
+
+    /// A region with an endpoint and a write key.
+    fn region(&mut self, region: &str, endpoint: &str, key: &str) -> &mut Bridge {
+        let r = region.to_uppercase();
+        self.set(&format!("SEGMENT__{r}__ENDPOINT"), endpoint)
+            .set(&format!("SEGMENT__{r}__WRITE_KEY"), key)
+    }
+
+    fn env(&mut self, key: &str, value: &str) -> &mut Bridge {
+        self.cmd.env(key, value);
+        self
+    }
+
+    /// A file in the working directory.
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs to completion (killed and failed after `WITHIN`), feeding `stdin`.
+    async fn output(mut self, stdin: &[u8]) -> Output {
+        let stdin = stdin.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut running = self.spawn_with_stdin();
+            let mut input = running.child.stdin.take().unwrap();
+            std::thread::spawn(move || {
+                let _ = input.write_all(&stdin);
+            });
+            let status = running.wait(WITHIN);
+            let out = Output {
+                status,
+                stdout: running.stdout_all(),
+                stderr: running.stderr(),
+                took: started.elapsed(),
+            };
+            drop(self.dir);
+            out
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Starts it in the background, standard input closed.
+    fn spawn(&mut self) -> Running {
+        self.cmd.stdin(Stdio::null());
+        self.start()
+    }
+
+    fn spawn_with_stdin(&mut self) -> Running {
+        self.cmd.stdin(Stdio::piped());
+        self.start()
+    }
+
+    fn start(&mut self) -> Running {
+        let mut child = self
+            .cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stdout_reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        let stderr_reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+            readers: vec![stdout_reader, stderr_reader],
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Output {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+impl Output {
+    fn both(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// A child process; killed when dropped while still running.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Every stdout line read so far.
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// The next line of standard output, or `None` at the deadline or end of output.
+    fn next_line(&mut self, deadline: Instant) -> Option<String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = self.lines.recv_timeout(left).ok()?;
+        self.seen.push(line.clone());
+        Some(line)
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the exit; kills the child and fails the test after `within`.
+    fn wait(&mut self, within: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+                return status;
+            }
+            if start.elapsed() > within {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "segment-bridge did not exit within {within:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every stdout line, including those not yet read by `next_line`; call after `wait`.
+    fn stdout_all(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.iter().map(|l| format!("{l}\n")).collect()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Every number written in `text`, e.g. the counts of a report.
+fn numbers(text: &str) -> Vec<u64> {
+    text.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+/// Publishes straight onto a queue (the dead-letter queue, say), with a confirm.
+async fn put(queue: &str, messages: &[(Vec<u8>, BasicProperties)]) {
+    let conn = connect().await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for (body, properties) in messages {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.clone(),
+            )
+            .await
+            .unwrap();
+        assert!(confirm.await.unwrap().is_ack());
+    }
+    let _ = conn.close(200, "OK".into()).await;
+}
+
+fn headers(pairs: Vec<(&str, AMQPValue)>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (k, v) in pairs {
+        table.insert(k.into(), v);
+    }
+    table
+}
+
+/// The properties but the headers (as Debug text), and the headers (none = empty).
+fn split_properties(p: &BasicProperties) -> (String, BTreeMap<String, AMQPValue>) {
+    let headers = p
+        .headers()
+        .as_ref()
+        .map(|h| {
+            h.inner()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let rest = p.clone().with_headers(FieldTable::default());
+    (format!("{rest:?}"), headers)
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+// publish ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn publish_puts_every_non_blank_line_on_the_queue_byte_for_byte_as_a_persistent_message() {
+    let queues = Queues::new("tools-publish").await;
+    let webhook = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/examples/jebbit-webhook-test-submission.json"
+    ))
+    .unwrap();
+    let webhook = webhook.trim_ascii_end().to_vec();
+    let lines: Vec<Vec<u8>> = vec![
+        session("pub1", "us").into_bytes(),
+        b"not json: the worker judges that, not publish".to_vec(),
+        "  {\"session_id\":\"pub3\",\"email\":\"Zo\u{eb}@Example.com\"}\t"
+            .as_bytes()
+            .to_vec(),
+        webhook,
+    ];
+    let mut file = Vec::new();
+    file.extend_from_slice(&lines[0]);
+    file.extend_from_slice(b"\n\n");
+    file.extend_from_slice(&lines[1]);
+    file.extend_from_slice(b"\n   \t\n");
+    file.extend_from_slice(&lines[2]);
+    file.extend_from_slice(b"\n\n");
+    file.extend_from_slice(&lines[3]); // the last line has no newline
+    let mut bridge = Bridge::new(&["publish", "sessions.jsonl"]);
+    bridge.queues(&queues);
+    std::fs::write(bridge.path("sessions.jsonl"), &file).unwrap();
+
+    let out = bridge.output(b"").await;
+
+    assert!(out.status.success(), "{out:?}");
+    let report = out.stdout.replace(&queues.main, "QUEUE");
+    let counts = numbers(&report);
+    assert!(
+        counts.contains(&4) && counts.iter().all(|&n| n <= 4),
+        "stdout reports the 4 published: {report:?}"
+    );
+    let got = queues.take_main().await;
+    let bodies: Vec<&Vec<u8>> = got.iter().map(|(b, _)| b).collect();
+    assert_eq!(
+        bodies,
+        lines.iter().collect::<Vec<_>>(),
+        "each non-blank line, unchanged and in order"
+    );
+    for (body, props) in &got {
+        assert_eq!(
+            *props.delivery_mode(),
+            Some(2),
+            "persistent: {}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    assert_eq!(queues.ready().await, (0, 0));
+}
+
+#[tokio::test]
+async fn publish_of_a_missing_file_fails_naming_the_file_and_publishes_nothing() {
+    let queues = Queues::new("tools-publish-missing").await;
+    let mut bridge = Bridge::new(&["publish", "no-such-sessions.jsonl"]);
+    bridge.queues(&queues);
+
+    let out = bridge.output(b"").await;
+
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("no-such-sessions.jsonl"),
+        "the message names the file: {out:?}"
+    );
+    assert_eq!(queues.ready().await, (0, 0));
+}
+
+// replay-dead --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn replay_dead_moves_dead_letters_back_unchanged_but_for_the_error_header() {
+    let queues = Queues::new("tools-replay").await;
+    let reason = || AMQPValue::LongString("`email` is not an email address".into());
+    let full = BasicProperties::default()
+        .with_message_id("m-1".into())
+        .with_app_id("jebbit-relay".into())
+        .with_content_type("application/json".into())
+        .with_correlation_id("corr-1".into())
+        .with_reply_to("replies".into())
+        .with_type("session".into())
+        .with_delivery_mode(2)
+        .with_priority(3)
+        .with_timestamp(1_615_507_200)
+        .with_headers(headers(vec![
+            (ERROR_HEADER, reason()),
+            ("trace-id", AMQPValue::LongString("trace-1".into())),
+            ("attempt", AMQPValue::LongInt(3)),
+        ]));
+    // The error header is its only header: none may be left, or an empty table.
+    let only_reason = BasicProperties::default()
+        .with_message_id("m-2".into())
+        .with_delivery_mode(2)
+        .with_timestamp(1_615_507_201)
+        .with_headers(headers(vec![(ERROR_HEADER, reason())]));
+    // Dead-lettered by hand, without a reason: moved as it is.
+    let bare = BasicProperties::default().with_message_id("m-3".into());
+    let dead = vec![
+        (b"{\"session_id\":\"r1\",\"email\":\"nope\"}".to_vec(), full),
+        (b"not json \xff\x00 at all".to_vec(), only_reason),
+        (b"{\"session_id\":\"r3\"}".to_vec(), bare),
+    ];
+    put(&queues.dead, &dead).await;
+    queues.wait_ready((0, 3), WITHIN).await;
+    let mut bridge = Bridge::new(&["replay-dead"]);
+    bridge.queues(&queues);
+
+    let out = bridge.output(b"").await;
+
+    assert!(out.status.success(), "{out:?}");
+    let report = out
+        .stdout
+        .replace(&queues.dead, "DEAD")
+        .replace(&queues.main, "MAIN");
+    assert!(
+        numbers(&report).contains(&3),
+        "stdout reports the 3 moved: {report:?}"
+    );
+    assert_eq!(
+        queues.ready().await,
+        (3, 0),
+        "the dead-letter queue is empty"
+    );
+    let moved = queues.take_main().await;
+    assert_eq!(moved.len(), 3);
+    for ((body, want), (got_body, got)) in dead.iter().zip(&moved) {
+        assert_eq!(got_body, body, "body unchanged, order kept");
+        let (want_rest, mut want_headers) = split_properties(want);
+        want_headers.remove(ERROR_HEADER);
+        let (got_rest, got_headers) = split_properties(got);
+        assert_eq!(got_rest, want_rest, "properties unchanged");
+        assert_eq!(got_headers, want_headers, "only the error header is gone");
+        assert!(
+            segment_bridge::consumer::error_header(got).is_none(),
+            "{got:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn replay_dead_with_a_limit_moves_exactly_that_many_oldest_first() {
+    let queues = Queues::new("tools-replay-limit").await;
+    let dead: Vec<(Vec<u8>, BasicProperties)> = (0..5)
+        .map(|i| {
+            (
+                format!("{{\"session_id\":\"d{i}\"}}").into_bytes(),
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers(vec![(
+                        ERROR_HEADER,
+                        AMQPValue::LongString("a reason".into()),
+                    )])),
+            )
+        })
+        .collect();
+    put(&queues.dead, &dead).await;
+    queues.wait_ready((0, 5), WITHIN).await;
+    let mut bridge = Bridge::new(&["replay-dead", "--limit", "2"]);
+    bridge.queues(&queues);
+
+    let out = bridge.output(b"").await;
+
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(queues.ready().await, (2, 3), "exactly 2 moved: {out:?}");
+    let moved: Vec<Vec<u8>> = queues
+        .take_main()
+        .await
+        .into_iter()
+        .map(|(b, _)| b)
+        .collect();
+    assert_eq!(moved, vec![dead[0].0.clone(), dead[1].0.clone()]);
+    let report = out
+        .stdout
+        .replace(&queues.dead, "DEAD")
+        .replace(&queues.main, "MAIN");
+    assert!(
+        numbers(&report).contains(&2) && !numbers(&report).contains(&5),
+        "stdout reports the 2 moved: {report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_worker_dead_lettered_is_replayed_with_its_original_body_and_dead_lettered_once_again()
+ {
+    let queues = Queues::new("tools-replay-roundtrip").await;
+    let us = FakeSegment::ok().await;
+    let body = br#"{"session_id":"rt-1","email":"not-an-address"}"#;
+    let props = BasicProperties::default()
+        .with_message_id("rt-m".into())
+        .with_delivery_mode(2)
+        .with_headers(headers(vec![(
+            "trace-id",
+            AMQPValue::LongString("rt-trace".into()),
+        )]));
+    let app = spawn_app(config(&queues, Some(&us), None)).await;
+    queues.publish_with(body, props.clone()).await;
+    queues.wait_ready((0, 1), WITHIN).await;
+    app.stop().await;
+
+    let mut bridge = Bridge::new(&["replay-dead"]);
+    bridge.queues(&queues);
+    let out = bridge.output(b"").await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(queues.ready().await, (1, 0), "{out:?}");
+    let (got_body, got) = queues.take_main().await.pop().unwrap();
+    assert_eq!(got_body, body);
+    assert_eq!(split_properties(&got), split_properties(&props));
+
+    // Nothing was fixed: the worker dead-letters it again, once, with one reason.
+    queues.publish_with(&got_body, got).await;
+    let app = spawn_app(config(&queues, Some(&us), None)).await;
+    queues.wait_ready((0, 1), WITHIN).await;
+    app.stop().await;
+    let dead = queues.take_dead().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, body);
+    assert!(error_header(&dead[0].1).contains("email"));
+    assert!(us.requests().is_empty(), "nothing of it reached Segment");
+}
+
+// check --------------------------------------------------------------------------------
+
+/// The line of `check`'s report about a region, found by the region's name as a word.
+fn region_line<'a>(report: &'a str, region: &str) -> &'a str {
+    report
+        .lines()
+        .find(|l| {
+            l.split(|c: char| !c.is_ascii_alphanumeric())
+                .any(|w| w.eq_ignore_ascii_case(region))
+        })
+        .unwrap_or_else(|| panic!("the report names region {region}: {report}"))
+}
+
+#[tokio::test]
+async fn check_passes_with_a_write_key_and_a_reachable_broker_names_both_regions_and_hides_the_key()
+{
+    let queues = Queues::new("tools-check").await;
+    let key = "wk-check-7f3a9c51d2";
+    let mut bridge = Bridge::new(&["check", "--config", "bridge.toml"]);
+    std::fs::write(
+        bridge.path("bridge.toml"),
+        format!(
+            "[amqp]\nqueue = \"{}\"\ndead_letter_queue = \"{}\"\ndeclare = false\n\n\
+             [segment.us]\nendpoint = \"http://127.0.0.1:9/v1/batch\"\n",
+            queues.main, queues.dead
+        ),
+    )
+    .unwrap();
+    bridge.set("SEGMENT__US__WRITE_KEY", key);
+
+    let out = bridge.output(b"").await;
+
+    assert!(out.status.success(), "{out:?}");
+    let report = out
+        .stdout
+        .replace(&queues.main, "MAIN")
+        .replace(&queues.dead, "DEAD");
+    let us_line = region_line(&report, "us");
+    let eu_line = region_line(&report, "eu");
+    assert_ne!(us_line, eu_line, "one line per region: {report}");
+    assert!(
+        !us_line.contains("no write key") && us_line.contains("key"),
+        "us has a key: {us_line}"
+    );
+    assert!(eu_line.contains("no write key"), "eu has none: {eu_line}");
+    assert!(
+        !out.both().contains(key),
+        "the key is never printed: {out:?}"
+    );
+    assert!(!out.both().contains("7f3a9c51d2"), "{out:?}");
+}
+
+#[tokio::test]
+async fn check_fails_on_an_invalid_value_naming_the_key() {
+    let queues = Queues::new("tools-check-invalid").await;
+    let mut bridge = Bridge::new(&["check"]);
+    bridge
+        .queues(&queues)
+        .region("us", "http://127.0.0.1:9/v1/batch", "wk-invalid")
+        .set("SEGMENT__MAX_BATCH_EVENTS", "5000");
+
+    let out = bridge.output(b"").await;
+
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        out.both().contains("segment.max_batch_events"),
+        "the message names the key: {out:?}"
+    );
+    assert!(!out.both().contains("wk-invalid"), "{out:?}");
+}
+
+#[tokio::test]
+async fn check_fails_when_the_broker_is_unreachable_without_printing_its_password() {
+    let mut bridge = Bridge::new(&["check"]);
+    bridge
+        .set("AMQP__URL", "amqp://guest:pw-5e1d0a@127.0.0.1:1/%2f")
+        .region("us", "http://127.0.0.1:9/v1/batch", "wk-unreachable");
+
+    let out = bridge.output(b"").await;
+
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.took < Duration::from_secs(12), "{out:?}");
+    assert!(out.both().contains("broker"), "says what failed: {out:?}");
+    assert!(
+        !out.both().contains("pw-5e1d0a") && !out.both().contains("wk-unreachable"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn check_works_with_no_config_file_when_the_environment_holds_the_queues_and_a_write_key() {
+    let queues = Queues::new("tools-check-nofile").await;
+    let mut bridge = Bridge::new(&["check"]);
+    // What an operator sets: the broker, the queues, and one region's write key. The
+    // endpoint is left at its default.
+    bridge
+        .queues(&queues)
+        .set("AMQP__DECLARE", "false")
+        .set("SEGMENT__EU__WRITE_KEY", "wk-env-only");
+    assert!(!bridge.path("config.toml").exists());
+
+    let out = bridge.output(b"").await;
+
+    assert!(out.status.success(), "{out:?}");
+    let report = out
+        .stdout
+        .replace(&queues.main, "MAIN")
+        .replace(&queues.dead, "DEAD");
+    assert!(
+        !region_line(&report, "eu").contains("no write key"),
+        "{report}"
+    );
+    assert!(
+        region_line(&report, "us").contains("no write key"),
+        "{report}"
+    );
+    assert!(!out.both().contains("wk-env-only"), "{out:?}");
+}
+
+// preview ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn preview_prints_one_line_per_session_with_its_events_skip_or_error_without_a_broker() {
+    let webhook = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/examples/jebbit-webhook-test-submission.json"
+    ))
+    .unwrap();
+    let input = format!(
+        "{}\n{}\n\nthis is not json\n{}\n",
+        webhook.trim(),
+        session("pv-1", "eu"),
+        r#"{"session_id":"pv-no-email","opt_in":true}"#,
+    );
+    let mut bridge = Bridge::new(&["preview"]);
+    bridge.set("AMQP__URL", UNREACHABLE);
+
+    let out = bridge.output(input.as_bytes()).await;
+
+    assert!(out.status.success(), "exit 0 even with a bad line: {out:?}");
+    let lines: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert_eq!(lines.len(), 5, "one line per input line: {out:?}");
+
+    let events = lines[0]["events"].as_array().expect("the webhook's events");
+    let hash = "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b";
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["type"], "identify");
+    assert_eq!(events[0]["userId"], hash);
+    assert_eq!(events[0]["traits"]["test_attribute"], "attribute_value");
+    assert_eq!(events[1]["type"], "track");
+    assert_eq!(events[1]["event"], "Survey Completed");
+    assert!(lines[0].get("error").is_none(), "{}", lines[0]);
+
+    let events = lines[1]["events"].as_array().expect("the session's events");
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["userId"], sha256_hex("pv-1@example.com"));
+    assert_eq!(events[1]["properties"]["surveySessionId"], "pv-1");
+    assert_eq!(events[1]["timestamp"], "2021-03-12T00:00:00.000Z");
+
+    assert!(
+        lines[2]["error"].is_string() && lines[2].get("events").is_none(),
+        "the blank line has nothing to preview: {}",
+        lines[2]
+    );
+    assert!(
+        lines[3]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("JSON")),
+        "the bad line's error: {}",
+        lines[3]
+    );
+    assert!(lines[3].get("events").is_none());
+    assert!(
+        lines[4]["skipped"]
+            .as_str()
+            .is_some_and(|s| s.contains("email")),
+        "{}",
+        lines[4]
+    );
+    assert!(lines[4].get("events").is_none() && lines[4].get("error").is_none());
+}
+
+#[tokio::test]
+async fn preview_reports_a_line_that_is_not_utf8_as_an_error_and_goes_on_with_the_next() {
+    let mut input = Vec::new();
+    input.extend_from_slice(session("u8-1", "us").as_bytes());
+    // A Latin-1 export: "café" with é as the single byte 0xE9.
+    input.extend_from_slice(b"\n{\"session_id\":\"latin1\",\"email\":\"caf\xe9@example.com\"}\n");
+    input.extend_from_slice(session("u8-3", "us").as_bytes());
+    input.push(b'\n');
+    let mut bridge = Bridge::new(&["preview"]);
+    bridge.set("AMQP__URL", UNREACHABLE);
+
+    let out = bridge.output(&input).await;
+
+    assert!(out.status.success(), "exit 0 even with a bad line: {out:?}");
+    let lines: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "one line per input line: {out:?}");
+    assert!(lines[0]["events"].is_array(), "{}", lines[0]);
+    assert!(lines[1]["error"].is_string(), "{}", lines[1]);
+    assert_eq!(
+        lines[2]["events"][1]["properties"]["surveySessionId"],
+        "u8-3"
+    );
+}
+
+// run ----------------------------------------------------------------------------------
+
+/// Reads `run --dry-run` batches until every one of `sessions` has had its track event
+/// printed; returns the batches.
+fn read_batches(running: &mut Running, sessions: &[&str]) -> Vec<Value> {
+    let deadline = Instant::now() + WITHIN;
+    let mut batches = Vec::new();
+    let mut tracked = BTreeSet::new();
+    while !sessions.iter().all(|s| tracked.contains(*s)) {
+        let Some(line) = running.next_line(deadline) else {
+            panic!(
+                "stdout had batches for {tracked:?}, not all of {sessions:?}; stderr:\n{}",
+                running.stderr()
+            );
+        };
+        let batch: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("a stdout line that is not a batch ({e}): {line:?}"));
+        for e in batch["batch"].as_array().into_iter().flatten() {
+            if let Some(id) = e["properties"]["surveySessionId"].as_str() {
+                tracked.insert(id.to_owned());
+            }
+        }
+        batches.push(batch);
+    }
+    batches
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_dry_run_prints_each_batch_as_a_json_line_acknowledges_and_exits_0_on_sigterm() {
+    let queues = Queues::new("tools-dry-run").await;
+    let ids = ["dr-1", "dr-2", "dr-3"];
+    queues
+        .publish([
+            session(ids[0], "us"),
+            session(ids[1], "eu"),
+            session(ids[2], "non-eu"),
+        ])
+        .await;
+    let mut bridge = Bridge::new(&["run", "--dry-run"]);
+    bridge.queues(&queues);
+    let mut running = bridge.spawn();
+
+    let batches = tokio::task::block_in_place(|| read_batches(&mut running, &ids));
+
+    let mut events = Vec::new();
+    for batch in &batches {
+        let keys: BTreeSet<&str> = batch
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, BTreeSet::from(["batch", "sentAt"]), "{batch}");
+        let sent_at = batch["sentAt"].as_str().expect("sentAt");
+        assert!(sent_at.ends_with('Z') && sent_at.contains('T'), "{sent_at}");
+        events.extend(batch["batch"].as_array().unwrap().iter().cloned());
+    }
+    assert_eq!(
+        events.len(),
+        6,
+        "an identify and a track per session: {events:?}"
+    );
+    for id in ids {
+        let user = sha256_hex(&format!("{id}@example.com"));
+        let mine: Vec<&Value> = events.iter().filter(|e| e["userId"] == user).collect();
+        let kinds: BTreeSet<&str> = mine.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            BTreeSet::from(["identify", "track"]),
+            "{id}: {mine:?}"
+        );
+        assert!(
+            mine.iter()
+                .any(|e| e["properties"]["surveySessionId"] == id)
+        );
+    }
+
+    running.terminate();
+    let status = tokio::task::block_in_place(|| running.wait(Duration::from_secs(10)));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", running.stderr());
+    // Had the deliveries not been acknowledged, closing the connection would have put
+    // them back.
+    assert_eq!(queues.ready().await, (0, 0), "the queue is drained");
+    let stdout = running.stdout_all();
+    for line in stdout.lines() {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("only batches on stdout ({e}): {line:?}"));
+        assert!(v["batch"].is_array(), "{line}");
+    }
+    assert!(!running.stderr().trim().is_empty(), "logs go to stderr");
+}
+
+#[tokio::test]
+async fn run_without_a_write_key_or_dry_run_refuses_to_start_and_says_why() {
+    let queues = Queues::new("tools-run-no-key").await;
+    queues.publish([session("nk-1", "us")]).await;
+    let mut bridge = Bridge::new(&["run"]);
+    bridge.queues(&queues);
+
+    let out = bridge.output(b"").await;
+
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.took < Duration::from_secs(5), "quickly: {out:?}");
+    assert!(out.stderr.contains("no write key"), "{out:?}");
+    assert!(out.stderr.contains("--dry-run"), "{out:?}");
+    assert!(out.stdout.trim().is_empty(), "{out:?}");
+    assert_eq!(queues.ready().await, (1, 0), "nothing consumed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_json_log_format_every_stderr_line_of_run_is_a_json_object() {
+    let queues = Queues::new("tools-json-logs").await;
+    queues.publish([session("jl-1", "us")]).await;
+    let mut bridge = Bridge::new(&["run", "--dry-run"]);
+    bridge
+        .queues(&queues)
+        .env("SEGMENT_BRIDGE_LOG_FORMAT", "json");
+    let mut running = bridge.spawn();
+
+    tokio::task::block_in_place(|| read_batches(&mut running, &["jl-1"]));
+    running.terminate();
+    let status = tokio::task::block_in_place(|| running.wait(Duration::from_secs(10)));
+
+    let stderr = running.stderr();
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines.len() >= 2,
+        "start-up and shut-down are logged: {stderr}"
+    );
+    for line in lines {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a stderr line that is not JSON ({e}): {line:?}"));
+        assert!(v.is_object(), "{line}");
+    }
+    assert_eq!(queues.ready().await, (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_never_prints_or_logs_the_write_key_even_at_debug_level() {
+    let queues = Queues::new("tools-run-secret").await;
+    let us = FakeSegment::ok().await;
+    let key = "wk-run-9b8e77a0c4";
+    queues.publish([session("sk-1", "us")]).await;
+    let mut bridge = Bridge::new(&["run"]);
+    bridge
+        .queues(&queues)
+        .region("us", &us.url(), key)
+        .env("RUST_LOG", "debug");
+    let mut running = bridge.spawn();
+
+    us.wait_accepted(2, WITHIN).await;
+    assert_eq!(
+        us.requests()[0].auth.as_deref(),
+        Some(format!("{key}:").as_str()),
+        "the key was used"
+    );
+    queues.wait_ready((0, 0), WITHIN).await;
+    running.terminate();
+    let status = tokio::task::block_in_place(|| running.wait(Duration::from_secs(10)));
+
+    let (stdout, stderr) = (running.stdout_all(), running.stderr());
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(!stderr.trim().is_empty());
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
+    for text in [&stdout, &stderr] {
+        assert!(!text.contains(key), "the key leaked:\n{text}");
+        assert!(!text.contains("9b8e77a0c4"), "the key leaked:\n{text}");
+        assert!(
+            !text.contains(&basic),
+            "the Basic credentials leaked:\n{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_dry_run_keeps_each_batch_on_a_line_of_its_own_while_both_regions_print() {
+    let queues = Queues::new("tools-dry-run-both").await;
+    let ids: Vec<String> = (0..600).map(|i| format!("both-{i:03}")).collect();
+    queues
+        .publish(
+            ids.iter()
+                .enumerate()
+                .map(|(i, id)| session(id, ["us", "eu"][i % 2])),
+        )
+        .await;
+    let mut bridge = Bridge::new(&["run", "--dry-run"]);
+    bridge
+        .queues(&queues)
+        .set("SEGMENT__MAX_BATCH_EVENTS", "2")
+        .set("SEGMENT__MAX_IN_FLIGHT", "8");
+    let mut running = bridge.spawn();
+
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let batches = tokio::task::block_in_place(|| read_batches(&mut running, &id_refs));
+
+    assert!(
+        batches
+            .iter()
+            .all(|b| b["batch"].as_array().unwrap().len() == 2)
+    );
+    running.terminate();
+    let status = tokio::task::block_in_place(|| running.wait(Duration::from_secs(10)));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", running.stderr());
+    for line in running.stdout_all().lines() {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "a line that is not one batch: {line:?}"
+        );
+    }
+    assert_eq!(queues.ready().await, (0, 0));
+}
