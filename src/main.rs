@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use segment_bridge::config::Config;
 use segment_bridge::health::{self, Health};
 use segment_bridge::metrics::Metrics;
+use segment_bridge::session::Region;
 use segment_bridge::tools;
-use segment_bridge::worker::Worker;
+use segment_bridge::worker::{Worker, WorkerError};
 
 /// Forwards quiz and survey sessions from RabbitMQ to Segment.
 #[derive(Parser)]
@@ -56,7 +57,6 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
     }
@@ -100,6 +100,9 @@ fn main() -> ExitCode {
 /// period. Exits 0 after a signal, whether or not everything held could be sent in time:
 /// what was not is unacknowledged and the broker redelivers it.
 async fn run(config: Config, dry_run: bool) -> anyhow::Result<()> {
+    if !dry_run && !Region::ALL.iter().any(|r| config.has_write_key(*r)) {
+        return Err(WorkerError::NoWriteKey.into());
+    }
     let config = Arc::new(config);
     let health = Arc::new(Health::default());
     let metrics = Arc::new(Metrics::new());
