@@ -1,11 +1,14 @@
 //! The pipeline: deliveries → sessions → events → per-region batches → Segment → acks.
 //!
-//! One task consumes (and reconnects); it parses and maps each delivery and hands its
-//! events to the region's batcher over a bounded channel. Each batcher gathers a batch and
-//! sends it with at most `max_in_flight` requests under way; a batch's outcome settles
-//! every delivery in it. When Segment is slow or down, the batchers stop taking entries,
-//! the consumer stops reading, and the broker stops delivering once `prefetch` deliveries
-//! are held: memory stays bounded and nothing is acknowledged that Segment has not taken.
+//! One task consumes (and reconnects); it parses and maps each delivery as it arrives and
+//! hands its events to the region's batcher. Each batcher gathers a batch and sends it
+//! with at most `max_in_flight` requests under way; a batch's outcome settles every
+//! delivery in it. The consumer never waits on Segment: every delivery it holds is a
+//! ticket with the time it arrived, so wherever it waits (a batch gathering, a batch
+//! waiting for a request slot, a batch being retried) it is requeued once it has been held
+//! for `retry.max_hold_s`. What bounds memory is `prefetch`: when Segment is slow or down,
+//! the broker stops delivering once that many deliveries are unacknowledged, and nothing
+//! is acknowledged that Segment has not taken.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +47,8 @@ pub enum WorkerError {
     NoWriteKey,
 }
 
-type Sender = mpsc::Sender<Entry<Ticket>>;
+/// Unbounded on purpose: the broker's prefetch bounds how many deliveries are held.
+type Sender = mpsc::UnboundedSender<Entry<Ticket>>;
 
 /// Backoff between attempts to reach the broker.
 const RECONNECT: RetryPolicy = RetryPolicy {
@@ -93,9 +97,7 @@ impl Worker {
                 tracing::warn!(region = %region, "No write key for this region: its sessions will be dead-lettered.");
                 continue;
             };
-            // Room for one batch beyond those in flight, so that a batch can gather while
-            // requests are out, and no more.
-            let (tx, rx) = mpsc::channel(self.config.segment.max_batch_events / 2);
+            let (tx, rx) = mpsc::unbounded_channel();
             senders[region as usize] = Some(tx);
             let deliverer = Arc::new(Deliverer {
                 region,
@@ -138,6 +140,7 @@ impl Worker {
         stop_consuming: &CancellationToken,
     ) -> Option<Link> {
         let mut backoff = RECONNECT.backoff();
+        let options = self.config.mapping_options();
         loop {
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => return None,
@@ -176,7 +179,7 @@ impl Worker {
                         self.health.set_consuming(false);
                     }
                     delivery = consumer.next() => match delivery {
-                        Some(Ok(delivery)) => self.handle(link.ticket(delivery), senders, shutdown).await,
+                        Some(Ok(delivery)) => self.handle(link.ticket(delivery), senders, &options),
                         Some(Err(e)) => break e.to_string(),
                         None if !self.health.is_consuming() => {
                             shutdown.cancelled().await;
@@ -196,12 +199,7 @@ impl Worker {
     }
 
     /// Parses and maps one delivery, then settles it or hands it to its region.
-    async fn handle(
-        &self,
-        ticket: Ticket,
-        senders: &[Option<Sender>; 2],
-        shutdown: &CancellationToken,
-    ) {
+    fn handle(&self, ticket: Ticket, senders: &[Option<Sender>; 2], options: &events::Options) {
         self.metrics.delivery_received();
         let message = ticket.message();
         let session = match Session::parse(&message.body) {
@@ -217,7 +215,7 @@ impl Worker {
             .and_then(|t| OffsetDateTime::from_unix_timestamp(t as i64).ok())
             .unwrap_or_else(OffsetDateTime::now_utc);
         let id = session.identity.as_str();
-        let events = match events::map(&session, fallback_time, &self.config.mapping_options()) {
+        let events = match events::map(&session, fallback_time, options) {
             Ok(Mapped::Events(events)) => events,
             Ok(Mapped::Skipped(reason)) => {
                 tracing::debug!(session_id = %id, outcome = reason.as_str(), "Session skipped.");
@@ -238,12 +236,8 @@ impl Worker {
             self.metrics.requeued("misconfigured", 1);
             return ticket.requeue();
         }
-        let entry = Entry { ticket, events };
-        tokio::select! {
-            _ = sender.send(entry) => {}
-            // Dropped unsettled, the ticket is requeued.
-            _ = shutdown.cancelled() => {}
-        }
+        // A batcher gone (shutting down) drops the entry, and its ticket is requeued.
+        let _ = sender.send(Entry { ticket, events });
     }
 }
 
@@ -256,7 +250,7 @@ fn dead_letter(ticket: Ticket, session_id: Option<&str>, reason: String, code: &
 /// Gathers one region's batches and sends them, `max_in_flight` at a time, until its
 /// channel closes; then sends what is left and waits for every request.
 async fn run_batcher(
-    mut rx: mpsc::Receiver<Entry<Ticket>>,
+    mut rx: mpsc::UnboundedReceiver<Entry<Ticket>>,
     deliverer: Arc<Deliverer>,
     limits: Limits,
     flush_interval: Duration,
@@ -296,15 +290,24 @@ async fn run_batcher(
     while in_flight.join_next().await.is_some() {}
 }
 
-/// Starts sending a batch once a request slot is free. Waiting for the slot is the
-/// backpressure: the consumer stops while every slot is busy.
+/// Starts sending a batch once a request slot is free. A batch that waits for a slot
+/// until its oldest delivery has been held for `max_hold` is requeued instead.
 async fn dispatch(
     batch: Batch<Ticket>,
     in_flight: &mut JoinSet<()>,
     permits: &Arc<Semaphore>,
     deliverer: &Arc<Deliverer>,
 ) {
-    let permit = permits.clone().acquire_owned().await.expect("never closed");
+    let Some(oldest) = batch.entries().iter().map(|e| e.ticket.received()).min() else {
+        return;
+    };
+    let deadline = Instant::from_std(oldest) + deliverer.max_hold;
+    let acquired = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await;
+    let Ok(permit) = acquired else {
+        tracing::warn!(region = %deliverer.region, sessions = batch.len(), "No request slot came free within retry.max_hold_s; requeueing the batch.");
+        return deliverer.requeue(batch, "max_hold");
+    };
+    let permit = permit.expect("never closed");
     let deliverer = deliverer.clone();
     in_flight.spawn(async move {
         deliverer.deliver(batch).await;
@@ -343,6 +346,12 @@ impl Deliverer {
             }
             // Deliveries of a lost connection come again on the new one; let those go.
             drop(batch.retain(|e| e.ticket.is_live()));
+            // Deliveries that waited for this attempt until their hold limit go back.
+            let expired = batch.retain(|e| e.ticket.received().elapsed() < self.max_hold);
+            if !expired.is_empty() {
+                self.metrics.requeued("max_hold", expired.len() as u64);
+                expired.into_iter().for_each(|e| e.ticket.requeue());
+            }
             if batch.is_empty() {
                 return;
             }

@@ -3,4 +3,5 @@
 
 mod delivery;
 mod helpers;
+mod lifecycle;
 mod tools;

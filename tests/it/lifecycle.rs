@@ -1,0 +1,941 @@
+//! The worker's life: signals, a lost broker connection, the hold limit, a Segment that is
+//! down, and a restart after a refused write key.
+//!
+//! Tests of signals and of start-up run the real binary (`segment-bridge run`) as a child
+//! process; the others run the worker in-process so that they can read its metrics
+//! directly. Broker-side events (a closed connection, refused permissions) are made with
+//! `rabbitmqctl`, on a user of the test's own where permissions change.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+const WITHIN: Duration = Duration::from_secs(15);
+
+/// Session ids `{prefix}000`, `{prefix}001`, ...
+fn session_ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i:03}")).collect()
+}
+
+fn bodies(ids: &[String]) -> Vec<String> {
+    ids.iter().map(|id| session(id, "us")).collect()
+}
+
+/// The `surveySessionId`s of the Track events among `events`.
+fn tracked(events: &[Value]) -> BTreeSet<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "track")
+        .map(|e| {
+            e["properties"]["surveySessionId"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The `session_id`s of raw message bodies.
+fn session_ids_of(messages: &[(Vec<u8>, lapin::BasicProperties)]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|(body, _)| {
+            serde_json::from_slice::<Value>(body).unwrap()["session_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+fn all(ids: &[String]) -> BTreeSet<String> {
+    ids.iter().cloned().collect()
+}
+
+/// A fake Segment that answers every request `status` after `delay`.
+async fn fake_segment(status: u16, delay: Duration) -> FakeSegment {
+    FakeSegment::start(move |_, _| Reply {
+        status,
+        headers: Vec::new(),
+        delay,
+    })
+    .await
+}
+
+/// Waits until the sessions the fake accepted and those ready in the main queue together
+/// account for `total` (the broker requeues a dead connection's deliveries shortly after
+/// it notices), then takes the main queue's messages and returns their session ids.
+async fn take_back(queues: &Queues, us: &FakeSegment, total: usize) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let ready = queues.ready().await.0 as usize;
+        let accepted = tracked(&us.accepted()).len();
+        if ready + accepted >= total || start.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    session_ids_of(&queues.take_main().await)
+}
+
+/// Runs a blocking command (`rabbitmqctl`, `kill`) off the async runtime; returns stdout.
+async fn command(program: &str, args: &[&str]) -> String {
+    let program = program.to_owned();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(&program)
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+async fn rabbitmqctl(args: &[&str]) -> String {
+    command("rabbitmqctl", args).await
+}
+
+/// Waits until `queue` holds no message, ready or unacknowledged: the worker has settled
+/// every delivery it took, redelivered copies included.
+async fn wait_drained(queue: &str) {
+    let start = Instant::now();
+    loop {
+        let queues = rabbitmqctl(&[
+            "list_queues",
+            "name",
+            "messages",
+            "--quiet",
+            "--no-table-headers",
+        ])
+        .await;
+        let messages: u64 = queues
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(name, _)| name.trim() == queue)
+            .and_then(|(_, n)| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no queue {queue}:\n{queues}"));
+        if messages == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < WITHIN,
+            "{queue} still holds {messages} messages, ready or unacknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The broker's id of the connection of the worker consuming `queue`, for
+/// `rabbitmqctl close_connection`. It is found by its name (`segment-bridge/<version>
+/// <queue>`) if the worker names it so, else through the consumer on `queue`, its channel
+/// and that channel's connection.
+async fn worker_connection(queue: &str) -> String {
+    let connections = rabbitmqctl(&[
+        "list_connections",
+        "pid",
+        "name",
+        "--quiet",
+        "--no-table-headers",
+    ])
+    .await;
+    let by_name = connections
+        .lines()
+        .find(|l| l.contains(queue))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_owned);
+    match by_name {
+        Some(pid) => pid,
+        None => {
+            let consumers = rabbitmqctl(&[
+                "list_consumers",
+                "queue_name",
+                "channel_pid",
+                "--quiet",
+                "--no-table-headers",
+            ])
+            .await;
+            let channel = consumers
+                .lines()
+                .filter_map(|l| l.split_once('\t'))
+                .find(|(q, _)| q.trim() == queue)
+                .map(|(_, ch)| ch.trim().to_owned())
+                .unwrap_or_else(|| panic!("no consumer on {queue}:\n{consumers}"));
+            let channels = rabbitmqctl(&[
+                "list_channels",
+                "pid",
+                "connection",
+                "--quiet",
+                "--no-table-headers",
+            ])
+            .await;
+            channels
+                .lines()
+                .filter_map(|l| l.split_once('\t'))
+                .find(|(ch, _)| ch.trim() == channel)
+                .map(|(_, conn)| conn.trim().to_owned())
+                .unwrap_or_else(|| panic!("no channel {channel}:\n{channels}"))
+        }
+    }
+}
+
+/// A RabbitMQ user of the test's own, deleted when dropped: its permissions can be taken
+/// away without disturbing other tests, which all connect as guest.
+struct BrokerUser {
+    name: String,
+}
+
+impl BrokerUser {
+    async fn new() -> BrokerUser {
+        let name = format!(
+            "sb-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        rabbitmqctl(&["add_user", &name, "secret"]).await;
+        let user = BrokerUser { name };
+        user.allow().await;
+        user
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://{}:secret@127.0.0.1:5672/%2f", self.name)
+    }
+
+    async fn allow(&self) {
+        rabbitmqctl(&["set_permissions", "-p", "/", &self.name, ".*", ".*", ".*"]).await;
+    }
+
+    async fn deny(&self) {
+        rabbitmqctl(&["clear_permissions", "-p", "/", &self.name]).await;
+    }
+
+    /// Closes this user's connections from the broker's side; returns how many.
+    async fn close_connections(&self) -> usize {
+        let connections = rabbitmqctl(&[
+            "list_connections",
+            "pid",
+            "user",
+            "--quiet",
+            "--no-table-headers",
+        ])
+        .await;
+        let pids: Vec<String> = connections
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(_, user)| user.trim() == self.name)
+            .map(|(pid, _)| pid.trim().to_owned())
+            .collect();
+        for pid in &pids {
+            rabbitmqctl(&["close_connection", pid, "closed by a segment-bridge test"]).await;
+        }
+        pids.len()
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
+/// `segment-bridge run` as a child process, configured by the environment only, with its
+/// log in a file. Killed when dropped.
+struct Daemon {
+    child: std::process::Child,
+    probes: String,
+    log: PathBuf,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn spawn(queues: &Queues, us: &FakeSegment, settings: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.toml");
+        std::fs::write(&empty, "").unwrap();
+        let log = dir.path().join("stderr.log");
+        // A free port for the side port, so that the test can read /readyz and /metrics.
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_segment-bridge"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&empty)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (key, _) in std::env::vars() {
+            if key.starts_with("SEGMENT_BRIDGE") {
+                cmd.env_remove(key);
+            }
+        }
+        let base = [
+            ("AMQP__URL", AMQP_URL.to_owned()),
+            ("AMQP__QUEUE", queues.main.clone()),
+            ("AMQP__DEAD_LETTER_QUEUE", queues.dead.clone()),
+            ("SEGMENT__US__ENDPOINT", us.url()),
+            ("SEGMENT__US__WRITE_KEY", US_KEY.to_owned()),
+            ("SERVER__LISTEN", listen.to_string()),
+            ("SEGMENT__FLUSH_INTERVAL_MS", "50".to_owned()),
+            ("RETRY__INITIAL_BACKOFF_MS", "10".to_owned()),
+            ("RETRY__MAX_BACKOFF_MS", "200".to_owned()),
+        ];
+        for (key, value) in base {
+            cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
+        }
+        for (key, value) in settings {
+            cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
+        }
+        cmd.env("RUST_LOG", "info");
+        // Everything that may fail comes first: once spawned, the child is owned by a
+        // `Daemon`, whose drop kills it.
+        let http = segment_bridge::segment::http_client(Duration::from_secs(5)).unwrap();
+        Daemon {
+            child: cmd.spawn().expect("the segment-bridge binary starts"),
+            probes: format!("http://{listen}"),
+            log,
+            http,
+            _dir: dir,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the daemon logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.probes))
+            .send()
+            .await
+            .ok()?;
+        Some((r.status().as_u16(), r.text().await.ok()?))
+    }
+
+    async fn wait_ready(&self) {
+        let start = Instant::now();
+        while self.get("/readyz").await.map(|r| r.0) != Some(200) {
+            assert!(
+                start.elapsed() < WITHIN,
+                "the daemon did not become ready:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").await.map(|r| r.1).unwrap_or_default();
+        metric(&text, series)
+    }
+
+    async fn signal(&self, signal: &str) -> Instant {
+        let sent = Instant::now();
+        command("kill", &[&format!("-{signal}"), &self.pid().to_string()]).await;
+        sent
+    }
+
+    /// Waits for the process to end; returns its status and when it ended.
+    async fn wait_exit(&mut self, within: Duration) -> (ExitStatus, Instant) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, Instant::now());
+            }
+            assert!(
+                start.elapsed() < within,
+                "the daemon did not exit within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// 1. Signals -----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_midway_through_a_slow_stream_sends_what_is_held_and_exits_0_within_the_grace_period()
+ {
+    let queues = Queues::new("sigterm-stream").await;
+    let us = fake_segment(200, Duration::from_millis(200)).await;
+    let ids = session_ids("t", 200);
+    let mut daemon = Daemon::spawn(
+        &queues,
+        &us,
+        &[
+            ("SEGMENT__MAX_BATCH_EVENTS", "10"),
+            ("SHUTDOWN__GRACE_PERIOD_S", "5"),
+        ],
+    );
+    daemon.wait_ready().await;
+    queues.publish(bodies(&ids)).await;
+    us.wait_accepted(40, WITHIN).await;
+
+    let signalled = daemon.signal("TERM").await;
+    let (status, exited) = daemon.wait_exit(Duration::from_secs(10)).await;
+    let log = daemon.log();
+    assert_eq!(status.code(), Some(0), "exit code 0 after SIGTERM:\n{log}");
+    assert!(
+        exited - signalled < Duration::from_secs(5) + Duration::from_millis(1500),
+        "exited {:?} after SIGTERM, grace period 5 s:\n{log}",
+        exited - signalled
+    );
+
+    let accepted = tracked(&us.accepted());
+    let back = take_back(&queues, &us, ids.len()).await;
+    assert!(
+        !accepted.is_empty() && accepted.len() < ids.len(),
+        "the signal came midway: {} of {} accepted",
+        accepted.len(),
+        ids.len()
+    );
+    let back_set: BTreeSet<String> = back.iter().cloned().collect();
+    assert_eq!(back.len(), back_set.len(), "each message back once");
+    let lost: Vec<_> = all(&ids)
+        .difference(&accepted)
+        .filter(|id| !back_set.contains(*id))
+        .cloned()
+        .collect();
+    assert!(lost.is_empty(), "sessions lost: {lost:?}\n{log}");
+    let both: Vec<_> = accepted.intersection(&back_set).collect();
+    assert!(
+        both.is_empty(),
+        "sessions Segment accepted were not acknowledged before a clean exit: {both:?}\n{log}"
+    );
+    // What it held when the signal came (batches waiting for a request slot, the batch
+    // being gathered) was sent after it, not dropped.
+    assert!(
+        us.requests().iter().any(|r| r.at > signalled),
+        "nothing was sent after SIGTERM:\n{log}"
+    );
+    assert_eq!(queues.ready().await, (0, 0), "nothing dead-lettered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_flushes_a_batch_still_waiting_for_its_flush_interval_and_exits_0() {
+    let queues = Queues::new("sigint-flush").await;
+    let us = FakeSegment::ok().await;
+    let ids = session_ids("i", 3);
+    let mut daemon = Daemon::spawn(
+        &queues,
+        &us,
+        &[
+            ("SEGMENT__FLUSH_INTERVAL_MS", "20000"),
+            ("SHUTDOWN__GRACE_PERIOD_S", "5"),
+        ],
+    );
+    daemon.wait_ready().await;
+    queues.publish(bodies(&ids)).await;
+    let start = Instant::now();
+    while daemon
+        .metric("segment_bridge_deliveries_received_total")
+        .await
+        < 3.0
+    {
+        assert!(
+            start.elapsed() < WITHIN,
+            "the daemon did not take 3 sessions"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(us.requests().is_empty(), "the batch waits for its interval");
+
+    let signalled = daemon.signal("INT").await;
+    let (status, exited) = daemon.wait_exit(Duration::from_secs(10)).await;
+    let log = daemon.log();
+    assert_eq!(status.code(), Some(0), "exit code 0 after SIGINT:\n{log}");
+    assert!(
+        exited - signalled < Duration::from_secs(3),
+        "the held batch goes at once, not after its 20 s interval: took {:?}\n{log}",
+        exited - signalled
+    );
+    assert_eq!(tracked(&us.accepted()), all(&ids), "{log}");
+    assert_eq!(us.accepted().len(), 6, "sent once");
+    assert_eq!(queues.ready().await, (0, 0), "acknowledged before exiting");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_segment_is_down_exits_0_within_the_grace_period_and_every_session_goes_back_to_the_queue()
+ {
+    let queues = Queues::new("sigterm-down").await;
+    let us = fake_segment(503, Duration::ZERO).await;
+    let ids = session_ids("d", 30);
+    let mut daemon = Daemon::spawn(&queues, &us, &[("SHUTDOWN__GRACE_PERIOD_S", "2")]);
+    daemon.wait_ready().await;
+    queues.publish(bodies(&ids)).await;
+    let start = Instant::now();
+    while us.requests().len() < 3 {
+        assert!(start.elapsed() < WITHIN, "the daemon never tried Segment");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(queues.ready().await.0, 0, "the daemon holds all 30");
+
+    let signalled = daemon.signal("TERM").await;
+    let (status, exited) = daemon.wait_exit(Duration::from_secs(10)).await;
+    let log = daemon.log();
+    assert_eq!(status.code(), Some(0), "exit code 0 after SIGTERM:\n{log}");
+    let took = exited - signalled;
+    assert!(
+        took < Duration::from_secs(2) + Duration::from_millis(1500),
+        "exited {took:?} after SIGTERM, grace period 2 s:\n{log}"
+    );
+    assert!(us.accepted().is_empty());
+    queues.wait_ready((30, 0), Duration::from_secs(5)).await;
+    let back = session_ids_of(&queues.take_main().await);
+    assert_eq!(all(&back), all(&ids));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_midway_a_new_worker_delivers_every_session_at_least_once() {
+    let queues = Queues::new("kill9").await;
+    let us = fake_segment(200, Duration::from_millis(100)).await;
+    let ids = session_ids("k", 100);
+    let mut daemon = Daemon::spawn(&queues, &us, &[("SEGMENT__MAX_BATCH_EVENTS", "10")]);
+    daemon.wait_ready().await;
+    queues.publish(bodies(&ids)).await;
+    us.wait_accepted(20, WITHIN).await;
+
+    daemon.signal("KILL").await;
+    let (status, _) = daemon.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), None, "killed by the signal");
+    let before = tracked(&us.accepted());
+    assert!(
+        !before.is_empty() && before.len() < ids.len(),
+        "killed midway: {} of {} accepted",
+        before.len(),
+        ids.len()
+    );
+
+    let app = spawn_app(config(&queues, Some(&us), None)).await;
+    let start = Instant::now();
+    while tracked(&us.accepted()) != all(&ids) {
+        assert!(
+            start.elapsed() < WITHIN,
+            "sessions never delivered: {:?}",
+            all(&ids)
+                .difference(&tracked(&us.accepted()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        app.metric("segment_bridge_deliveries_received_total") > 0.0,
+        "the new worker took the killed one's deliveries"
+    );
+    wait_drained(&queues.main).await;
+    app.stop().await;
+    assert_eq!(queues.ready().await, (0, 0));
+    let accepted = us.accepted();
+    let track_ids: BTreeSet<_> = accepted
+        .iter()
+        .filter(|e| e["type"] == "track")
+        .map(|e| e["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        track_ids.len(),
+        ids.len(),
+        "a session sent twice carries the same messageId both times"
+    );
+}
+
+// 2. A lost broker connection -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_by_the_broker_is_reopened_and_consumption_resumes() {
+    let queues = Queues::new("conn-closed").await;
+    let us = fake_segment(200, Duration::from_millis(200)).await;
+    let mut config = config(&queues, Some(&us), None);
+    config.segment.max_batch_events = 10;
+    config.segment.max_in_flight = 2;
+    let app = spawn_app(config).await;
+    app.wait_until("connected", WITHIN, |a| {
+        a.metric("segment_bridge_amqp_connected") == 1.0
+    })
+    .await;
+    let connection = worker_connection(&queues.main).await;
+    let ids = session_ids("c", 200);
+    queues.publish(bodies(&ids)).await;
+    us.wait_accepted(20, WITHIN).await;
+
+    rabbitmqctl(&["close_connection", &connection, "closed by a test"]).await;
+    let closed = Instant::now();
+    let before = tracked(&us.accepted());
+    assert!(
+        before.len() < ids.len(),
+        "the connection was closed midway: {} of {} accepted",
+        before.len(),
+        ids.len()
+    );
+    app.wait_until("it reconnects", WITHIN, |a| {
+        a.metric("segment_bridge_amqp_connections_total") >= 2.0
+    })
+    .await;
+    let start = Instant::now();
+    while tracked(&us.accepted()) != all(&ids) {
+        assert!(
+            start.elapsed() < WITHIN,
+            "{} of {} sessions delivered after the reconnect",
+            tracked(&us.accepted()).len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        us.requests().iter().any(|r| r.at > closed),
+        "it sent more after the connection was closed"
+    );
+    app.wait_until("ready again", WITHIN, |a| {
+        a.metric("segment_bridge_amqp_connected") == 1.0
+    })
+    .await;
+    assert_eq!(app.probe("/readyz").await.0, 200);
+    wait_drained(&queues.main).await;
+    app.stop().await;
+    assert_eq!(queues.ready().await, (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_the_broker_refuses_is_not_ready_until_it_reconnects_and_then_delivers_everything()
+{
+    let queues = Queues::new("conn-refused").await;
+    let user = BrokerUser::new().await;
+    let us = FakeSegment::ok().await;
+    let mut config = config(&queues, Some(&us), None);
+    config.amqp.url = SecretString::from(user.url());
+    let app = spawn_app(config).await;
+    app.wait_until("connected", WITHIN, |a| {
+        a.metric("segment_bridge_amqp_connected") == 1.0
+    })
+    .await;
+    let first = session_ids("a", 20);
+    queues.publish(bodies(&first)).await;
+    us.wait_accepted(40, WITHIN).await;
+    assert_eq!(app.probe("/readyz").await.0, 200);
+
+    // The broker drops the worker and refuses it until its permissions come back.
+    user.deny().await;
+    assert_eq!(
+        user.close_connections().await,
+        1,
+        "one connection per worker"
+    );
+    app.wait_until("it notices", WITHIN, |a| {
+        a.metric("segment_bridge_amqp_connected") == 0.0
+    })
+    .await;
+    let (status, why) = app.probe("/readyz").await;
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("not connected"), "{why}");
+    assert_eq!(app.probe("/healthz").await.0, 200, "alive all the same");
+    let second = session_ids("b", 20);
+    queues.publish(bodies(&second)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(queues.ready().await, (20, 0), "nothing consumed meanwhile");
+    assert_eq!(app.probe("/readyz").await.0, 503);
+
+    user.allow().await;
+    app.wait_until("it reconnects", WITHIN, |a| {
+        a.metric("segment_bridge_amqp_connections_total") >= 2.0
+    })
+    .await;
+    let everything: Vec<String> = first.iter().chain(&second).cloned().collect();
+    let start = Instant::now();
+    while tracked(&us.accepted()) != all(&everything) {
+        assert!(start.elapsed() < WITHIN, "not everything delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.probe("/readyz").await.0, 200);
+    wait_drained(&queues.main).await;
+    app.stop().await;
+    assert_eq!(queues.ready().await, (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_started_while_the_broker_refuses_it_stays_up_not_ready_and_consumes_once_let_in()
+{
+    let queues = Queues::new("start-refused").await;
+    let user = BrokerUser::new().await;
+    user.deny().await;
+    let us = FakeSegment::ok().await;
+    let ids = session_ids("s", 10);
+    queues.publish(bodies(&ids)).await;
+    let url = user.url();
+    let mut daemon = Daemon::spawn(
+        &queues,
+        &us,
+        &[("AMQP__URL", &url), ("SHUTDOWN__GRACE_PERIOD_S", "5")],
+    );
+    let start = Instant::now();
+    while daemon.get("/healthz").await.map(|r| r.0) != Some(200) {
+        assert!(start.elapsed() < WITHIN, "no side port:\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (status, why) = daemon.get("/readyz").await.unwrap();
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("not connected"), "{why}");
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "it keeps trying"
+    );
+    assert_eq!(queues.ready().await, (10, 0));
+
+    user.allow().await;
+    daemon.wait_ready().await;
+    let start = Instant::now();
+    while tracked(&us.accepted()) != all(&ids) {
+        assert!(start.elapsed() < WITHIN, "not delivered:\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.signal("TERM").await;
+    let (status, _) = daemon.wait_exit(Duration::from_secs(7)).await;
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+    assert_eq!(queues.ready().await, (0, 0));
+}
+
+// 3. The hold limit ----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_held_past_max_hold_are_requeued_and_delivered_once_segment_recovers() {
+    let queues = Queues::new("max-hold").await;
+    // Down for 2.5 s from the first request, then up.
+    let first: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let us = {
+        let first = first.clone();
+        FakeSegment::start(move |_, _| {
+            let at = *first.lock().unwrap().get_or_insert_with(Instant::now);
+            Reply::status(if at.elapsed() < Duration::from_millis(2500) {
+                503
+            } else {
+                200
+            })
+        })
+        .await
+    };
+    let mut config = config(&queues, Some(&us), None);
+    config.retry.max_hold_s = 1;
+    let app = spawn_app(config).await;
+    let ids = session_ids("h", 20);
+    queues.publish(bodies(&ids)).await;
+
+    app.wait_until("held deliveries are requeued", WITHIN, |a| {
+        a.metric(r#"segment_bridge_deliveries_requeued_total{cause="max_hold"}"#) > 0.0
+    })
+    .await;
+    let requeued_after = first.lock().unwrap().unwrap().elapsed();
+    assert!(
+        us.accepted().is_empty() && requeued_after < Duration::from_millis(2500),
+        "requeued after about 1 s, while Segment was still down (after {requeued_after:?})"
+    );
+    let start = Instant::now();
+    while tracked(&us.accepted()) != all(&ids) {
+        assert!(start.elapsed() < WITHIN, "not delivered after the recovery");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        app.metric("segment_bridge_deliveries_received_total") > 20.0,
+        "the requeued deliveries came back from the broker"
+    );
+    wait_drained(&queues.main).await;
+    app.stop().await;
+    assert_eq!(queues.ready().await, (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_delivery_stays_unacknowledged_past_max_hold_not_even_one_waiting_behind_others() {
+    let queues = Queues::new("max-hold-backlog").await;
+    let up = Arc::new(AtomicBool::new(false));
+    let us = {
+        let up = up.clone();
+        FakeSegment::start(move |_, _| {
+            Reply::status(if up.load(Ordering::SeqCst) { 200 } else { 503 })
+        })
+        .await
+    };
+    // One session per request, one request at a time: most of the prefetch window waits
+    // behind the batch being retried.
+    let mut config = config(&queues, Some(&us), None);
+    config.amqp.prefetch = 50;
+    config.segment.max_batch_events = 2;
+    config.segment.max_in_flight = 1;
+    config.retry.max_hold_s = 1;
+    let app = spawn_app(config).await;
+    app.wait_until("connected", WITHIN, |a| {
+        a.metric("segment_bridge_amqp_connected") == 1.0
+    })
+    .await;
+    let ids = session_ids("q", 50);
+    queues.publish(bodies(&ids)).await;
+    // From here on the worker holds all 50, unacknowledged.
+    queues.wait_ready((0, 0), Duration::from_secs(2)).await;
+    let held_since = Instant::now();
+
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Every session not yet tried at Segment has been with the worker since `held_since`,
+    // over 3 times max_hold, unless it was requeued (and taken again) meanwhile: so each
+    // needs at least one requeue of its own.
+    let requeued = app.metric(r#"segment_bridge_deliveries_requeued_total{cause="max_hold"}"#);
+    let tried = tracked(
+        &us.requests()
+            .iter()
+            .flat_map(|r| r.events())
+            .collect::<Vec<_>>(),
+    );
+    let untried = ids.len() - tried.len();
+    let held = held_since.elapsed();
+
+    // Recover and clean up first, so that a failure leaves no worker behind.
+
+    up.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    while tracked(&us.accepted()) != all(&ids) {
+        assert!(start.elapsed() < WITHIN, "not delivered after the recovery");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_drained(&queues.main).await;
+    app.stop().await;
+    assert!(
+        requeued >= untried as f64,
+        "{untried} sessions held for {held:?} without being sent or requeued \
+         (retry.max_hold_s = 1; only {requeued} requeues): deliveries waiting behind a \
+         retried batch are held past the hold limit"
+    );
+}
+
+// 4. Segment down ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_segment_is_down_the_worker_holds_no_more_than_prefetch_and_delivers_all_after_recovery()
+ {
+    let queues = Queues::new("bounded").await;
+    let up = Arc::new(AtomicBool::new(false));
+    let us = {
+        let up = up.clone();
+        FakeSegment::start(move |_, _| {
+            Reply::status(if up.load(Ordering::SeqCst) { 200 } else { 503 })
+        })
+        .await
+    };
+    let mut config = config(&queues, Some(&us), None);
+    config.amqp.prefetch = 50;
+    let app = spawn_app(config).await;
+    let ids = session_ids("m", 300);
+    queues.publish(bodies(&ids)).await;
+
+    let start = Instant::now();
+    while us.requests().len() < 5 {
+        assert!(start.elapsed() < WITHIN, "the worker never tried Segment");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..5 {
+        let (ready, dead) = queues.ready().await;
+        assert!(ready >= 250, "the worker took {} of 300", 300 - ready);
+        assert_eq!(dead, 0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        app.metric("segment_bridge_deliveries_received_total"),
+        50.0,
+        "it holds exactly a prefetch window"
+    );
+    let attempted: usize = us
+        .requests()
+        .iter()
+        .map(|r| r.events().len())
+        .max()
+        .unwrap();
+    assert!(attempted <= 100, "no batch beyond the 50 held sessions");
+
+    up.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    while tracked(&us.accepted()) != all(&ids) {
+        assert!(
+            start.elapsed() < WITHIN,
+            "{} of 300 delivered after the recovery",
+            tracked(&us.accepted()).len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_drained(&queues.main).await;
+    app.stop().await;
+    assert_eq!(queues.ready().await, (0, 0));
+}
+
+// 5. A refused write key, then a restart ------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_refused_write_key_a_restarted_worker_with_a_good_key_delivers_everything() {
+    let queues = Queues::new("key-restart").await;
+    let ids = session_ids("w", 25);
+    queues.publish(bodies(&ids)).await;
+
+    let refused = FakeSegment::start(|_, _| Reply::status(401)).await;
+    let app = spawn_app(config(&queues, Some(&refused), None)).await;
+    app.wait_until("the key is refused", WITHIN, |a| {
+        a.metric(r#"segment_bridge_region_misconfigured{region="us"}"#) == 1.0
+    })
+    .await;
+    queues.wait_ready((25, 0), WITHIN).await;
+    app.stop().await;
+    assert!(refused.accepted().is_empty());
+    assert_eq!(
+        queues.ready().await,
+        (25, 0),
+        "all back, none dead-lettered"
+    );
+
+    let us = FakeSegment::ok().await;
+    let app = spawn_app(config(&queues, Some(&us), None)).await;
+    let start = Instant::now();
+    while tracked(&us.accepted()) != all(&ids) {
+        assert!(start.elapsed() < WITHIN, "not delivered after the restart");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.probe("/readyz").await.0, 200);
+    assert_eq!(
+        app.metric(r#"segment_bridge_sessions_total{outcome="delivered"}"#),
+        25.0
+    );
+    wait_drained(&queues.main).await;
+    app.stop().await;
+    assert_eq!(queues.ready().await, (0, 0));
+    assert_eq!(us.accepted().len(), 50, "each session once");
+}
