@@ -6,8 +6,8 @@
 //! session identity, so a redelivered session produces byte-identical events except for
 //! the fallback timestamp, and Segment's messageId deduplication absorbs it.
 
-use serde::Serialize;
-use serde::ser::{SerializeMap, Serializer};
+use std::borrow::Cow;
+
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -101,6 +101,10 @@ pub enum MapError {
 }
 
 /// Maps one session. `fallback_time` is used when the session has no `completed_at`.
+///
+/// The events are written straight into their buffers, in the order and with the
+/// escaping serde_json would use (the tests hold it to that, byte for byte): the parts
+/// both events share (hash, timestamp, context, the attributes) are rendered once.
 pub fn map(
     session: &Session,
     fallback_time: OffsetDateTime,
@@ -113,64 +117,102 @@ pub fn map(
         return Ok(Mapped::Skipped(SkipReason::NoOptIn));
     }
 
-    let hash = email_hash(email);
-    let timestamp = format_timestamp(session.completed_at.unwrap_or(fallback_time));
-    let context = Context {
-        external_ids: [ExternalId {
-            collection: "users",
-            encoding: "none",
-            id: &hash,
-            kind: "emailSha256Hash",
-        }],
-        library: Library {
-            name: LIBRARY_NAME,
-            version: LIBRARY_VERSION,
-        },
-    };
-    let attributes = Attributes {
-        session,
-        options,
-        plain_email: (!options.hash_pii).then_some(email),
-        hash: &hash,
-    };
+    let hash = hex32(&Sha256::digest(email.as_str().as_bytes()).into());
 
-    let identify = serialize_event(
-        "identify",
-        &Event {
-            kind: "identify",
-            event: None,
-            message_id: &message_id(&session.identity, "identify"),
-            user_id: &hash,
-            timestamp: &timestamp,
-            context: &context,
-            traits: Some(Traits(&attributes)),
-            properties: None,
-        },
-    )?;
-    let track = serialize_event(
-        "track",
-        &Event {
-            kind: "track",
-            event: Some(&options.track_event),
-            message_id: &message_id(&session.identity, "track"),
-            user_id: &hash,
-            timestamp: &timestamp,
-            context: &context,
-            traits: None,
-            properties: Some(Properties {
-                // Left out, like any other missing property, when there are no answers.
-                questions: (options.include_mapped_attributes && !session.attributes.is_empty())
-                    .then_some(Questions(&attributes)),
-                survey_id: session.campaign_id.as_deref(),
-                survey_session_id: session.session_id.as_deref(),
-                survey_title: session.campaign_name.as_deref(),
-                traffic_source: session.traffic_source.as_deref(),
-            }),
-        },
-    )?;
+    // The mapped attributes that travel. With `hash_pii`, an attribute named `email` does
+    // not: it would carry the address in plain text. Traits leave out the attributes named
+    // like the computed traits, which win; `questions` keeps them.
+    let include = options.include_mapped_attributes;
+    let mapped = || {
+        session
+            .attributes
+            .iter()
+            .filter(move |(k, _)| include && !(options.hash_pii && k == "email"))
+    };
+    let computed = |k: &str| k == "email" || k == "emailSha256Hash";
+    let shadowed = mapped().any(|(k, _)| computed(k));
+    let attribute_bytes: usize = mapped().map(|(k, v)| k.len() + v.get().len() + 4).sum();
+
+    let mut identify = Vec::with_capacity(640 + attribute_bytes + 2 * email.as_str().len());
+    identify.extend_from_slice(br#"{"type":"identify","messageId":""#);
+    write_message_id(&mut identify, &session.identity, "identify");
+    identify.push(b'"');
+    // `,"userId":…,"timestamp":…,"context":{…}`, the same in both events.
+    let shared_start = identify.len();
+    identify.extend_from_slice(br#","userId":""#);
+    identify.extend_from_slice(&hash);
+    identify.extend_from_slice(br#"","timestamp":""#);
+    write_timestamp(&mut identify, session.completed_at.unwrap_or(fallback_time));
+    identify.extend_from_slice(
+        br#"","context":{"externalIds":[{"collection":"users","encoding":"none","id":""#,
+    );
+    identify.extend_from_slice(&hash);
+    identify.extend_from_slice(br#"","type":"emailSha256Hash"}],"library":"#);
+    identify.extend_from_slice(LIBRARY_JSON.as_bytes());
+    identify.push(b'}');
+    let shared = shared_start..identify.len();
+    identify.extend_from_slice(br#","traits":{"#);
+    if !options.hash_pii {
+        identify.extend_from_slice(br#""email":"#);
+        write_str(&mut identify, email.as_str());
+        identify.push(b',');
+    }
+    identify.extend_from_slice(br#""emailSha256Hash":""#);
+    identify.extend_from_slice(&hash);
+    identify.push(b'"');
+    // `,"key":value…`: unless some are shadowed, also what `questions` holds.
+    let traits_start = identify.len();
+    write_attributes(&mut identify, mapped().filter(|(k, _)| !computed(k)));
+    let traits = traits_start..identify.len();
+    identify.extend_from_slice(b"}}");
+    check_size("identify", &identify)?;
+
+    let mut track = Vec::with_capacity(identify.len() + 320);
+    track.extend_from_slice(br#"{"type":"track","event":"#);
+    write_str(&mut track, &options.track_event);
+    track.extend_from_slice(br#","messageId":""#);
+    write_message_id(&mut track, &session.identity, "track");
+    track.push(b'"');
+    track.extend_from_slice(&identify[shared]);
+    track.extend_from_slice(br#","properties":{"#);
+    let mut first = true;
+    let mut key = |track: &mut Vec<u8>, key: &[u8]| {
+        if !std::mem::take(&mut first) {
+            track.push(b',');
+        }
+        track.extend_from_slice(key);
+    };
+    // Left out, like any other missing property, when there are no answers.
+    if include && !session.attributes.is_empty() {
+        key(&mut track, br#""questions":{"#);
+        // Without the leading comma.
+        if shadowed {
+            let start = track.len();
+            write_attributes(&mut track, mapped());
+            if track.len() > start {
+                track.remove(start);
+            }
+        } else if !traits.is_empty() {
+            track.extend_from_slice(&identify[traits.start + 1..traits.end]);
+        }
+        track.push(b'}');
+    }
+    for (name, value) in [
+        (&br#""surveyId":"#[..], &session.campaign_id),
+        (br#""surveySessionId":"#, &session.session_id),
+        (br#""surveyTitle":"#, &session.campaign_name),
+        (br#""trafficSource":"#, &session.traffic_source),
+    ] {
+        if let Some(value) = value {
+            key(&mut track, name);
+            write_cow(&mut track, value);
+        }
+    }
+    track.extend_from_slice(b"}}");
+    check_size("track", &track)?;
 
     Ok(Mapped::Events(SessionEvents {
-        session: session.identity.clone(),
+        session: session.identity.clone().into_owned(),
         region: session.region.unwrap_or(options.default_region),
         identify,
         track,
@@ -179,163 +221,398 @@ pub fn map(
 
 /// Lowercase hex SHA-256 of the normalised email: the `userId`.
 pub fn email_hash(email: &Email) -> String {
-    hex::encode(Sha256::digest(email.as_str().as_bytes()))
+    let hex = hex32(&Sha256::digest(email.as_str().as_bytes()).into());
+    String::from_utf8(hex.to_vec()).expect("hex is ASCII")
 }
 
 /// A messageId for one event of one session, a pure function of both:
 /// `sb-<event type>-<hex SHA-256 of both>`, at most 73 characters.
 pub fn message_id(identity: &str, event_type: &str) -> String {
+    let mut out = Vec::with_capacity(80);
+    write_message_id(&mut out, identity, event_type);
+    String::from_utf8(out).expect("event types are ASCII")
+}
+
+fn write_message_id(out: &mut Vec<u8>, identity: &str, event_type: &str) {
     let mut h = Sha256::new();
     h.update(b"segment-bridge/v1\0");
     h.update(event_type.as_bytes());
     h.update(b"\0");
     h.update(identity.as_bytes());
-    format!("sb-{event_type}-{}", hex::encode(h.finalize()))
+    out.extend_from_slice(b"sb-");
+    out.extend_from_slice(event_type.as_bytes());
+    out.push(b'-');
+    out.extend_from_slice(&hex32(&h.finalize().into()));
+}
+
+/// Lowercase hex of a SHA-256 digest.
+fn hex32(bytes: &[u8; 32]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
+    out
 }
 
 /// RFC 3339 in UTC with milliseconds, as Segment shows it: `2021-03-12T00:00:00.000Z`.
 pub fn format_timestamp(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+    let mut out = Vec::with_capacity(24);
+    write_timestamp(&mut out, t);
+    String::from_utf8(out).expect("digits and separators are ASCII")
 }
 
-fn serialize_event(name: &'static str, event: &Event<'_>) -> Result<Vec<u8>, MapError> {
-    let mut out = Vec::with_capacity(1024);
-    serde_json::to_writer(&mut out, event).expect("serialising to a Vec cannot fail");
-    if out.len() > MAX_EVENT_BYTES {
+/// [`format_timestamp`], appended to `out`.
+fn write_timestamp(out: &mut Vec<u8>, t: OffsetDateTime) {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let year = t.year();
+    let fields = [
+        (year, 4, b'-'),
+        (i32::from(u8::from(t.month())), 2, b'-'),
+        (i32::from(t.day()), 2, b'T'),
+        (i32::from(t.hour()), 2, b':'),
+        (i32::from(t.minute()), 2, b':'),
+        (i32::from(t.second()), 2, b'.'),
+        (i32::from(t.millisecond()), 3, b'Z'),
+    ];
+    let odd_year = !(0..=9999).contains(&year);
+    if odd_year {
+        // Only an absurd AMQP timestamp gets here; keep `{:04}`'s rendering of it.
+        out.extend_from_slice(format!("{year:04}").as_bytes());
+        out.push(b'-');
+    }
+    for (i, (value, width, separator)) in fields.into_iter().enumerate() {
+        if i == 0 && odd_year {
+            continue;
+        }
+        let mut digits = [b'0'; 4];
+        let mut v = value as u32;
+        for d in digits[..width].iter_mut().rev() {
+            *d = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        out.extend_from_slice(&digits[..width]);
+        out.push(separator);
+    }
+}
+
+/// `context.library`: both parts are constants that need no escaping.
+const LIBRARY_JSON: &str = concat!(
+    r#"{"name":""#,
+    "segment-bridge",
+    r#"","version":""#,
+    env!("CARGO_PKG_VERSION"),
+    r#""}"#
+);
+
+/// A string of the session as a JSON string. One borrowed from the message body held no
+/// escape sequence there, and serde_json refuses raw control characters in strings: it
+/// needs no escaping and is copied as it is.
+#[allow(clippy::ptr_arg)] // Whether it is borrowed is the point.
+fn write_cow(out: &mut Vec<u8>, s: &Cow<'_, str>) {
+    match s {
+        Cow::Borrowed(s) => {
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
+        }
+        Cow::Owned(s) => write_str(out, s),
+    }
+}
+
+/// `s` as a JSON string, escaped as serde_json escapes it.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // No early exit, so that the check vectorises.
+    let plain = s.bytes().fold(true, |plain, b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    });
+    if plain {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(out, s).expect("writing to a Vec cannot fail");
+    }
+}
+
+/// `,"key":value` for each attribute; the values are copied as they came.
+fn write_attributes<'a: 'b, 'b>(
+    out: &mut Vec<u8>,
+    attributes: impl Iterator<Item = &'b (Cow<'a, str>, &'a RawValue)>,
+) {
+    for (k, v) in attributes {
+        out.push(b',');
+        write_cow(out, k);
+        out.push(b':');
+        out.extend_from_slice(v.get().as_bytes());
+    }
+}
+
+fn check_size(name: &'static str, event: &[u8]) -> Result<(), MapError> {
+    if event.len() > MAX_EVENT_BYTES {
         return Err(MapError::TooLarge {
             event: name,
-            bytes: out.len(),
+            bytes: event.len(),
         });
     }
-    Ok(out)
-}
-
-// ---- the serialised shapes ----
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Event<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    event: Option<&'a str>,
-    message_id: &'a str,
-    user_id: &'a str,
-    timestamp: &'a str,
-    context: &'a Context<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    traits: Option<Traits<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    properties: Option<Properties<'a>>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Context<'a> {
-    external_ids: [ExternalId<'a>; 1],
-    library: Library,
-}
-
-#[derive(Serialize)]
-struct ExternalId<'a> {
-    collection: &'static str,
-    encoding: &'static str,
-    id: &'a str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-}
-
-#[derive(Serialize)]
-struct Library {
-    name: &'static str,
-    version: &'static str,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Properties<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    questions: Option<Questions<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    survey_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    survey_session_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    survey_title: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    traffic_source: Option<&'a str>,
-}
-
-/// What traits and questions are built from.
-struct Attributes<'a> {
-    session: &'a Session,
-    options: &'a Options,
-    plain_email: Option<&'a Email>,
-    hash: &'a str,
-}
-
-impl Attributes<'_> {
-    /// The mapped attributes that travel. With `hash_pii`, an attribute named `email` does
-    /// not: it would carry the address in plain text.
-    fn mapped(&self) -> impl Iterator<Item = (&str, &RawValue)> {
-        let include = self.options.include_mapped_attributes;
-        let hash_pii = self.options.hash_pii;
-        self.session
-            .attributes
-            .iter()
-            .filter(move |(k, _)| include && !(hash_pii && k == "email"))
-            .map(|(k, v)| (k.as_str(), &**v))
-    }
-}
-
-/// Identify traits: `email` (unless `hash_pii`), `emailSha256Hash`, then the attributes.
-/// The computed keys win over attributes of the same name.
-struct Traits<'a>(&'a Attributes<'a>);
-
-impl Serialize for Traits<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let a = self.0;
-        let mut map = s.serialize_map(None)?;
-        if let Some(email) = a.plain_email {
-            map.serialize_entry("email", email.as_str())?;
-        }
-        map.serialize_entry("emailSha256Hash", a.hash)?;
-        for (k, v) in a.mapped() {
-            if k != "email" && k != "emailSha256Hash" {
-                map.serialize_entry(k, v)?;
-            }
-        }
-        map.end()
-    }
-}
-
-/// Track `properties.questions`: the attributes as they came.
-struct Questions<'a>(&'a Attributes<'a>);
-
-impl Serialize for Questions<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(None)?;
-        for (k, v) in self.0.mapped() {
-            map.serialize_entry(k, v)?;
-        }
-        map.end()
-    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    /// The first implementation, on serde's derive: the oracle that the hand-written
+    /// serialisation must equal byte for byte.
+    mod reference {
+        use serde::Serialize;
+        use serde::ser::{SerializeMap, Serializer};
+        use serde_json::value::RawValue;
+        use sha2::{Digest, Sha256};
+        use time::OffsetDateTime;
+
+        use super::super::{
+            LIBRARY_NAME, LIBRARY_VERSION, MAX_EVENT_BYTES, MapError, Mapped, Options,
+            SessionEvents, SkipReason,
+        };
+        use crate::session::{Email, Session};
+
+        /// Maps one session. `fallback_time` is used when the session has no `completed_at`.
+        pub(super) fn map(
+            session: &Session,
+            fallback_time: OffsetDateTime,
+            options: &Options,
+        ) -> Result<Mapped, MapError> {
+            let Some(email) = &session.email else {
+                return Ok(Mapped::Skipped(SkipReason::NoEmail));
+            };
+            if options.require_opt_in && !session.opt_in {
+                return Ok(Mapped::Skipped(SkipReason::NoOptIn));
+            }
+
+            let hash = email_hash(email);
+            let timestamp = format_timestamp(session.completed_at.unwrap_or(fallback_time));
+            let context = Context {
+                external_ids: [ExternalId {
+                    collection: "users",
+                    encoding: "none",
+                    id: &hash,
+                    kind: "emailSha256Hash",
+                }],
+                library: Library {
+                    name: LIBRARY_NAME,
+                    version: LIBRARY_VERSION,
+                },
+            };
+            let attributes = Attributes {
+                session,
+                options,
+                plain_email: (!options.hash_pii).then_some(email),
+                hash: &hash,
+            };
+
+            let identify = serialize_event(
+                "identify",
+                &Event {
+                    kind: "identify",
+                    event: None,
+                    message_id: &message_id(&session.identity, "identify"),
+                    user_id: &hash,
+                    timestamp: &timestamp,
+                    context: &context,
+                    traits: Some(Traits(&attributes)),
+                    properties: None,
+                },
+            )?;
+            let track = serialize_event(
+                "track",
+                &Event {
+                    kind: "track",
+                    event: Some(&options.track_event),
+                    message_id: &message_id(&session.identity, "track"),
+                    user_id: &hash,
+                    timestamp: &timestamp,
+                    context: &context,
+                    traits: None,
+                    properties: Some(Properties {
+                        // Left out, like any other missing property, when there are no answers.
+                        questions: (options.include_mapped_attributes
+                            && !session.attributes.is_empty())
+                        .then_some(Questions(&attributes)),
+                        survey_id: session.campaign_id.as_deref(),
+                        survey_session_id: session.session_id.as_deref(),
+                        survey_title: session.campaign_name.as_deref(),
+                        traffic_source: session.traffic_source.as_deref(),
+                    }),
+                },
+            )?;
+
+            Ok(Mapped::Events(SessionEvents {
+                session: session.identity.clone().into_owned(),
+                region: session.region.unwrap_or(options.default_region),
+                identify,
+                track,
+            }))
+        }
+
+        /// Lowercase hex SHA-256 of the normalised email: the `userId`.
+        fn email_hash(email: &Email) -> String {
+            hex::encode(Sha256::digest(email.as_str().as_bytes()))
+        }
+
+        /// A messageId for one event of one session, a pure function of both:
+        /// `sb-<event type>-<hex SHA-256 of both>`, at most 73 characters.
+        fn message_id(identity: &str, event_type: &str) -> String {
+            let mut h = Sha256::new();
+            h.update(b"segment-bridge/v1\0");
+            h.update(event_type.as_bytes());
+            h.update(b"\0");
+            h.update(identity.as_bytes());
+            format!("sb-{event_type}-{}", hex::encode(h.finalize()))
+        }
+
+        /// RFC 3339 in UTC with milliseconds, as Segment shows it: `2021-03-12T00:00:00.000Z`.
+        pub(super) fn format_timestamp(t: OffsetDateTime) -> String {
+            let t = t.to_offset(time::UtcOffset::UTC);
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.millisecond()
+            )
+        }
+
+        fn serialize_event(name: &'static str, event: &Event<'_>) -> Result<Vec<u8>, MapError> {
+            let mut out = Vec::with_capacity(1024);
+            serde_json::to_writer(&mut out, event).expect("serialising to a Vec cannot fail");
+            if out.len() > MAX_EVENT_BYTES {
+                return Err(MapError::TooLarge {
+                    event: name,
+                    bytes: out.len(),
+                });
+            }
+            Ok(out)
+        }
+
+        // ---- the serialised shapes ----
+
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Event<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            event: Option<&'a str>,
+            message_id: &'a str,
+            user_id: &'a str,
+            timestamp: &'a str,
+            context: &'a Context<'a>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            traits: Option<Traits<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            properties: Option<Properties<'a>>,
+        }
+
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Context<'a> {
+            external_ids: [ExternalId<'a>; 1],
+            library: Library,
+        }
+
+        #[derive(Serialize)]
+        struct ExternalId<'a> {
+            collection: &'static str,
+            encoding: &'static str,
+            id: &'a str,
+            #[serde(rename = "type")]
+            kind: &'static str,
+        }
+
+        #[derive(Serialize)]
+        struct Library {
+            name: &'static str,
+            version: &'static str,
+        }
+
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Properties<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            questions: Option<Questions<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            survey_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            survey_session_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            survey_title: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            traffic_source: Option<&'a str>,
+        }
+
+        /// What traits and questions are built from.
+        struct Attributes<'a> {
+            session: &'a Session<'a>,
+            options: &'a Options,
+            plain_email: Option<&'a Email>,
+            hash: &'a str,
+        }
+
+        impl Attributes<'_> {
+            /// The mapped attributes that travel. With `hash_pii`, an attribute named `email` does
+            /// not: it would carry the address in plain text.
+            fn mapped(&self) -> impl Iterator<Item = (&str, &RawValue)> {
+                let include = self.options.include_mapped_attributes;
+                let hash_pii = self.options.hash_pii;
+                self.session
+                    .attributes
+                    .iter()
+                    .filter(move |(k, _)| include && !(hash_pii && k == "email"))
+                    .map(|(k, v)| (&**k, *v))
+            }
+        }
+
+        /// Identify traits: `email` (unless `hash_pii`), `emailSha256Hash`, then the attributes.
+        /// The computed keys win over attributes of the same name.
+        struct Traits<'a>(&'a Attributes<'a>);
+
+        impl Serialize for Traits<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let a = self.0;
+                let mut map = s.serialize_map(None)?;
+                if let Some(email) = a.plain_email {
+                    map.serialize_entry("email", email.as_str())?;
+                }
+                map.serialize_entry("emailSha256Hash", a.hash)?;
+                for (k, v) in a.mapped() {
+                    if k != "email" && k != "emailSha256Hash" {
+                        map.serialize_entry(k, v)?;
+                    }
+                }
+                map.end()
+            }
+        }
+
+        /// Track `properties.questions`: the attributes as they came.
+        struct Questions<'a>(&'a Attributes<'a>);
+
+        impl Serialize for Questions<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut map = s.serialize_map(None)?;
+                for (k, v) in self.0.mapped() {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+        }
+    }
 
     const SESSION: &str = r#"{
         "session_id": "y2P5ks05mqzGsdkIGjbQ", "campaign_id": "n3zrik6g",
@@ -573,7 +850,8 @@ mod tests {
             )
         };
         let size = |n| {
-            let s = Session::parse(body(n).as_bytes()).unwrap();
+            let body = body(n);
+            let s = Session::parse(body.as_bytes()).unwrap();
             match map(&s, now(), &Options::default()) {
                 Ok(Mapped::Events(e)) => Ok(e.identify.len().max(e.track.len())),
                 Ok(Mapped::Skipped(_)) => unreachable!(),
@@ -594,5 +872,125 @@ mod tests {
             format_timestamp(time::macros::datetime!(2021-03-12 01:00:00.5 +01:00)),
             "2021-03-12T00:00:00.500Z"
         );
+    }
+
+    /// Sessions of many shapes: escapes in keys and values, odd whitespace, both input
+    /// shapes, attributes named like computed traits, missing fields.
+    fn varied_bodies() -> Vec<String> {
+        let mut bodies = vec![SESSION.to_owned()];
+        let values = [
+            r#""plain""#,
+            r#""quote \" and \\ backslash""#,
+            r#""tab\tnew\nline \u0001 \u00e9 é ✓""#,
+            r#"[ "option 1" , "option 4" ]"#,
+            r#"{"nested": [1, 2.5, -3e2, null, true]}"#,
+            "42",
+            "false",
+            "null",
+        ];
+        let keys = [
+            "q1",
+            "email",
+            "emailSha256Hash",
+            "k\\\"ey",
+            "tab\\tkey",
+            "ünï",
+            "surveyId",
+            "",
+        ];
+        for i in 0..(values.len() * keys.len()) {
+            let mut attrs = Vec::new();
+            for j in 0..(i % 6) {
+                let k = keys[(i + j) % keys.len()];
+                let v = values[(i * 3 + j) % values.len()];
+                attrs.push(format!(r#""{k}{j}":{v}"#));
+                if j == 2 {
+                    attrs.push(format!(r#""{k}":{v}"#));
+                }
+            }
+            let attrs = attrs.join(",");
+            let email = [
+                "  Jane.Doe@Example.com ",
+                "A\\\"b@c.d",
+                "ÉLODIE@Exämple.COM",
+            ][i % 3];
+            let optional = [
+                r#""campaign_id":"c\"1","campaign_name":"Q\\uiz","traffic_source":"Owned+Web","#,
+                r#""campaign_name":"only a title","#,
+                "",
+            ][i % 3];
+            let completed = [
+                r#""completed_at":"2021-03-12T01:00:00.5+01:00","#,
+                r#""completed_at":"1999-12-31T23:59:59.999Z","#,
+                "",
+            ][(i / 3) % 3];
+            bodies.push(if i % 4 == 3 {
+                format!(
+                    r#"{{{optional}{completed}"data":{{"email":"{email}","opt_in":"true"{}{attrs}}}}}"#,
+                    if attrs.is_empty() { "" } else { "," }
+                )
+            } else {
+                format!(
+                    r#"{{"session_id":"s-{i}\u00e9",{optional}{completed}"email":"{email}","attributes":{{{attrs}}}}}"#
+                )
+            });
+        }
+        bodies
+    }
+
+    #[test]
+    fn the_events_equal_serdes_serialisation_byte_for_byte() {
+        let mut compared = 0;
+        for body in varied_bodies() {
+            let session = Session::parse(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+            for hash_pii in [false, true] {
+                for include_mapped_attributes in [true, false] {
+                    for track_event in ["Survey Completed", "Quiz \"Done\"\n"] {
+                        let options = Options {
+                            hash_pii,
+                            include_mapped_attributes,
+                            track_event: track_event.into(),
+                            ..Options::default()
+                        };
+                        let got = map(&session, now(), &options).unwrap();
+                        let want = reference::map(&session, now(), &options).unwrap();
+                        let (got, want) = match (got, want) {
+                            (Mapped::Events(got), Mapped::Events(want)) => (got, want),
+                            (Mapped::Skipped(got), Mapped::Skipped(want)) => {
+                                assert_eq!(got, want, "{body}");
+                                continue;
+                            }
+                            _ => panic!("{body}: skipped by one only"),
+                        };
+                        assert_eq!(
+                            String::from_utf8_lossy(&got.identify),
+                            String::from_utf8_lossy(&want.identify),
+                            "{body}"
+                        );
+                        assert_eq!(
+                            String::from_utf8_lossy(&got.track),
+                            String::from_utf8_lossy(&want.track),
+                            "{body}"
+                        );
+                        assert_eq!((got.session, got.region), (want.session, want.region));
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert!(compared > 400, "{compared}");
+    }
+
+    #[test]
+    fn timestamps_match_the_reference_rendering_even_for_odd_years() {
+        for t in [
+            time::macros::datetime!(2021-03-12 01:00:00.5 +01:00),
+            time::macros::datetime!(0000-01-01 00:00:00 UTC),
+            time::macros::datetime!(9999-12-31 23:59:59.999 UTC),
+            time::macros::datetime!(-0005-06-07 08:09:10.011 UTC),
+            OffsetDateTime::from_unix_timestamp(-62_000_000_000).unwrap(),
+        ] {
+            assert_eq!(format_timestamp(t), reference::format_timestamp(t), "{t}");
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! serde pass into loose wire types, then checked once into a [`Session`] that cannot be
 //! invalid. Nothing here knows about AMQP, clocks or Segment.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 
@@ -93,17 +94,19 @@ impl fmt::Debug for Email {
     }
 }
 
-/// One collected session, valid by construction.
+/// One collected session, valid by construction. It borrows from the message body what
+/// it can (strings without escapes, the attributes' raw JSON values), so that parsing
+/// allocates little.
 #[derive(Debug, Clone)]
-pub struct Session {
+pub struct Session<'a> {
     /// What makes this session unique: `session_id`, or for a webhook body without one,
     /// the lowercase hex SHA-256 of the raw body. messageIds are derived from it.
-    pub identity: String,
+    pub identity: Cow<'a, str>,
     /// The `session_id` as sent, if any; becomes `surveySessionId`.
-    pub session_id: Option<String>,
-    pub campaign_id: Option<String>,
-    pub campaign_name: Option<String>,
-    pub traffic_source: Option<String>,
+    pub session_id: Option<Cow<'a, str>>,
+    pub campaign_id: Option<Cow<'a, str>>,
+    pub campaign_name: Option<Cow<'a, str>>,
+    pub traffic_source: Option<Cow<'a, str>>,
     pub completed_at: Option<OffsetDateTime>,
     /// `None`: the configured default region applies.
     pub region: Option<Region>,
@@ -111,7 +114,7 @@ pub struct Session {
     pub email: Option<Email>,
     pub opt_in: bool,
     /// Mapped attribute id → raw JSON value, in the order they came, without duplicates.
-    pub attributes: Vec<(String, Box<RawValue>)>,
+    pub attributes: Vec<(Cow<'a, str>, &'a RawValue)>,
 }
 
 /// Why a message body is not a valid session. Every variant is permanent: the same body
@@ -158,10 +161,13 @@ impl InputError {
     }
 }
 
-impl Session {
+impl Session<'_> {
     /// Parses and validates one message body.
-    pub fn parse(body: &[u8]) -> Result<Session, InputError> {
-        let wire: Wire = serde_json::from_slice(body).map_err(|e| {
+    pub fn parse(body: &[u8]) -> Result<Session<'_>, InputError> {
+        // One UTF-8 check for the whole body, rather than one per string.
+        let text = std::str::from_utf8(body)
+            .map_err(|e| InputError::NotJson(format!("it is not UTF-8 ({e})")))?;
+        let wire: Wire = serde_json::from_str(text).map_err(|e| {
             let is_object = body.trim_ascii_start().first() == Some(&b'{');
             match e.classify() {
                 serde_json::error::Category::Data if is_object => {
@@ -174,7 +180,7 @@ impl Session {
         Session::from_wire(wire, body)
     }
 
-    fn from_wire(wire: Wire, body: &[u8]) -> Result<Session, InputError> {
+    fn from_wire<'a>(wire: Wire<'a>, body: &[u8]) -> Result<Session<'a>, InputError> {
         let (data_email, data_opt_in, data_attributes, is_webhook) = match wire.data {
             None => (None, None, Vec::new(), false),
             Some(Object::Other(found)) => {
@@ -201,7 +207,7 @@ impl Session {
         let identity = match (&session_id, is_webhook) {
             (Some(id), _) if id.is_empty() => return Err(InputError::EmptySessionId),
             (Some(id), _) => id.clone(),
-            (None, true) => hex::encode(Sha256::digest(body)),
+            (None, true) => Cow::Owned(hex::encode(Sha256::digest(body))),
             (None, false) => return Err(InputError::MissingSessionId),
         };
 
@@ -227,12 +233,12 @@ impl Session {
             None => None,
             Some(s) => Some(
                 OffsetDateTime::parse(&s, &Rfc3339)
-                    .map_err(|_| InputError::InvalidCompletedAt(s.clone()))?,
+                    .map_err(|_| InputError::InvalidCompletedAt(s.into_owned()))?,
             ),
         };
         let region = match string_field("region", wire.region)? {
             None => None,
-            Some(s) => Some(Region::parse(&s).ok_or(InputError::InvalidRegion(s))?),
+            Some(s) => Some(Region::parse(&s).ok_or_else(|| InputError::InvalidRegion(s.into()))?),
         };
 
         let mut attributes = match wire.attributes {
@@ -267,7 +273,10 @@ impl Session {
 }
 
 /// An optional string field: absent and `null` are `None`, any other type is an error.
-fn string_field(field: &'static str, value: Option<Loose>) -> Result<Option<String>, InputError> {
+fn string_field<'a>(
+    field: &'static str,
+    value: Option<Loose<'a>>,
+) -> Result<Option<Cow<'a, str>>, InputError> {
     match value {
         None | Some(Loose::Null) => Ok(None),
         Some(Loose::Str(s)) => Ok(Some(s)),
@@ -281,7 +290,7 @@ fn string_field(field: &'static str, value: Option<Loose>) -> Result<Option<Stri
 
 /// Removes repeated keys, the later value winning as in most JSON readers, keeping the
 /// position of the first. Linear for the usual handful of attributes, hashed for many.
-fn dedupe(attributes: &mut Vec<(String, Box<RawValue>)>) {
+fn dedupe<'a>(attributes: &mut Vec<(Cow<'a, str>, &'a RawValue)>) {
     if attributes.len() <= 32 {
         let mut i = 1;
         while i < attributes.len() {
@@ -298,9 +307,9 @@ fn dedupe(attributes: &mut Vec<(String, Box<RawValue>)>) {
         }
         return;
     }
-    let mut first_at: std::collections::HashMap<String, usize> =
+    let mut first_at: std::collections::HashMap<Cow<'a, str>, usize> =
         std::collections::HashMap::with_capacity(attributes.len());
-    let mut kept: Vec<(String, Box<RawValue>)> = Vec::with_capacity(attributes.len());
+    let mut kept: Vec<(Cow<'a, str>, &'a RawValue)> = Vec::with_capacity(attributes.len());
     for (key, value) in attributes.drain(..) {
         match first_at.get(&key) {
             Some(&i) => kept[i].1 = value,
@@ -325,35 +334,45 @@ pub fn peek_session_id(body: &[u8]) -> Option<String> {
 // ---- wire types: what serde reads, before any rule is checked ----
 
 #[derive(Deserialize)]
-struct Wire {
+struct Wire<'a> {
     /// `null` stays `Some(Loose::Null)` here: a present `session_id` must be a string.
-    #[serde(default, deserialize_with = "present")]
-    session_id: Option<Loose>,
-    campaign_id: Option<Loose>,
-    campaign_name: Option<Loose>,
-    traffic_source: Option<Loose>,
-    completed_at: Option<Loose>,
-    region: Option<Loose>,
-    email: Option<Loose>,
-    opt_in: Option<Loose>,
-    attributes: Option<Object<Attributes>>,
-    data: Option<Object<Data>>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    session_id: Option<Loose<'a>>,
+    #[serde(borrow)]
+    campaign_id: Option<Loose<'a>>,
+    #[serde(borrow)]
+    campaign_name: Option<Loose<'a>>,
+    #[serde(borrow)]
+    traffic_source: Option<Loose<'a>>,
+    #[serde(borrow)]
+    completed_at: Option<Loose<'a>>,
+    #[serde(borrow)]
+    region: Option<Loose<'a>>,
+    #[serde(borrow)]
+    email: Option<Loose<'a>>,
+    #[serde(borrow)]
+    opt_in: Option<Loose<'a>>,
+    #[serde(borrow)]
+    attributes: Option<Object<Attributes<'a>>>,
+    #[serde(borrow)]
+    data: Option<Object<Data<'a>>>,
 }
 
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Loose>, D::Error> {
+fn present<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Option<Loose<'a>>, D::Error> {
     Loose::deserialize(d).map(Some)
 }
 
 /// Any JSON value, keeping strings and booleans and only the kind of anything else, so
 /// that a wrong type becomes an error naming the field instead of a serde message.
-enum Loose {
+/// Strings are borrowed from the body unless they hold escapes.
+enum Loose<'a> {
     Null,
     Bool(bool),
-    Str(String),
+    Str(Cow<'a, str>),
     Other(&'static str),
 }
 
-impl Loose {
+impl Loose<'_> {
     fn kind(&self) -> &'static str {
         match self {
             Loose::Null => "null",
@@ -364,51 +383,56 @@ impl Loose {
     }
 }
 
-struct LooseVisitor;
+struct LooseVisitor<'a>(PhantomData<&'a ()>);
 
-impl<'de> Deserialize<'de> for Loose {
+const LOOSE: LooseVisitor<'static> = LooseVisitor(PhantomData);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(LooseVisitor)
+        d.deserialize_any(LooseVisitor(PhantomData))
     }
 }
 
-impl<'de> Visitor<'de> for LooseVisitor {
-    type Value = Loose;
+impl<'de: 'a, 'a> Visitor<'de> for LooseVisitor<'a> {
+    type Value = Loose<'a>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_unit<E>(self) -> Result<Loose, E> {
+    fn visit_unit<E>(self) -> Result<Loose<'a>, E> {
         Ok(Loose::Null)
     }
-    fn visit_none<E>(self) -> Result<Loose, E> {
+    fn visit_none<E>(self) -> Result<Loose<'a>, E> {
         Ok(Loose::Null)
     }
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Loose, D::Error> {
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Loose<'a>, D::Error> {
         Loose::deserialize(d)
     }
-    fn visit_bool<E>(self, v: bool) -> Result<Loose, E> {
+    fn visit_bool<E>(self, v: bool) -> Result<Loose<'a>, E> {
         Ok(Loose::Bool(v))
     }
-    fn visit_str<E>(self, v: &str) -> Result<Loose, E> {
-        Ok(Loose::Str(v.to_owned()))
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Loose<'a>, E> {
+        Ok(Loose::Str(Cow::Borrowed(v)))
     }
-    fn visit_string<E>(self, v: String) -> Result<Loose, E> {
-        Ok(Loose::Str(v))
+    fn visit_str<E>(self, v: &str) -> Result<Loose<'a>, E> {
+        Ok(Loose::Str(Cow::Owned(v.to_owned())))
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Loose, E> {
+    fn visit_string<E>(self, v: String) -> Result<Loose<'a>, E> {
+        Ok(Loose::Str(Cow::Owned(v)))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Loose<'a>, E> {
         Ok(Loose::Other("a number"))
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Loose, E> {
+    fn visit_u64<E>(self, _: u64) -> Result<Loose<'a>, E> {
         Ok(Loose::Other("a number"))
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Loose, E> {
+    fn visit_f64<E>(self, _: f64) -> Result<Loose<'a>, E> {
         Ok(Loose::Other("a number"))
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose<'a>, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(Loose::Other("an array"))
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Loose, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Loose<'a>, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
         Ok(Loose::Other("an object"))
     }
@@ -432,7 +456,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
                 T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Object::Map)
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Object<T>, A::Error> {
-                Ok(Object::Other(LooseVisitor.visit_seq(seq)?.kind()))
+                Ok(Object::Other(LOOSE.visit_seq(seq)?.kind()))
             }
             fn visit_unit<E>(self) -> Result<Object<T>, E> {
                 Ok(Object::Other("null"))
@@ -458,52 +482,77 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
 }
 
 /// The `attributes` object, in order, duplicates resolved.
-struct Attributes(Vec<(String, Box<RawValue>)>);
+struct Attributes<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
-impl<'de> Deserialize<'de> for Attributes {
+/// A key, borrowed from the body unless it holds escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Attributes;
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Key<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'a>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'a>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'a>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(PhantomData))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Attributes<'a>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Attributes, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Attributes<'a>, A::Error> {
                 let mut attributes = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some(entry) = map.next_entry::<String, Box<RawValue>>()? {
-                    attributes.push(entry);
+                while let Some((Key(key), value)) = map.next_entry::<Key, &'a RawValue>()? {
+                    attributes.push((key, value));
                 }
                 dedupe(&mut attributes);
                 Ok(Attributes(attributes))
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(V(PhantomData))
     }
 }
 
 /// The webhook's `data` object: email and opt-in taken out, every other key an attribute.
-struct Data {
-    email: Option<Loose>,
-    opt_in: Option<Loose>,
-    attributes: Vec<(String, Box<RawValue>)>,
+struct Data<'a> {
+    email: Option<Loose<'a>>,
+    opt_in: Option<Loose<'a>>,
+    attributes: Vec<(Cow<'a, str>, &'a RawValue)>,
 }
 
-impl<'de> Deserialize<'de> for Data {
+impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Data;
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Data<'a>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Data, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Data<'a>, A::Error> {
                 let mut data = Data {
                     email: None,
                     opt_in: None,
                     attributes: Vec::with_capacity(map.size_hint().unwrap_or(16)),
                 };
-                while let Some(key) = map.next_key::<String>()? {
-                    match key.as_str() {
+                while let Some(Key(key)) = map.next_key::<Key>()? {
+                    match &*key {
                         "email" => data.email = Some(map.next_value()?),
                         "opt_in" => data.opt_in = Some(map.next_value()?),
                         _ => data.attributes.push((key, map.next_value()?)),
@@ -513,7 +562,7 @@ impl<'de> Deserialize<'de> for Data {
                 Ok(data)
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(V(PhantomData))
     }
 }
 
@@ -521,15 +570,12 @@ impl<'de> Deserialize<'de> for Data {
 mod tests {
     use super::*;
 
-    fn parse(body: &str) -> Result<Session, InputError> {
+    fn parse(body: &str) -> Result<Session<'_>, InputError> {
         Session::parse(body.as_bytes())
     }
 
-    fn attrs(s: &Session) -> Vec<(&str, &str)> {
-        s.attributes
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.get()))
-            .collect()
+    fn attrs<'a>(s: &'a Session<'_>) -> Vec<(&'a str, &'a str)> {
+        s.attributes.iter().map(|(k, v)| (&**k, v.get())).collect()
     }
 
     #[test]
@@ -603,7 +649,8 @@ mod tests {
             ("1", false),
             ("null", false),
         ] {
-            let s = parse(&format!(r#"{{"session_id":"a","opt_in":{v}}}"#)).unwrap();
+            let body = format!(r#"{{"session_id":"a","opt_in":{v}}}"#);
+            let s = parse(&body).unwrap();
             assert_eq!(s.opt_in, want, "opt_in {v}");
         }
         assert!(!parse(r#"{"session_id":"a"}"#).unwrap().opt_in);
@@ -617,7 +664,8 @@ mod tests {
             ("us", Region::Us),
             ("Non-EU", Region::Us),
         ] {
-            let s = parse(&format!(r#"{{"session_id":"a","region":"{v}"}}"#)).unwrap();
+            let body = format!(r#"{{"session_id":"a","region":"{v}"}}"#);
+            let s = parse(&body).unwrap();
             assert_eq!(s.region, Some(want));
         }
         assert_eq!(parse(r#"{"session_id":"a"}"#).unwrap().region, None);
@@ -630,7 +678,8 @@ mod tests {
     #[test]
     fn a_missing_or_blank_email_is_no_email_and_a_malformed_one_is_an_error() {
         for v in ["null", "\"\"", "\"   \""] {
-            let s = parse(&format!(r#"{{"session_id":"a","email":{v}}}"#)).unwrap();
+            let body = format!(r#"{{"session_id":"a","email":{v}}}"#);
+            let s = parse(&body).unwrap();
             assert!(s.email.is_none(), "email {v}");
         }
         for v in [

@@ -214,7 +214,8 @@ impl Worker {
             .timestamp()
             .and_then(|t| OffsetDateTime::from_unix_timestamp(t as i64).ok())
             .unwrap_or_else(OffsetDateTime::now_utc);
-        let id = session.identity.as_str();
+        // Borrowed from the delivery, like most of the session.
+        let id = &*session.identity;
         let events = match events::map(&session, fallback_time, options) {
             Ok(Mapped::Events(events)) => events,
             Ok(Mapped::Skipped(reason)) => {
@@ -222,7 +223,10 @@ impl Worker {
                 self.metrics.sessions(reason.as_str(), 1);
                 return ticket.ack();
             }
-            Err(e) => return dead_letter(ticket, Some(id), e.to_string(), "too_large"),
+            Err(e) => {
+                let id = id.to_owned();
+                return dead_letter(ticket, Some(&id), e.to_string(), "too_large");
+            }
         };
         let region = events.region;
         let Some(sender) = &senders[region as usize] else {
@@ -230,7 +234,7 @@ impl Worker {
                 "no write key is configured for region {region} (set SEGMENT_BRIDGE__SEGMENT__{}__WRITE_KEY)",
                 region.as_str().to_uppercase()
             );
-            return dead_letter(ticket, Some(id), reason, "no_write_key");
+            return dead_letter(ticket, Some(&events.session), reason, "no_write_key");
         };
         if self.health.is_misconfigured(region) {
             self.metrics.requeued("misconfigured", 1);
