@@ -1,0 +1,1198 @@
+//! End-to-end benchmark of the worker against the local RabbitMQ and a local HTTP sink.
+//!
+//! ```text
+//! cargo bench --bench pipeline -- [--sessions N] [--rounds R] [--latency-secs S]
+//!                                 [--latency-rate R] [--quick] [--ceiling-group G]
+//!                                 [--no-ceiling] [--no-latency] [--no-pure]
+//! ```
+//!
+//! Each round, alternating the order:
+//! - **ceiling**: preload N sessions into a fresh queue, then drain it with a minimal lapin
+//!   consumer (same prefetch as the worker) that only acknowledges, with `multiple`, every
+//!   G deliveries. Its rate is what the broker, the client library and this machine allow.
+//! - **worker**: preload N sessions into another fresh queue, then run the worker
+//!   (`segment_bridge::worker::Worker`, configured by `config.toml` plus the environment,
+//!   endpoints pointing at the sink) until the sink has every Track event.
+//!
+//! Both consumers run as child processes (this binary, re-executed with `--child`), so
+//! their CPU time (`/proc/<pid>/stat` utime+stime) and peak RSS (`/proc/<pid>/status`
+//! VmHWM) are theirs alone; both are read at the moment the work is done. The sink runs in
+//! this process: it counts `"type":"track"` in each body and answers 200.
+//!
+//! Then a latency run: the worker consumes an empty queue while this process publishes
+//! `--latency-rate` sessions/s for `--latency-secs` s, each stamped with its publish time
+//! (the attribute `bench_sent_us`); the sink takes the time of receipt of each.
+//!
+//! `SEGMENT_BRIDGE__*` variables in the environment reach the worker (and set the
+//! ceiling's prefetch), e.g. `SEGMENT_BRIDGE__SEGMENT__MAX_BATCH_EVENTS=2000`; so does
+//! `TOKIO_WORKER_THREADS`. `SB_BENCH_TRACE=1` prints the queue's ready count every ~100 ms.
+//! Before each run the benchmark waits (up to 20 s) for the broker to go quiet after the
+//! preload; the broker still has slow phases (its CPU per message doubles), so compare
+//! medians, and worker CPU per session rather than single rates. Every queue
+//! is named `sb-bench.<pid>.…` and deleted afterwards. Without `--bench` on its command
+//! line (`cargo test --benches`) the binary only runs a self-check (no broker needed).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use segment_bridge::config::Config;
+use segment_bridge::events::{self, Mapped};
+use segment_bridge::health::Health;
+use segment_bridge::metrics::Metrics;
+use segment_bridge::session::Session;
+use segment_bridge::worker::Worker;
+
+mod common;
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Counted in each body; it ends in a `k`, a letter rare in these bodies (hashes are hex).
+const TRACK: &str = r#""type":"track"#;
+/// Where a latency run's publish time stands in each event.
+const SENT: &str = r#""bench_sent_us":"#;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+// ---------------------------------------------------------------------------------------
+// Options
+
+#[derive(Debug, Clone)]
+struct Options {
+    sessions: u64,
+    rounds: usize,
+    latency_secs: u64,
+    latency_rate: u64,
+    ceiling_group: Option<u16>,
+    ceiling: bool,
+    latency: bool,
+    pure: bool,
+}
+
+fn options(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        sessions: 200_000,
+        rounds: 3,
+        latency_secs: 10,
+        latency_rate: 5_000,
+        ceiling_group: None,
+        ceiling: true,
+        latency: true,
+        pure: true,
+    };
+    let (mut sessions, mut rounds, mut latency_secs) = (None, None, None);
+    let mut quick = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| -> Result<u64> {
+            let v = it.next().ok_or_else(|| format!("{name} needs a value"))?;
+            Ok(v.replace('_', "").parse()?)
+        };
+        match arg.as_str() {
+            "--bench" => {}
+            "--sessions" => sessions = Some(value("--sessions")?),
+            "--rounds" => rounds = Some(value("--rounds")? as usize),
+            "--latency-secs" => latency_secs = Some(value("--latency-secs")?),
+            "--latency-rate" => o.latency_rate = value("--latency-rate")?,
+            "--ceiling-group" => o.ceiling_group = Some(value("--ceiling-group")? as u16),
+            "--quick" => quick = true,
+            "--no-ceiling" => o.ceiling = false,
+            "--no-latency" => o.latency = false,
+            "--no-pure" => o.pure = false,
+            other => return Err(format!("unknown argument {other:?}").into()),
+        }
+    }
+    if quick {
+        o.sessions = 20_000;
+        o.rounds = 1;
+        o.latency_secs = 3;
+    }
+    o.sessions = sessions.unwrap_or(o.sessions).max(1);
+    o.rounds = rounds.unwrap_or(o.rounds).max(1);
+    o.latency_secs = latency_secs.unwrap_or(o.latency_secs);
+    o.latency &= o.latency_secs > 0 && o.latency_rate > 0;
+    Ok(o)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--child") {
+        let code = match child(&args[1..]) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("pipeline child: {e}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        self_check();
+        println!(
+            "pipeline: self-check passed; the end-to-end benchmark runs with `cargo bench --bench pipeline`."
+        );
+        return;
+    }
+    let options = match options(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("pipeline: {e}");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    if let Err(e) = runtime.block_on(parent(options)) {
+        eprintln!("pipeline: {e}");
+        std::process::exit(1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Children
+
+fn child(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("worker") => child_worker(),
+        Some("ceiling") => {
+            let arg = |i: usize| -> Result<&str> {
+                Ok(args.get(i).ok_or("ceiling: queue prefetch n group")?)
+            };
+            child_ceiling(
+                arg(1)?,
+                arg(2)?.parse()?,
+                arg(3)?.parse()?,
+                arg(4)?.parse()?,
+            )
+        }
+        other => Err(format!("unknown child {other:?}").into()),
+    }
+}
+
+/// The worker as the binary runs it (`segment-bridge run`): the same runtime and logging
+/// (at `warn` unless `RUST_LOG` says otherwise; `info` only adds start and stop lines),
+/// the configuration from `config.toml` and `SEGMENT_BRIDGE__*`. Stops when standard input
+/// closes, like SIGTERM: stop consuming, send and acknowledge what is held, exit.
+fn child_worker() -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("SEGMENT_BRIDGE__"))
+        .collect();
+    let config = Arc::new(Config::load(None, Some(env))?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    std::thread::spawn(move || {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        stop.cancel();
+    });
+    let worker = Worker::new(
+        config,
+        Arc::new(Health::default()),
+        Arc::new(Metrics::new()),
+        false,
+    );
+    // Spawned, as `segment-bridge run` does, so that it runs on the runtime's workers.
+    runtime.block_on(async { tokio::spawn(worker.run(shutdown)).await })??;
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}
+
+/// The ceiling: consume with `prefetch`, acknowledge every `group` deliveries with
+/// `multiple`, and nothing else. Prints `done` once `n` are acknowledged, then waits for
+/// standard input to close.
+fn child_ceiling(queue: &str, prefetch: u16, n: u64, group: u64) -> Result<()> {
+    // Tokio's default, but deaf to TOKIO_WORKER_THREADS: that is a knob of the worker
+    // under test, and the ceiling must not move with it.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut seen = 0u64;
+        let mut bytes = 0usize;
+        let mut unacked = 0u64;
+        while let Some(delivery) = consumer.next().await {
+            let delivery = delivery?;
+            seen += 1;
+            unacked += 1;
+            bytes += delivery.data.len();
+            if unacked >= group || seen == n {
+                channel
+                    .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
+                    .await?;
+                unacked = 0;
+            }
+            if seen == n {
+                break;
+            }
+        }
+        std::hint::black_box(bytes);
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "done {seen}")?;
+        out.flush()?;
+        drop(out);
+        tokio::task::spawn_blocking(|| std::io::stdin().read_to_end(&mut Vec::new())).await??;
+        let _ = conn.close(200, "OK".into()).await;
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The sink standing in for Segment
+
+#[derive(Default)]
+struct Sink {
+    tracks: AtomicU64,
+    expected: AtomicU64,
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    done_at: Mutex<Option<Instant>>,
+    /// When 99% of the expected Track events were in: what is left after it is the last
+    /// partial batches, which wait for their flush interval.
+    most_at: Mutex<Option<Instant>>,
+    done: Notify,
+    /// Latency runs: (publish → receipt) in µs, one sample per event.
+    record_latency: AtomicBool,
+    latencies: Mutex<Vec<u64>>,
+    base: Mutex<Option<Instant>>,
+}
+
+impl Sink {
+    fn reset(&self, expected: u64) {
+        self.tracks.store(0, Ordering::SeqCst);
+        self.requests.store(0, Ordering::SeqCst);
+        self.bytes.store(0, Ordering::SeqCst);
+        *self.done_at.lock().unwrap() = None;
+        *self.most_at.lock().unwrap() = None;
+        self.latencies.lock().unwrap().clear();
+        self.expected.store(expected, Ordering::SeqCst);
+    }
+
+    async fn wait(&self, within: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + within;
+        loop {
+            let notified = self.done.notified();
+            if let Some(at) = *self.done_at.lock().unwrap() {
+                return Some(at);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
+        }
+    }
+}
+
+/// Occurrences of `needle` in `hay`, found by its last byte, which must be rare in the
+/// haystack (a memchr through `str::find(char)`, ~10 GB/s here), then a compare.
+fn count(hay: &[u8], needle: &str) -> u64 {
+    let text = std::str::from_utf8(hay).unwrap_or("");
+    let last = char::from(*needle.as_bytes().last().expect("a needle"));
+    let mut n = 0;
+    let mut at = 0;
+    // `at` always follows an ASCII byte: a character boundary.
+    while let Some(i) = text[at..].find(last) {
+        at += i + 1;
+        if text.as_bytes()[..at].ends_with(needle.as_bytes()) {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Where `needle` starts in `hay`, for the latency run (std's two-way search).
+fn find_all<'a>(hay: &'a [u8], needle: &'a str) -> impl Iterator<Item = usize> + 'a {
+    // JSON bodies are UTF-8; anything else has no match worth counting.
+    let text = std::str::from_utf8(hay).unwrap_or("");
+    text.match_indices(needle).map(|(i, _)| i)
+}
+
+async fn receive(State(sink): State<Arc<Sink>>, body: Bytes) -> StatusCode {
+    let received = Instant::now();
+    let tracks = count(&body, TRACK);
+    sink.requests.fetch_add(1, Ordering::Relaxed);
+    sink.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    if sink.record_latency.load(Ordering::Relaxed) {
+        let base = sink.base.lock().unwrap().expect("a base time");
+        let now_us = received.duration_since(base).as_micros() as u64;
+        let mut samples = Vec::new();
+        for i in find_all(&body, SENT) {
+            let digits = &body[i + SENT.len()..];
+            let end = digits
+                .iter()
+                .position(|b| !b.is_ascii_digit())
+                .unwrap_or(digits.len());
+            if let Some(sent) = std::str::from_utf8(&digits[..end])
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                samples.push(now_us.saturating_sub(sent));
+            }
+        }
+        sink.latencies.lock().unwrap().extend(samples);
+    }
+    let total = sink.tracks.fetch_add(tracks, Ordering::SeqCst) + tracks;
+    let expected = sink.expected.load(Ordering::SeqCst);
+    if total * 100 >= expected.saturating_mul(99) {
+        sink.most_at.lock().unwrap().get_or_insert(received);
+    }
+    if total >= expected {
+        let mut done = sink.done_at.lock().unwrap();
+        if done.is_none() {
+            *done = Some(received);
+            sink.done.notify_waiters();
+        }
+    }
+    StatusCode::OK
+}
+
+async fn start_sink() -> Result<(Arc<Sink>, SocketAddr)> {
+    let sink = Arc::new(Sink::default());
+    let app = Router::new()
+        .route("/us/v1/batch", post(receive))
+        .route("/eu/v1/batch", post(receive))
+        .with_state(sink.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((sink, addr))
+}
+
+// ---------------------------------------------------------------------------------------
+// The broker
+
+struct Broker {
+    _conn: Connection,
+    /// In confirm mode: preloading.
+    channel: Channel,
+    /// Without confirms: the latency run's steady publishing.
+    plain: Channel,
+    /// Queues to delete at the end, whatever happens.
+    created: Vec<String>,
+}
+
+impl Broker {
+    async fn connect() -> Result<Broker> {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .map_err(|e| {
+                format!("this benchmark needs RabbitMQ at 127.0.0.1:5672 (guest/guest): {e}")
+            })?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let plain = conn.create_channel().await?;
+        Ok(Broker {
+            _conn: conn,
+            channel,
+            plain,
+            created: Vec::new(),
+        })
+    }
+
+    async fn declare(&mut self, name: &str) -> Result<()> {
+        self.created.push(name.to_owned());
+        self.channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// (ready messages, consumers)
+    async fn counts(&self, name: &str) -> Result<(u32, u32)> {
+        let q = self
+            .channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions::default().passive(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((q.message_count(), q.consumer_count()))
+    }
+
+    async fn delete(&mut self, name: &str) {
+        let _ = self
+            .channel
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await;
+        self.created.retain(|n| n != name);
+    }
+
+    async fn delete_all(&mut self) {
+        for name in std::mem::take(&mut self.created) {
+            let _ = self
+                .channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+
+    /// Publishes persistent messages with confirms, up to 2,000 unconfirmed.
+    async fn preload(&self, queue: &str, bodies: &[common::Generated]) -> Result<()> {
+        let mut confirms = FuturesUnordered::new();
+        for g in bodies {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    g.body.as_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?;
+            confirms.push(confirm);
+            if confirms.len() >= 2_000 {
+                let c = confirms.next().await.expect("not empty")?;
+                if !c.is_ack() {
+                    return Err("the broker refused a preloaded message".into());
+                }
+            }
+        }
+        while let Some(c) = confirms.next().await {
+            if !c?.is_ack() {
+                return Err("the broker refused a preloaded message".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcStats {
+    cpu_s: f64,
+    hwm_kb: u64,
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime+stime (all threads) and VmHWM of a live process.
+fn proc_stats(pid: u32, ticks: f64) -> Option<ProcStats> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Field 14 (utime) and 15 (stime) of stat(5); `after` starts at field 3.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    Some(ProcStats {
+        cpu_s: (utime + stime) / ticks,
+        hwm_kb,
+    })
+}
+
+/// The RabbitMQ node's process, to show how much CPU the broker itself takes.
+fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
+struct Proc {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<(Instant, String)>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str], env: &HashMap<String, String>) -> Result<Proc> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--child")
+            .args(args)
+            .envs(env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc { child, lines })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Closes its standard input (its signal to finish) and waits for it to exit.
+    async fn finish(mut self, within: Duration) -> Result<()> {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("child exited with {status}").into())
+                };
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Err("child did not exit in time; killed".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Runs
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    secs: f64,
+    /// Until 99% of the events were in (the worker) or of the deliveries acknowledged.
+    secs99: f64,
+    /// From the spawn until the queue had the child as its consumer.
+    startup_s: f64,
+    rate: f64,
+    stats: ProcStats,
+    broker_cpu_s: f64,
+    /// This process's CPU meanwhile: the sink (and the idle parent).
+    sink_cpu_s: f64,
+}
+
+struct Bench {
+    options: Options,
+    broker: Broker,
+    sink: Arc<Sink>,
+    sink_addr: SocketAddr,
+    env: HashMap<String, String>,
+    prefetch: u16,
+    ticks: f64,
+    broker_pid: Option<u32>,
+    tag: String,
+    trace_at: Mutex<Option<Instant>>,
+}
+
+impl Bench {
+    fn worker_env(&self, queue: &str) -> HashMap<String, String> {
+        let mut env = self.env.clone();
+        let url = |region: &str| format!("http://{}/{region}/v1/batch", self.sink_addr);
+        for (k, v) in [
+            ("AMQP__URL", AMQP_URL.to_owned()),
+            ("AMQP__QUEUE", queue.to_owned()),
+            ("AMQP__DEAD_LETTER_QUEUE", format!("{queue}.dead")),
+            ("AMQP__DECLARE", "true".to_owned()),
+            ("SEGMENT__US__ENDPOINT", url("us")),
+            ("SEGMENT__EU__ENDPOINT", url("eu")),
+            ("SEGMENT__US__WRITE_KEY", "bench-us-key".to_owned()),
+            ("SEGMENT__EU__WRITE_KEY", "bench-eu-key".to_owned()),
+        ] {
+            env.insert(format!("SEGMENT_BRIDGE__{k}"), v);
+        }
+        env
+    }
+
+    fn broker_cpu(&self) -> f64 {
+        self.broker_pid
+            .and_then(|p| proc_stats(p, self.ticks))
+            .map_or(0.0, |s| s.cpu_s)
+    }
+
+    fn own_cpu(&self) -> f64 {
+        proc_stats(std::process::id(), self.ticks).map_or(0.0, |s| s.cpu_s)
+    }
+
+    async fn fresh_queue(&mut self, name: &str, sessions: &[common::Generated]) -> Result<()> {
+        self.broker.declare(name).await?;
+        self.broker.preload(name, sessions).await?;
+        self.quiet_broker().await;
+        Ok(())
+    }
+
+    /// Waits (at most 20 s) until the broker has used under 10% of a core for a second:
+    /// done writing what was preloaded, done cleaning up after deleted queues. Runs that
+    /// start while it is busy are much slower and make the numbers noisy.
+    async fn quiet_broker(&self) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Some(pid) = self.broker_pid else {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            return;
+        };
+        let start = Instant::now();
+        let mut last = (Instant::now(), self.broker_cpu());
+        let mut calm = 0;
+        while calm < 4 && start.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = (Instant::now(), self.broker_cpu());
+            let busy = (now.1 - last.1) / now.0.duration_since(last.0).as_secs_f64();
+            calm = if busy < 0.10 { calm + 1 } else { 0 };
+            last = now;
+        }
+        if calm < 4 {
+            eprintln!(
+                "note: the broker (pid {pid}) did not quiet down within 20 s; measuring anyway"
+            );
+        }
+    }
+
+    async fn ceiling(&mut self, round: usize, sessions: &[common::Generated]) -> Result<Run> {
+        let queue = format!("sb-bench.{}.r{round}.ceiling", self.tag);
+        self.fresh_queue(&queue, sessions).await?;
+        let n = sessions.len() as u64;
+        let group = self
+            .options
+            .ceiling_group
+            .unwrap_or((self.prefetch / 4).max(1));
+        let (broker0, own0) = (self.broker_cpu(), self.own_cpu());
+        let started = Instant::now();
+        let mut proc = Proc::spawn(
+            &[
+                "ceiling",
+                &queue,
+                &self.prefetch.to_string(),
+                &n.to_string(),
+                &group.to_string(),
+            ],
+            &HashMap::new(),
+        )?;
+        let deadline = started + Duration::from_secs(600);
+        let mut consuming = None;
+        let done = loop {
+            if let Ok((at, line)) = proc.lines.try_recv()
+                && line.starts_with("done")
+            {
+                break at;
+            }
+            if proc.exited() || Instant::now() > deadline {
+                return Err("the ceiling consumer ended without draining the queue".into());
+            }
+            self.check_consuming(&queue, &mut consuming).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let stats = proc_stats(proc.pid(), self.ticks).unwrap_or_default();
+        let run = self.run(started, consuming, done, n, stats, broker0, own0);
+        proc.finish(Duration::from_secs(30)).await?;
+        self.broker.delete(&queue).await;
+        Ok(run)
+    }
+
+    async fn worker(&mut self, round: usize, sessions: &[common::Generated]) -> Result<Run> {
+        let queue = format!("sb-bench.{}.r{round}.worker", self.tag);
+        let dead = format!("{queue}.dead");
+        self.broker.declare(&dead).await?;
+        self.fresh_queue(&queue, sessions).await?;
+        let n = sessions.len() as u64;
+        let expected = sessions.iter().filter(|g| g.has_email).count() as u64;
+        self.sink.reset(expected);
+        let env = self.worker_env(&queue);
+        let (broker0, own0) = (self.broker_cpu(), self.own_cpu());
+        let started = Instant::now();
+        let mut proc = Proc::spawn(&["worker"], &env)?;
+        let mut consuming = None;
+        let done = loop {
+            let poll = if consuming.is_none() || std::env::var_os("SB_BENCH_TRACE").is_some() {
+                5
+            } else {
+                200
+            };
+            if let Some(at) = self.sink.wait(Duration::from_millis(poll)).await {
+                break at;
+            }
+            self.check_consuming(&queue, &mut consuming).await;
+            if proc.exited() {
+                return Err("the worker exited before the sink had every event".into());
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                return Err(format!(
+                    "the sink has {} of {expected} Track events after 10 minutes",
+                    self.sink.tracks.load(Ordering::SeqCst)
+                )
+                .into());
+            }
+        };
+        let stats = proc_stats(proc.pid(), self.ticks).unwrap_or_default();
+        let run = self.run(started, consuming, done, n, stats, broker0, own0);
+        proc.finish(Duration::from_secs(30)).await?;
+        let (ready, _) = self.broker.counts(&queue).await?;
+        let (dead_ready, _) = self.broker.counts(&dead).await?;
+        let tracks = self.sink.tracks.load(Ordering::SeqCst);
+        if ready != 0 || dead_ready != 0 || tracks != expected {
+            eprintln!(
+                "warning: after the worker: {ready} left in the queue, {dead_ready} dead-lettered, {tracks} Track events for {expected} sessions with an email"
+            );
+        }
+        self.broker.delete(&queue).await;
+        self.broker.delete(&dead).await;
+        Ok(run)
+    }
+
+    /// Notes when the queue first has a consumer: the end of the child's start-up.
+    async fn check_consuming(&self, queue: &str, consuming: &mut Option<Instant>) {
+        if consuming.is_none() && matches!(self.broker.counts(queue).await, Ok((_, c)) if c > 0) {
+            *consuming = Some(Instant::now());
+        }
+        if std::env::var_os("SB_BENCH_TRACE").is_some() {
+            let due = {
+                let mut last = self.trace_at.lock().unwrap();
+                let due = last.is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
+                if due {
+                    *last = Some(Instant::now());
+                }
+                due
+            };
+            if due && let Ok((ready, _)) = self.broker.counts(queue).await {
+                eprint!("{ready} ");
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        started: Instant,
+        consuming: Option<Instant>,
+        done: Instant,
+        n: u64,
+        stats: ProcStats,
+        broker0: f64,
+        own0: f64,
+    ) -> Run {
+        let secs = done.duration_since(started).as_secs_f64();
+        let most = *self.sink.most_at.lock().unwrap();
+        Run {
+            secs,
+            secs99: most.map_or(f64::NAN, |m| m.duration_since(started).as_secs_f64()),
+            startup_s: consuming.map_or(f64::NAN, |c| c.duration_since(started).as_secs_f64()),
+            rate: n as f64 / secs,
+            stats,
+            broker_cpu_s: self.broker_cpu() - broker0,
+            sink_cpu_s: self.own_cpu() - own0,
+        }
+    }
+
+    /// Publishes at a steady rate into an empty queue the worker consumes; returns the
+    /// publish → receipt latencies in µs and the worker's CPU seconds per session.
+    async fn latency(&mut self) -> Result<(Vec<u64>, f64, u64, ProcStats)> {
+        let queue = format!("sb-bench.{}.latency", self.tag);
+        let dead = format!("{queue}.dead");
+        self.broker.declare(&dead).await?;
+        self.broker.declare(&queue).await?;
+        let env = self.worker_env(&queue);
+        self.sink.reset(u64::MAX);
+        let base = Instant::now();
+        *self.sink.base.lock().unwrap() = Some(base);
+        self.sink.record_latency.store(true, Ordering::SeqCst);
+        let mut proc = Proc::spawn(&["worker"], &env)?;
+        // Wait until it consumes.
+        let until = Instant::now() + Duration::from_secs(30);
+        while self.broker.counts(&queue).await?.1 == 0 {
+            if proc.exited() || Instant::now() > until {
+                return Err("the worker did not start consuming".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let cpu0 = proc_stats(proc.pid(), self.ticks).unwrap_or_default().cpu_s;
+        let rate = self.options.latency_rate;
+        let total = rate * self.options.latency_secs;
+        let tick = Duration::from_millis(10);
+        let per_tick = rate as f64 / 100.0;
+        let mut rng = common::Rng::new(99);
+        let mut interval = tokio::time::interval(tick);
+        let mut published = 0u64;
+        let mut with_email = 0u64;
+        let start = Instant::now();
+        while published < total {
+            interval.tick().await;
+            // Keep the offered load exact even if a tick comes late.
+            let due =
+                ((start.elapsed().as_secs_f64() / tick.as_secs_f64()).floor() + 1.0) * per_tick;
+            let due = (due as u64).min(total);
+            while published < due {
+                let sent = base.elapsed().as_micros() as u64;
+                let g = common::session(&mut rng, &self.tag, published, Some(sent));
+                with_email += u64::from(g.has_email);
+                // No confirms here: the publisher must not pace itself by the broker.
+                self.broker
+                    .plain
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        g.body.as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await?
+                    // Without confirm mode this resolves at once.
+                    .await?;
+                published += 1;
+            }
+        }
+        let offered = published as f64 / start.elapsed().as_secs_f64();
+        // Wait for the tail (at most a flush interval and a request, normally).
+        let until = Instant::now() + Duration::from_secs(30);
+        while self.sink.tracks.load(Ordering::SeqCst) < with_email && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stats = proc_stats(proc.pid(), self.ticks).unwrap_or_default();
+        self.sink.record_latency.store(false, Ordering::SeqCst);
+        proc.finish(Duration::from_secs(30)).await?;
+        let got = self.sink.tracks.load(Ordering::SeqCst);
+        if got < with_email {
+            eprintln!("warning: latency run: {got} of {with_email} Track events arrived");
+        }
+        let samples = std::mem::take(&mut *self.sink.latencies.lock().unwrap());
+        self.broker.delete(&queue).await;
+        self.broker.delete(&dead).await;
+        eprintln!("latency run: offered {offered:.0} sessions/s, {published} sessions");
+        let cpu = stats.cpu_s - cpu0;
+        Ok((samples, cpu, published, stats))
+    }
+}
+
+/// The pure path in this process, on one thread: parse + map (which serialises).
+fn pure_rate() -> f64 {
+    let bodies: Vec<Vec<u8>> = common::sessions(7, "pure", 20_000)
+        .into_iter()
+        .map(|g| g.body.into_bytes())
+        .collect();
+    let options = events::Options::default();
+    let now = time::OffsetDateTime::now_utc();
+    let mut n = 0u64;
+    let mut bytes = 0usize;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        for body in &bodies {
+            let session = Session::parse(body).expect("valid");
+            if let Mapped::Events(e) = events::map(&session, now, &options).expect("maps") {
+                bytes += e.len();
+            }
+        }
+        n += bodies.len() as u64;
+    }
+    std::hint::black_box(bytes);
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+async fn parent(options: Options) -> Result<()> {
+    // The configuration the worker will get: config.toml (if in the working directory),
+    // then SEGMENT_BRIDGE__* from this environment.
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("SEGMENT_BRIDGE__"))
+        .collect();
+    let config = Config::load(None, Some(env.clone()))?;
+    let prefetch = config.amqp.prefetch;
+    let file = if std::path::Path::new("config.toml").exists() {
+        "config.toml + environment"
+    } else {
+        "defaults + environment"
+    };
+    println!(
+        "pipeline: {} sessions x {} rounds, prefetch {prefetch}, max_batch_events {}, max_in_flight {}, flush_interval {} ms ({file}); {} cores",
+        options.sessions,
+        options.rounds,
+        config.segment.max_batch_events,
+        config.segment.max_in_flight,
+        config.segment.flush_interval_ms,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    for (k, v) in &env {
+        println!("  {k}={v}");
+    }
+
+    let pure = if options.pure {
+        let r = pure_rate();
+        println!("pure path (parse + map + serialise, 1 thread, in-process): {r:.0} sessions/s");
+        Some(r)
+    } else {
+        None
+    };
+
+    let (sink, sink_addr) = start_sink().await?;
+    let broker = Broker::connect().await?;
+    let mut bench = Bench {
+        tag: format!("{}", std::process::id()),
+        options: options.clone(),
+        broker,
+        sink,
+        sink_addr,
+        env,
+        prefetch,
+        ticks: clock_ticks(),
+        broker_pid: broker_pid(),
+        trace_at: Mutex::new(None),
+    };
+    let result = run_all(&mut bench, pure).await;
+    bench.broker.delete_all().await;
+    result
+}
+
+async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
+    let o = bench.options.clone();
+    let mut ceilings = Vec::new();
+    let mut workers = Vec::new();
+    for round in 1..=o.rounds {
+        let sessions =
+            common::sessions(round as u64, &format!("{}-r{round}", bench.tag), o.sessions);
+        // Alternate which goes first, so that neither always meets a warmer broker.
+        let ceiling_first = round % 2 == 1;
+        for step in 0..2 {
+            let is_ceiling = (step == 0) == ceiling_first;
+            if is_ceiling && o.ceiling {
+                let r = bench.ceiling(round, &sessions).await?;
+                println!(
+                    "round {round} ceiling: {:>8.0} sessions/s  {:6.2} s (start-up {:4.0} ms)  cpu {:5.2} s  rss {:5.1} MB  broker cpu {:5.2} s",
+                    r.rate,
+                    r.secs,
+                    r.startup_s * 1e3,
+                    r.stats.cpu_s,
+                    r.stats.hwm_kb as f64 / 1024.0,
+                    r.broker_cpu_s
+                );
+                ceilings.push(r);
+            } else if !is_ceiling {
+                let r = bench.worker(round, &sessions).await?;
+                println!(
+                    "round {round} worker:  {:>8.0} sessions/s  {:6.2} s (start-up {:4.0} ms, 99% at {:.2} s)  cpu {:5.2} s  rss {:5.1} MB  broker cpu {:5.2} s  sink cpu {:5.2} s  ({} requests, {:.0} MB)",
+                    r.rate,
+                    r.secs,
+                    r.startup_s * 1e3,
+                    r.secs99,
+                    r.stats.cpu_s,
+                    r.stats.hwm_kb as f64 / 1024.0,
+                    r.broker_cpu_s,
+                    r.sink_cpu_s,
+                    bench.sink.requests.load(Ordering::SeqCst),
+                    bench.sink.bytes.load(Ordering::SeqCst) as f64 / 1e6,
+                );
+                workers.push(r);
+            }
+        }
+    }
+
+    let latency = if o.latency {
+        let (mut samples, cpu, published, _) = bench.latency().await?;
+        samples.sort_unstable();
+        Some((
+            percentile(&samples, 50.0),
+            percentile(&samples, 99.0),
+            percentile(&samples, 100.0),
+            cpu * 1e6 / published as f64,
+        ))
+    } else {
+        None
+    };
+
+    let med = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    let worker_rate = med(&workers, |r| r.rate);
+    let ratios: Vec<f64> = workers
+        .iter()
+        .zip(&ceilings)
+        .map(|(w, c)| w.rate / c.rate)
+        .collect();
+    let n = o.sessions as f64;
+    println!();
+    println!(
+        "### segment-bridge pipeline: {} sessions, {} round(s), medians",
+        o.sessions, o.rounds
+    );
+    println!();
+    println!("| metric | value | target |");
+    println!("|---|---:|---|");
+    if !ceilings.is_empty() {
+        println!(
+            "| ceiling (ack-only lapin consumer) | {:.0} sessions/s | |",
+            med(&ceilings, |r| r.rate)
+        );
+    }
+    println!(
+        "| worker, end to end (until the sink has every event) | {worker_rate:.0} sessions/s | |"
+    );
+    println!(
+        "| worker until 99% of the events (without the last partial batches' flush_interval wait) | {:.0} sessions/s | |",
+        med(&workers, |r| 0.99 * r.rate * r.secs / r.secs99)
+    );
+    if !ratios.is_empty() {
+        println!(
+            "| worker / ceiling (median of per-round ratios) | {:.2} | ≥ 0.90 |",
+            median(ratios)
+        );
+        let ratios99: Vec<f64> = workers
+            .iter()
+            .zip(&ceilings)
+            .map(|(w, c)| 0.99 * w.rate * w.secs / w.secs99 / c.rate)
+            .collect();
+        println!(
+            "| the same, worker until 99% of the events | {:.2} | |",
+            median(ratios99)
+        );
+    }
+    println!(
+        "| worker CPU | {:.2} s | |",
+        med(&workers, |r| r.stats.cpu_s)
+    );
+    println!(
+        "| worker CPU per session | {:.1} µs | |",
+        med(&workers, |r| r.stats.cpu_s) * 1e6 / n
+    );
+    println!(
+        "| worker peak RSS (VmHWM) | {:.1} MB | ≤ 40 MB |",
+        med(&workers, |r| r.stats.hwm_kb as f64) / 1024.0
+    );
+    println!(
+        "| broker CPU during the worker run | {:.2} s | |",
+        med(&workers, |r| r.broker_cpu_s)
+    );
+    println!(
+        "| sink CPU during the worker run | {:.2} s | |",
+        med(&workers, |r| r.sink_cpu_s)
+    );
+    if !ceilings.is_empty() {
+        println!(
+            "| ceiling consumer CPU / peak RSS | {:.2} s / {:.1} MB | |",
+            med(&ceilings, |r| r.stats.cpu_s),
+            med(&ceilings, |r| r.stats.hwm_kb as f64) / 1024.0
+        );
+    }
+    if let Some(p) = pure {
+        println!(
+            "| pure path, 1 thread (parse+map+serialise; criterion: `cargo bench --bench pure`) | {p:.0} sessions/s | ≥ 500,000 |"
+        );
+    }
+    if let Some((p50, p99, max, cpu_us)) = latency {
+        println!(
+            "| latency publish → sink at {} sessions/s for {} s: p50 / p99 / max | {p50:.0} / {p99:.0} / {max:.0} ms | p99 ≤ 600 ms |",
+            o.latency_rate, o.latency_secs
+        );
+        println!("| worker CPU per session at that load | {cpu_us:.1} µs | |");
+    }
+    Ok(())
+}
+
+/// What `cargo test --benches` runs: no broker, no processes; the sink's counter and the
+/// generated sessions are checked.
+fn self_check() {
+    let hay = br#"[{"type":"track","k":"ok"},{"type":"identify"},{"type":"track"}]"#;
+    assert_eq!(count(hay, TRACK), 2);
+    assert_eq!(count(b"k", TRACK), 0);
+    assert_eq!(count("é\"type\":\"track\"".as_bytes(), TRACK), 1);
+    let generated = common::sessions(1, "check", 2_000);
+    let options = events::Options::default();
+    let now = time::OffsetDateTime::now_utc();
+    let (mut with_email, mut eu, mut tracks) = (0, 0, 0);
+    for g in &generated {
+        let session = Session::parse(g.body.as_bytes()).expect("a valid session");
+        match events::map(&session, now, &options).expect("maps") {
+            Mapped::Events(e) => {
+                assert!(g.has_email);
+                with_email += 1;
+                eu += usize::from(g.eu);
+                tracks += count(&e.track, TRACK);
+            }
+            Mapped::Skipped(_) => assert!(!g.has_email),
+        }
+    }
+    assert_eq!(tracks, with_email as u64);
+    assert!(
+        (1_900..2_000).contains(&with_email),
+        "{with_email} with an email"
+    );
+    assert!((700..900).contains(&eu), "{eu} in the EU");
+}

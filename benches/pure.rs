@@ -1,0 +1,112 @@
+//! The pure path on one core: message body → `Session::parse` → `events::map` (which
+//! serialises both events) → the batch request body. No broker, no network, no clock
+//! except the fixed fallback time.
+//!
+//! `cargo bench --bench pure` (criterion; throughput is reported in sessions/s as
+//! "elem/s"). Under `cargo test --benches` each case runs once, as a smoke test.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use segment_bridge::batch::{Batch, Entry, Limits};
+use segment_bridge::events::{self, Mapped, Options};
+use segment_bridge::session::Session;
+use time::OffsetDateTime;
+
+mod common;
+
+/// Sessions per iteration: enough to cycle through the mix, small enough to stay in cache
+/// as a realistic prefetch window would (2000 deliveries).
+const N: u64 = 2_000;
+
+fn bench(c: &mut Criterion) {
+    let bodies: Vec<Vec<u8>> = common::sessions(7, "pure", N)
+        .into_iter()
+        .map(|g| g.body.into_bytes())
+        .collect();
+    let bytes: usize = bodies.iter().map(Vec::len).sum();
+    let options = Options::default();
+    let now = OffsetDateTime::from_unix_timestamp(1_773_000_000).unwrap();
+
+    let mut group = c.benchmark_group("pure");
+    group.throughput(Throughput::Elements(N));
+    group.measurement_time(Duration::from_secs(5));
+
+    // Floors for comparison: serde_json reading the same bodies and keeping nothing, and
+    // the three SHA-256 digests every session needs (email hash, two messageIds).
+    group.bench_function("floor_json_ignored", |b| {
+        b.iter(|| {
+            for body in &bodies {
+                black_box(
+                    serde_json::from_slice::<serde::de::IgnoredAny>(black_box(body)).unwrap(),
+                );
+            }
+        })
+    });
+    group.bench_function("floor_sha256x3", |b| {
+        use sha2::{Digest, Sha256};
+        b.iter(|| {
+            for body in &bodies {
+                for part in [&body[..24], &body[..48], &body[..40]] {
+                    black_box(Sha256::digest(black_box(part)));
+                }
+            }
+        })
+    });
+
+    group.bench_function("parse", |b| {
+        b.iter(|| {
+            for body in &bodies {
+                black_box(Session::parse(black_box(body)).unwrap());
+            }
+        })
+    });
+
+    group.bench_function("parse+map", |b| {
+        b.iter(|| {
+            for body in &bodies {
+                let session = Session::parse(black_box(body)).unwrap();
+                black_box(events::map(&session, now, &options).unwrap());
+            }
+        })
+    });
+
+    // What the worker does per delivery, plus the share of the batch body each session
+    // takes: the full pure path.
+    let limits = Limits {
+        max_events: 1000,
+        max_bytes: 475_000,
+    };
+    group.bench_function("parse+map+batch_body", |b| {
+        b.iter(|| {
+            let mut batch = Batch::new(limits);
+            let mut bodies_out = 0usize;
+            for body in &bodies {
+                let session = Session::parse(black_box(body)).unwrap();
+                let Mapped::Events(events) = events::map(&session, now, &options).unwrap() else {
+                    continue;
+                };
+                if !batch.is_empty() && !batch.fits(&events) {
+                    bodies_out += batch.take().body("2026-03-12T00:00:00.000Z").len();
+                }
+                batch.push(Entry { ticket: (), events });
+                if batch.is_full() {
+                    bodies_out += batch.take().body("2026-03-12T00:00:00.000Z").len();
+                }
+            }
+            if !batch.is_empty() {
+                bodies_out += batch.take().body("2026-03-12T00:00:00.000Z").len();
+            }
+            black_box(bodies_out)
+        })
+    });
+    group.finish();
+    eprintln!(
+        "pure: {N} sessions per iteration, {:.0} bytes per session on average",
+        bytes as f64 / N as f64
+    );
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
