@@ -395,14 +395,16 @@ impl Drop for Daemon {
 async fn sigterm_midway_through_a_slow_stream_sends_what_is_held_and_exits_0_within_the_grace_period()
  {
     let queues = Queues::new("sigterm-stream").await;
-    let us = fake_segment(200, Duration::from_millis(200)).await;
-    let ids = session_ids("t", 200);
+    // 4 requests of 5 sessions in flight, 400 ms each: 50 sessions/s, so the 400 sessions
+    // the worker takes at once cannot all be sent within the 3 s grace period.
+    let us = fake_segment(200, Duration::from_millis(400)).await;
+    let ids = session_ids("t", 400);
     let mut daemon = Daemon::spawn(
         &queues,
         &us,
         &[
             ("SEGMENT__MAX_BATCH_EVENTS", "10"),
-            ("SHUTDOWN__GRACE_PERIOD_S", "5"),
+            ("SHUTDOWN__GRACE_PERIOD_S", "3"),
         ],
     );
     daemon.wait_ready().await;
@@ -414,8 +416,8 @@ async fn sigterm_midway_through_a_slow_stream_sends_what_is_held_and_exits_0_wit
     let log = daemon.log();
     assert_eq!(status.code(), Some(0), "exit code 0 after SIGTERM:\n{log}");
     assert!(
-        exited - signalled < Duration::from_secs(5) + Duration::from_millis(1500),
-        "exited {:?} after SIGTERM, grace period 5 s:\n{log}",
+        exited - signalled < Duration::from_secs(3) + Duration::from_millis(1500),
+        "exited {:?} after SIGTERM, grace period 3 s:\n{log}",
         exited - signalled
     );
 
@@ -435,10 +437,13 @@ async fn sigterm_midway_through_a_slow_stream_sends_what_is_held_and_exits_0_wit
         .cloned()
         .collect();
     assert!(lost.is_empty(), "sessions lost: {lost:?}\n{log}");
+    // The grace period runs out with requests under way: only their sessions (at most 4
+    // requests of 5) may be both taken by Segment and redelivered; every other accepted
+    // session was acknowledged.
     let both: Vec<_> = accepted.intersection(&back_set).collect();
     assert!(
-        both.is_empty(),
-        "sessions Segment accepted were not acknowledged before a clean exit: {both:?}\n{log}"
+        both.len() <= 20,
+        "sessions Segment accepted were not acknowledged before the exit: {both:?}\n{log}"
     );
     // What it held when the signal came (batches waiting for a request slot, the batch
     // being gathered) was sent after it, not dropped.
