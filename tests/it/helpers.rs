@@ -303,6 +303,21 @@ impl FakeSegment {
         FakeSegment::start(|_, _| Reply::ok()).await
     }
 
+    /// Answers 503 until the returned switch is set, then 200.
+    pub async fn down_until_up() -> (FakeSegment, Arc<std::sync::atomic::AtomicBool>) {
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let switch = up.clone();
+        let sink = FakeSegment::start(move |_, _| {
+            Reply::status(if switch.load(Ordering::SeqCst) {
+                200
+            } else {
+                503
+            })
+        })
+        .await;
+        (sink, up)
+    }
+
     pub async fn start(
         respond: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
     ) -> FakeSegment {

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -787,14 +787,7 @@ async fn deliveries_held_past_max_hold_are_requeued_and_delivered_once_segment_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_delivery_stays_unacknowledged_past_max_hold_not_even_one_waiting_behind_others() {
     let queues = Queues::new("max-hold-backlog").await;
-    let up = Arc::new(AtomicBool::new(false));
-    let us = {
-        let up = up.clone();
-        FakeSegment::start(move |_, _| {
-            Reply::status(if up.load(Ordering::SeqCst) { 200 } else { 503 })
-        })
-        .await
-    };
+    let (us, up) = FakeSegment::down_until_up().await;
     // One session per request, one request at a time: most of the prefetch window waits
     // behind the batch being retried.
     let mut config = config(&queues, Some(&us), None);
@@ -851,14 +844,7 @@ async fn no_delivery_stays_unacknowledged_past_max_hold_not_even_one_waiting_beh
 async fn while_segment_is_down_the_worker_holds_no_more_than_prefetch_and_delivers_all_after_recovery()
  {
     let queues = Queues::new("bounded").await;
-    let up = Arc::new(AtomicBool::new(false));
-    let us = {
-        let up = up.clone();
-        FakeSegment::start(move |_, _| {
-            Reply::status(if up.load(Ordering::SeqCst) { 200 } else { 503 })
-        })
-        .await
-    };
+    let (us, up) = FakeSegment::down_until_up().await;
     let mut config = config(&queues, Some(&us), None);
     config.amqp.prefetch = 50;
     let app = spawn_app(config).await;
