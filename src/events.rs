@@ -641,7 +641,7 @@ mod tests {
     }
 
     fn golden(name: &str) -> Value {
-        let path = format!("{}/../shared/examples/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
@@ -749,7 +749,7 @@ mod tests {
 
     #[test]
     fn the_webhook_body_maps_without_a_survey_session_id() {
-        let body = include_str!("../../shared/examples/jebbit-webhook-test-submission.json");
+        let body = include_str!("../tests/fixtures/jebbit-webhook-test-submission.json");
         let (identify, track, region) = events(body, &Options::default());
         assert_eq!(region, Region::Us);
         assert_eq!(

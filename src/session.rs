@@ -605,7 +605,7 @@ mod tests {
 
     #[test]
     fn the_jebbit_webhook_body_is_a_session_identified_by_its_hash() {
-        let body = include_str!("../../shared/examples/jebbit-webhook-test-submission.json");
+        let body = include_str!("../tests/fixtures/jebbit-webhook-test-submission.json");
         let s = Session::parse(body.as_bytes()).unwrap();
         assert_eq!(s.identity, hex::encode(Sha256::digest(body.as_bytes())));
         assert_eq!(s.session_id, None);

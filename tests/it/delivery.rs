@@ -416,7 +416,7 @@ async fn the_webhook_body_is_delivered_as_published_in_the_integration_docs() {
     let app = spawn_app(config(&queues, Some(&us), None)).await;
     let body = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/examples/jebbit-webhook-test-submission.json"
+        "/tests/fixtures/jebbit-webhook-test-submission.json"
     ))
     .unwrap();
     queues.publish([&body]).await;

@@ -61,6 +61,40 @@ pub async fn connect() -> Connection {
     }
 }
 
+/// The local broker is shared by every test, by other test runs and by the benchmarks. A
+/// test that changes the broker itself (a restart, a broker-wide setting) holds this lock
+/// exclusively; every [`Queues`] holds it shared. The lock is a `flock` on a file in the
+/// temporary directory, so it keeps test binaries and processes apart as well as threads.
+pub struct BrokerLock(#[allow(dead_code)] std::fs::File);
+
+impl BrokerLock {
+    fn file() -> std::fs::File {
+        let path = std::env::temp_dir().join("segment-bridge-tests.broker.lock");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("cannot open the broker lock {}: {e}", path.display()))
+    }
+
+    /// Held by every test that uses the broker as it is.
+    pub fn shared() -> BrokerLock {
+        let file = BrokerLock::file();
+        file.lock_shared().expect("the shared broker lock");
+        BrokerLock(file)
+    }
+
+    /// Held by a test that changes the broker: no other test uses it meanwhile.
+    #[allow(dead_code)]
+    pub fn exclusive() -> BrokerLock {
+        let file = BrokerLock::file();
+        file.lock().expect("the exclusive broker lock");
+        BrokerLock(file)
+    }
+}
+
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// A main queue and a dead-letter queue with names no other test or run uses, deleted
@@ -70,6 +104,7 @@ pub struct Queues {
     pub dead: String,
     _conn: Connection,
     channel: Channel,
+    _lock: BrokerLock,
 }
 
 impl Queues {
@@ -83,6 +118,7 @@ impl Queues {
                 .unwrap()
                 .subsec_nanos()
         );
+        let lock = BrokerLock::shared();
         let conn = connect().await;
         let channel = conn.create_channel().await.unwrap();
         channel
@@ -94,6 +130,7 @@ impl Queues {
             dead: format!("sb-test.{test}.{unique}.dead"),
             _conn: conn,
             channel,
+            _lock: lock,
         };
         for name in [&q.main, &q.dead] {
             q.channel

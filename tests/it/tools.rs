@@ -308,7 +308,7 @@ async fn publish_puts_every_non_blank_line_on_the_queue_byte_for_byte_as_a_persi
     let queues = Queues::new("tools-publish").await;
     let webhook = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/examples/jebbit-webhook-test-submission.json"
+        "/tests/fixtures/jebbit-webhook-test-submission.json"
     ))
     .unwrap();
     let webhook = webhook.trim_ascii_end().to_vec();
@@ -652,7 +652,7 @@ async fn check_works_with_no_config_file_when_the_environment_holds_the_queues_a
 async fn preview_prints_one_line_per_session_with_its_events_skip_or_error_without_a_broker() {
     let webhook = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/examples/jebbit-webhook-test-submission.json"
+        "/tests/fixtures/jebbit-webhook-test-submission.json"
     ))
     .unwrap();
     let input = format!(
