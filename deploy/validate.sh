@@ -319,7 +319,7 @@ def keda_semantics(doc):
 # ---------------------------------------------------------------- config.toml (SPEC section 7)
 CONFIG_KEYS = {
     "amqp": {"url": str, "queue": str, "dead_letter_queue": str, "prefetch": int,
-             "declare": bool},
+             "declare": bool, "delivery_limit": int},
     "segment": {"default_region": str, "flush_interval_ms": int, "max_batch_events": int,
                 "max_batch_bytes": int, "max_in_flight": int, "request_timeout_ms": int,
                 "us": dict, "eu": dict},

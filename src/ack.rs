@@ -9,6 +9,14 @@
 //!
 //! It relies on RabbitMQ numbering the deliveries of a channel 1, 2, 3, … and on this
 //! worker's channel carrying one consumer and nothing else that is delivered.
+//!
+//! Once the consumer is cancelled (shutdown, a refused key), [`AckTracker::in_order_only`]
+//! stops the one-by-one acks. On RabbitMQ 3.10's quorum queues, single acks sent after
+//! `basic.cancel` often do not take effect: of 100 deliveries acked one by one after the
+//! cancel, 13 to 67 were redelivered when the channel closed, in 9 of 15 runs (never
+//! without the cancel, never on a classic queue), while multiple acks settled everything
+//! in every run. After a cancel no new delivery needs the prefetch
+//! window, so nothing is lost by acking only at the frontier.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +36,8 @@ pub struct AckTracker {
     waiting: usize,
     /// Past this many waiting tags, they are acknowledged one by one.
     straggler_limit: usize,
+    /// No acks one by one any more, only multiple acks at the frontier.
+    in_order: bool,
 }
 
 impl AckTracker {
@@ -37,7 +47,17 @@ impl AckTracker {
             settled: BTreeMap::new(),
             waiting: 0,
             straggler_limit,
+            in_order: false,
         }
+    }
+
+    /// From now on, only multiple acks at the frontier (see the module doc).
+    pub fn in_order_only(&mut self) {
+        self.in_order = true;
+    }
+
+    pub fn is_in_order_only(&self) -> bool {
+        self.in_order
     }
 
     /// Records that `tag` is finished. `needs_ack` is false when it was settled some other
@@ -76,9 +96,12 @@ impl AckTracker {
         }
     }
 
-    /// Acks, one by one, every finished tag still waiting behind an unfinished one: when
-    /// they have waited long enough, or before the channel closes.
+    /// Acks, one by one, every finished tag still waiting behind an unfinished one, when
+    /// they have waited long enough; nothing once [`in_order_only`](Self::in_order_only).
     pub fn take_stragglers(&mut self, out: &mut Vec<Ack>) {
+        if self.in_order {
+            return;
+        }
         for (&tag, needs_ack) in self.settled.iter_mut().filter(|(_, n)| **n) {
             *needs_ack = false;
             out.push(Ack {
@@ -171,6 +194,21 @@ mod tests {
         );
         t.settle(1, true);
         assert_eq!(acks(&mut t), [(1, true)]);
+    }
+
+    #[test]
+    fn after_the_consumer_is_cancelled_acks_only_advance_the_frontier() {
+        let mut t = AckTracker::new(2);
+        t.in_order_only();
+        for tag in 2..=10 {
+            t.settle(tag, true);
+        }
+        assert_eq!(acks(&mut t), [], "nothing one by one past the limit");
+        let mut out = Vec::new();
+        t.take_stragglers(&mut out);
+        assert_eq!(out, [], "nor on demand");
+        t.settle(1, true);
+        assert_eq!(acks(&mut t), [(10, true)]);
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub struct Amqp {
     pub prefetch: u16,
     /// Declare both queues (durable) if missing; existing queues are used as they are.
     pub declare: bool,
+    /// The consumed queue's `x-delivery-limit`, if it has one (quorum queues; RabbitMQ 4.x
+    /// sets 20 by default). Only for warnings: a delivery whose `x-delivery-count` is over
+    /// half of it is logged and counted. 0: no warnings.
+    pub delivery_limit: u32,
 }
 
 impl Default for Amqp {
@@ -59,6 +63,7 @@ impl Default for Amqp {
             dead_letter_queue: "segment-bridge.sessions.dead".into(),
             prefetch: 2000,
             declare: true,
+            delivery_limit: 20,
         }
     }
 }
@@ -387,6 +392,15 @@ impl Config {
         Duration::from_secs(self.shutdown.grace_period_s)
     }
 
+    /// How long after SIGTERM the worker stops waiting for Segment and hands back what it
+    /// holds: a fifth of the grace period is left for that, at least 1 s and at most 5 s
+    /// (and at most half of it).
+    pub fn hand_back_after(&self) -> Duration {
+        let grace = self.grace_period();
+        let margin = (grace / 5).clamp(Duration::from_secs(1), Duration::from_secs(5));
+        grace - margin.min(grace / 2)
+    }
+
     pub fn retry_policy(&self) -> crate::segment::RetryPolicy {
         crate::segment::RetryPolicy {
             initial: Duration::from_millis(self.retry.initial_backoff_ms),
@@ -557,6 +571,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("apac"), "{err}");
+    }
+
+    #[test]
+    fn the_hand_back_at_shutdown_leaves_a_fifth_of_the_grace_period_between_1_and_5_s() {
+        let after = |grace: &str| {
+            Config::load(
+                None,
+                env(&[("SEGMENT_BRIDGE__SHUTDOWN__GRACE_PERIOD_S", grace)]),
+            )
+            .unwrap()
+            .hand_back_after()
+        };
+        assert_eq!(after("25"), Duration::from_secs(20));
+        assert_eq!(after("100"), Duration::from_secs(95));
+        assert_eq!(after("3"), Duration::from_secs(2));
+        assert_eq!(after("1"), Duration::from_millis(500));
     }
 
     #[test]

@@ -1,19 +1,36 @@
 //! RabbitMQ: connecting, declaring, consuming, and settling deliveries.
 //!
 //! A [`Link`] is one connection with two channels: one that consumes (and carries every
-//! ack and nack for its deliveries) and one in confirm mode that publishes dead letters.
-//! Each delivery becomes a [`Ticket`]; the pipeline settles a ticket exactly once by
-//! acknowledging it, requeueing it or dead-lettering it, and a ticket dropped unsettled is
-//! requeued. Settlements go to the link's acker task, which owns the consume channel's
+//! ack for its deliveries) and one in confirm mode that publishes: dead letters, and the
+//! copies of deliveries handed back. Each delivery becomes a [`Ticket`], which the
+//! pipeline settles exactly once:
+//! - [`Ticket::ack`]: Segment took its events, or there was nothing to send;
+//! - [`Ticket::dead_letter`]: bad input, moved to the dead-letter queue with its reason;
+//! - [`Ticket::hand_back`]: it must be tried again later through no fault of its own
+//!   (Segment down past the hold limit, a refused write key, shutdown). Dropping an
+//!   unsettled ticket hands it back too.
+//!
+//! Handing back never uses `basic.nack(requeue)`: a quorum queue counts every return
+//! against its `x-delivery-limit` and drops or dead-letters the message once it runs out,
+//! which would lose sessions to a long Segment outage. A hand-back publishes the message
+//! again, unchanged, to the consumed queue, waits for the broker's confirm, and only then
+//! acknowledges the original; the copy starts with a fresh delivery count. Should the
+//! worker die between the two, both copies exist, and the second delivery of the session
+//! carries the same messageIds. Only when the broker refuses the copy three times is the
+//! original returned with `nack(requeue)`, logged as an error.
+//!
+//! Settlements go to the link's acker task, which owns the consume channel's
 //! acknowledgements and coalesces them (see [`crate::ack`]). A ticket only ever settles on
-//! the channel it came from: after a reconnect, deliveries of the dead channel are left to
-//! the broker, which redelivers them.
+//! the channel it came from: after a lost connection or channel, the broker has already
+//! taken that channel's deliveries back, so nothing is published or acknowledged for them.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -32,6 +49,8 @@ use crate::metrics::Metrics;
 
 /// The header that carries why a message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-segment-bridge-error";
+/// The header in which quorum queues count a message's earlier deliveries.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
 /// Connects to the broker named by `amqp.url`.
 pub async fn connect(amqp: &config::Amqp) -> lapin::Result<Connection> {
@@ -73,7 +92,7 @@ pub async fn ensure_queue(conn: &Connection, queue: &str, declare: bool) -> lapi
     Ok(())
 }
 
-/// A message as it came: what dead-lettering republishes unchanged.
+/// A message as it came: what dead-lettering and handing back republish unchanged.
 #[derive(Debug, Clone)]
 pub struct Message {
     pub body: Vec<u8>,
@@ -84,21 +103,31 @@ pub struct Message {
 #[derive(Debug)]
 enum Settle {
     Ack(u64),
-    Requeue(u64),
-    DeadLetter(Box<DeadLetter>),
+    Publish(Box<Job>),
+}
+
+/// A delivery to be published somewhere (with a confirm) and then acknowledged.
+#[derive(Debug)]
+struct Job {
+    tag: u64,
+    received: Instant,
+    message: Message,
+    target: Target,
+    /// Attempts that failed so far.
+    failures: u32,
 }
 
 #[derive(Debug)]
-struct DeadLetter {
-    tag: u64,
-    message: Message,
-    reason: String,
-    code: &'static str,
+enum Target {
+    /// To the dead-letter queue, with the reason in [`ERROR_HEADER`].
+    DeadLetter { reason: String, code: &'static str },
+    /// Back to the consumed queue, unchanged.
+    HandBack,
 }
 
 /// One delivery in the pipeline. Settle it once with [`ack`](Self::ack),
-/// [`requeue`](Self::requeue) or [`dead_letter`](Self::dead_letter); dropping it unsettled
-/// requeues it.
+/// [`hand_back`](Self::hand_back) or [`dead_letter`](Self::dead_letter); dropping it
+/// unsettled hands it back.
 #[derive(Debug)]
 pub struct Ticket {
     tag: u64,
@@ -128,67 +157,73 @@ impl Ticket {
 
     /// Segment took the session's events, or there was nothing to send.
     pub fn ack(mut self) {
-        self.send(Settle::Ack(self.tag));
+        let tag = std::mem::take(&mut self.tag);
+        let _ = self.settle.send(Settle::Ack(tag));
     }
 
-    /// Hand the delivery back to the broker, unharmed, for a later attempt.
-    pub fn requeue(mut self) {
-        self.send(Settle::Requeue(self.tag));
+    /// Puts the message back on the queue, unchanged and without spending its delivery
+    /// count, for a later attempt: published again with a confirm, then acknowledged.
+    pub fn hand_back(mut self) {
+        self.publish(Target::HandBack);
     }
 
-    /// Move the message to the dead-letter queue with `reason`, then acknowledge it. If the
-    /// dead-letter queue does not confirm, the delivery is requeued instead.
+    /// Moves the message to the dead-letter queue with `reason`, then acknowledges it. If
+    /// the dead-letter queue does not confirm, it is retried until the delivery has been
+    /// held for `retry.max_hold_s`, and then handed back.
     pub fn dead_letter(mut self, reason: String, code: &'static str) {
-        let message = self
-            .message
-            .take()
-            .expect("an unsettled ticket holds its message");
-        self.send(Settle::DeadLetter(Box::new(DeadLetter {
-            tag: self.tag,
-            message,
-            reason,
-            code,
-        })));
+        self.publish(Target::DeadLetter { reason, code });
     }
 
-    fn send(&mut self, settle: Settle) {
+    fn publish(&mut self, target: Target) {
+        let tag = std::mem::take(&mut self.tag);
+        let Some(message) = self.message.take() else {
+            return;
+        };
         // After a lost connection the acker is gone; the broker redelivers the message.
-        let _ = self.settle.send(settle);
-        self.tag = 0;
+        let _ = self.settle.send(Settle::Publish(Box::new(Job {
+            tag,
+            received: self.received,
+            message,
+            target,
+            failures: 0,
+        })));
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         if self.tag != 0 {
-            let _ = self.settle.send(Settle::Requeue(self.tag));
+            self.publish(Target::HandBack);
         }
     }
 }
 
-/// One connection to the broker: consuming, settling, dead-lettering.
+/// One connection to the broker: consuming, settling, dead-lettering, handing back.
 pub struct Link {
-    pub connection: Connection,
+    connection: Arc<Connection>,
     consume: Channel,
     settle: mpsc::UnboundedSender<Settle>,
     acker: JoinHandle<()>,
     alive: Arc<AtomicBool>,
+    /// Set before `basic.cancel`: from then on, acks go in order only (see [`crate::ack`]).
+    cancelled: Arc<AtomicBool>,
 }
 
 impl Link {
     /// Connects, makes sure both queues exist, and starts consuming with `prefetch`.
+    /// A dead letter the broker does not confirm is retried until its delivery has been
+    /// held for `max_hold`.
     pub async fn open(
         amqp: &config::Amqp,
+        max_hold: Duration,
         metrics: Arc<Metrics>,
     ) -> lapin::Result<(Link, lapin::Consumer)> {
-        let connection = connect(amqp).await?;
+        let connection = Arc::new(connect(amqp).await?);
         ensure_queue(&connection, &amqp.queue, amqp.declare).await?;
         ensure_queue(&connection, &amqp.dead_letter_queue, amqp.declare).await?;
 
-        let publish = connection.create_channel().await?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let back = confirm_channel(&connection).await?;
+        let dead = confirm_channel(&connection).await?;
         let consume = connection.create_channel().await?;
         consume
             .basic_qos(amqp.prefetch, BasicQosOptions::default())
@@ -202,24 +237,32 @@ impl Link {
             )
             .await?;
 
+        let alive = Arc::new(AtomicBool::new(true));
+        let cancelled = Arc::new(AtomicBool::new(false));
         let (settle, rx) = mpsc::unbounded_channel();
-        let acker = tokio::spawn(run_acker(
-            consume.clone(),
-            publish,
-            amqp.dead_letter_queue.as_str().into(),
-            rx,
+        let acker = Acker {
+            connection: connection.clone(),
+            consume: consume.clone(),
+            back: Route::new(back, &amqp.queue, false),
+            dead: Route::new(dead, &amqp.dead_letter_queue, true),
+            alive: alive.clone(),
+            cancelled: cancelled.clone(),
+            max_hold,
+            metrics,
             // Finished deliveries stuck behind a slow one are acknowledged one by one
             // before they take a quarter of the prefetch window.
-            usize::from(amqp.prefetch / 4).max(1),
-            metrics,
-        ));
+            tracker: AckTracker::new(usize::from(amqp.prefetch / 4).max(1)),
+            acks: Vec::new(),
+            pending: FuturesUnordered::new(),
+        };
         Ok((
             Link {
                 connection,
                 consume,
                 settle,
-                acker,
-                alive: Arc::new(AtomicBool::new(true)),
+                acker: tokio::spawn(acker.run(rx)),
+                alive,
+                cancelled,
             },
             consumer,
         ))
@@ -239,13 +282,15 @@ impl Link {
         }
     }
 
-    /// Marks the connection lost: its tickets are no longer worth sending.
+    /// Marks the connection lost: its tickets are no longer worth sending, and the broker
+    /// has taken them back.
     pub fn mark_lost(&self) {
         self.alive.store(false, Ordering::Relaxed);
     }
 
     /// Stops the broker from sending more deliveries; held ones stay ours to settle.
     pub async fn cancel(&self, consumer_tag: ShortString) -> lapin::Result<()> {
+        self.cancelled.store(true, Ordering::SeqCst);
         self.consume
             .basic_cancel(consumer_tag, lapin::options::BasicCancelOptions::default())
             .await
@@ -260,73 +305,267 @@ impl Link {
     }
 }
 
-/// How long a delivery whose dead-letter copy was not confirmed waits before it is
-/// requeued: without it, a missing dead-letter queue would loop it at broker speed.
-const DEAD_LETTER_RETRY_DELAY: Duration = Duration::from_secs(5);
+async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// How often the broker may refuse a hand-back's copy before the original is returned
+/// with a plain `nack(requeue)`, which spends one of its deliveries on a quorum queue.
+const HAND_BACK_ATTEMPTS: u32 = 3;
+/// The first delay after a refused publish; it doubles with each failure, up to the cap.
+const PUBLISH_RETRY_DELAY: Duration = Duration::from_secs(1);
+const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Finished deliveries waiting behind an unfinished one are acknowledged one by one after
 /// at most two of these.
 const STRAGGLER_TICK: Duration = Duration::from_millis(200);
 
-/// Owns the consume channel's acknowledgements and the dead-letter publishing of a link.
-async fn run_acker(
-    consume: Channel,
-    publish: Channel,
-    dead_letter_queue: ShortString,
-    mut rx: mpsc::UnboundedReceiver<Settle>,
-    straggler_limit: usize,
-    metrics: Arc<Metrics>,
-) {
-    let mut tracker = AckTracker::new(straggler_limit);
-    let mut acks = Vec::new();
-    let mut confirms = FuturesUnordered::new();
-    let mut open = true;
-    let mut tick = tokio::time::interval(STRAGGLER_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stale = false;
-    loop {
-        tokio::select! {
-            settle = rx.recv(), if open => match settle {
-                Some(settle) => {
-                    handle(settle, &consume, &publish, &dead_letter_queue, &mut tracker, &mut confirms).await;
-                    // Take what else is ready, so that one ack covers as much as it can.
-                    for _ in 0..4096 {
-                        let Ok(settle) = rx.try_recv() else { break };
-                        handle(settle, &consume, &publish, &dead_letter_queue, &mut tracker, &mut confirms).await;
-                    }
-                }
-                None => open = false,
-            },
-            Some((tag, code, result)) = confirms.next(), if !confirms.is_empty() => {
-                match result {
-                    Ok(()) => {
-                        metrics.dead_lettered(code);
-                        // Acknowledged at once: a redelivery would make a second copy.
-                        send_ack(&consume, Ack { tag, multiple: false }).await;
-                        tracker.settle(tag, false);
-                    }
-                    Err(why) => {
-                        tracing::error!(queue = %dead_letter_queue, error = %why, "Could not dead-letter a message; it was requeued. Check that the dead-letter queue exists and accepts messages.");
-                        requeue(&consume, tag, &mut tracker).await;
-                    }
-                }
-            },
-            _ = tick.tick(), if tracker.waiting() > 0 => {
-                if stale {
-                    tracker.take_stragglers(&mut acks);
-                }
-                stale = !stale;
-            },
-            else => break,
-        }
-        tracker.take_acks(&mut acks);
-        for ack in acks.drain(..) {
-            send_ack(&consume, ack).await;
+fn retry_delay(failures: u32) -> Duration {
+    PUBLISH_RETRY_DELAY
+        .saturating_mul(1 << failures.saturating_sub(1).min(5))
+        .min(PUBLISH_RETRY_MAX)
+}
+
+/// What a pending publish came to.
+enum Published {
+    /// The broker confirmed it, or refused it (with why).
+    Done(Box<Job>, Result<(), String>),
+    /// Its retry delay is over: publish it again.
+    Due(Box<Job>),
+}
+
+/// Where the acker publishes one kind of job, on a confirm channel of its own.
+///
+/// lapin hands a message the broker returned (unroutable, `mandatory`) to whichever
+/// confirmation completes next on that channel, not necessarily the publish it belongs to.
+/// So hand-backs and dead letters never share a channel, and dead letters go one at a
+/// time: a dead letter taken for confirmed while its queue is missing would be lost.
+/// Hand-backs all go to the consumed queue, which exists while it is consumed.
+struct Route {
+    /// In confirm mode; reopened if the broker closed it.
+    channel: Channel,
+    queue: ShortString,
+    /// One publish under way at a time.
+    serial: bool,
+    in_flight: usize,
+    /// Jobs waiting for their turn (serial routes only).
+    waiting: VecDeque<Box<Job>>,
+}
+
+impl Route {
+    fn new(channel: Channel, queue: &str, serial: bool) -> Route {
+        Route {
+            channel,
+            queue: queue.into(),
+            serial,
+            in_flight: 0,
+            waiting: VecDeque::new(),
         }
     }
-    // Every ticket is settled: acknowledge whatever still waits before the channel closes.
-    tracker.take_stragglers(&mut acks);
-    for ack in acks.drain(..) {
-        send_ack(&consume, ack).await;
+}
+
+/// Owns the consume channel's acknowledgements, and the publishing of one link's dead
+/// letters and hand-backs.
+struct Acker {
+    connection: Arc<Connection>,
+    consume: Channel,
+    /// Copies of handed-back deliveries, to the consumed queue.
+    back: Route,
+    /// Dead letters, to the dead-letter queue.
+    dead: Route,
+    alive: Arc<AtomicBool>,
+    cancelled: Arc<AtomicBool>,
+    max_hold: Duration,
+    metrics: Arc<Metrics>,
+    tracker: AckTracker,
+    acks: Vec<Ack>,
+    pending: FuturesUnordered<BoxFuture<'static, Published>>,
+}
+
+impl Acker {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Settle>) {
+        let mut open = true;
+        let mut tick = tokio::time::interval(STRAGGLER_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stale = false;
+        loop {
+            tokio::select! {
+                settle = rx.recv(), if open => match settle {
+                    Some(settle) => {
+                        self.handle(settle).await;
+                        // Take what else is ready, so that one ack covers as much as it can.
+                        for _ in 0..4096 {
+                            let Ok(settle) = rx.try_recv() else { break };
+                            self.handle(settle).await;
+                        }
+                    }
+                    None => open = false,
+                },
+                Some(published) = self.pending.next(), if !self.pending.is_empty() => {
+                    match published {
+                        Published::Due(job) => self.start(job).await,
+                        Published::Done(job, result) => {
+                            let route = self.route(&job.target);
+                            route.in_flight -= 1;
+                            let next = route.waiting.pop_front();
+                            self.finish(job, result).await;
+                            if let Some(next) = next {
+                                self.start(next).await;
+                            }
+                        }
+                    }
+                },
+                _ = tick.tick(), if self.tracker.waiting() > 0 => {
+                    self.note_cancel();
+                    if stale {
+                        self.tracker.take_stragglers(&mut self.acks);
+                    }
+                    stale = !stale;
+                },
+                else => break,
+            }
+            self.send_acks().await;
+        }
+        // Every ticket is settled: acknowledge whatever still waits, then close the channels
+        // and wait for the broker to confirm. Its close-ok comes after it processed every
+        // ack before it; a connection torn down with acks still on the wire loses them.
+        self.tracker.take_stragglers(&mut self.acks);
+        self.send_acks().await;
+        let _ = self.consume.close(200, "OK".into()).await;
+        let _ = self.back.channel.close(200, "OK".into()).await;
+        let _ = self.dead.channel.close(200, "OK".into()).await;
+    }
+
+    /// Once the consumer's cancel is on its way, acks go in order only (see `crate::ack`).
+    fn note_cancel(&mut self) {
+        if !self.tracker.is_in_order_only() && self.cancelled.load(Ordering::SeqCst) {
+            self.tracker.in_order_only();
+        }
+    }
+
+    async fn handle(&mut self, settle: Settle) {
+        self.note_cancel();
+        match settle {
+            Settle::Ack(tag) => self.tracker.settle(tag, true),
+            Settle::Publish(job) => self.start(job).await,
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    fn route(&mut self, target: &Target) -> &mut Route {
+        match target {
+            Target::DeadLetter { .. } => &mut self.dead,
+            Target::HandBack => &mut self.back,
+        }
+    }
+
+    /// Publishes the job's message; the publish and its confirm are awaited in `pending`,
+    /// so that many hand-backs (at shutdown, say) are under way at once.
+    async fn start(&mut self, job: Box<Job>) {
+        if !self.alive() {
+            // The broker took the delivery back with its channel; a copy would be a duplicate.
+            return self.tracker.settle(job.tag, false);
+        }
+        let properties = match &job.target {
+            Target::DeadLetter { reason, .. } => {
+                with_error_header(job.message.properties.clone(), reason)
+            }
+            Target::HandBack => for_hand_back(job.message.properties.clone()),
+        };
+        let connection = self.connection.clone();
+        let route = self.route(&job.target);
+        if route.serial && route.in_flight > 0 {
+            return route.waiting.push_back(job);
+        }
+        route.in_flight += 1;
+        if !route.channel.status().connected() {
+            match confirm_channel(&connection).await {
+                Ok(channel) => route.channel = channel,
+                Err(e) => {
+                    let result = Err(format!("cannot reopen the publishing channel: {e}"));
+                    return self
+                        .pending
+                        .push(Box::pin(async move { Published::Done(job, result) }));
+                }
+            }
+        }
+        let (channel, queue) = (route.channel.clone(), route.queue.clone());
+        self.pending.push(Box::pin(async move {
+            let sent = publish_mandatory(&channel, &queue, &job.message.body, properties).await;
+            let result = match sent {
+                Ok(confirm) => confirmed(confirm).await,
+                Err(e) => Err(e.to_string()),
+            };
+            Published::Done(job, result)
+        }));
+    }
+
+    async fn finish(&mut self, mut job: Box<Job>, result: Result<(), String>) {
+        self.note_cancel();
+        let error = match result {
+            Ok(()) => {
+                let Target::DeadLetter { code, .. } = job.target else {
+                    // A second copy of a handed-back session is harmless (same messageIds):
+                    // its ack may be coalesced with others.
+                    return self.tracker.settle(job.tag, true);
+                };
+                self.metrics.dead_lettered(code);
+                if self.tracker.is_in_order_only() {
+                    return self.tracker.settle(job.tag, true);
+                }
+                // Acknowledged at once: a redelivery now would make a second dead letter.
+                send_ack(
+                    &self.consume,
+                    Ack {
+                        tag: job.tag,
+                        multiple: false,
+                    },
+                )
+                .await;
+                return self.tracker.settle(job.tag, false);
+            }
+            Err(_) if !self.alive() => return self.tracker.settle(job.tag, false),
+            Err(e) => e,
+        };
+        job.failures += 1;
+        let delay = retry_delay(job.failures);
+        match job.target {
+            Target::DeadLetter { .. } if job.received.elapsed() + delay < self.max_hold => {
+                tracing::error!(queue = %self.dead.queue, error = %error, retry_in = ?delay, "Could not dead-letter a message; holding it and trying again. Check that the dead-letter queue exists and accepts messages.");
+            }
+            Target::DeadLetter { .. } => {
+                tracing::error!(queue = %self.dead.queue, error = %error, "Could not dead-letter a message within retry.max_hold_s; handing it back to the queue unchanged.");
+                self.metrics.requeued("dead_letter_unconfirmed", 1);
+                job.target = Target::HandBack;
+                job.failures = 0;
+                return self.start(job).await;
+            }
+            Target::HandBack if job.failures < HAND_BACK_ATTEMPTS => {
+                tracing::warn!(queue = %self.back.queue, error = %error, retry_in = ?delay, "The broker did not take back a copy of a held message; trying again.");
+            }
+            Target::HandBack => {
+                tracing::error!(queue = %self.back.queue, error = %error, "The broker refused a copy of a held message {HAND_BACK_ATTEMPTS} times; returning the original with nack(requeue), which counts against a quorum queue's x-delivery-limit.");
+                self.metrics.requeue_fallback();
+                return requeue(&self.consume, job.tag, &mut self.tracker).await;
+            }
+        }
+        self.pending.push(Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            Published::Due(job)
+        }));
+    }
+
+    async fn send_acks(&mut self) {
+        self.tracker.take_acks(&mut self.acks);
+        for ack in self.acks.drain(..) {
+            send_ack(&self.consume, ack).await;
+        }
     }
 }
 
@@ -339,45 +578,7 @@ async fn send_ack(consume: &Channel, ack: Ack) {
     }
 }
 
-type ConfirmFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (u64, &'static str, Result<(), String>)> + Send>,
->;
-
-async fn handle(
-    settle: Settle,
-    consume: &Channel,
-    publish: &Channel,
-    dead_letter_queue: &ShortString,
-    tracker: &mut AckTracker,
-    confirms: &mut FuturesUnordered<ConfirmFuture>,
-) {
-    match settle {
-        Settle::Ack(tag) => tracker.settle(tag, true),
-        Settle::Requeue(tag) => requeue(consume, tag, tracker).await,
-        Settle::DeadLetter(dead) => {
-            let DeadLetter {
-                tag,
-                message,
-                reason,
-                code,
-            } = *dead;
-            let properties = with_error_header(message.properties, &reason);
-            let sent =
-                publish_mandatory(publish, dead_letter_queue, &message.body, properties).await;
-            confirms.push(Box::pin(async move {
-                let result = match sent {
-                    Ok(confirm) => confirmed(confirm).await,
-                    Err(e) => Err(e.to_string()),
-                };
-                if result.is_err() {
-                    tokio::time::sleep(DEAD_LETTER_RETRY_DELAY).await;
-                }
-                (tag, code, result)
-            }));
-        }
-    }
-}
-
+/// The last resort of a hand-back: it spends one of the message's deliveries.
 async fn requeue(consume: &Channel, tag: u64, tracker: &mut AckTracker) {
     let options = BasicNackOptions {
         multiple: false,
@@ -437,13 +638,47 @@ pub fn with_error_header(properties: BasicProperties, reason: &str) -> BasicProp
 /// The message's properties without the dead-letter reason, as before it was dead-lettered:
 /// a message that had no headers gets none back.
 pub fn without_error_header(properties: BasicProperties) -> BasicProperties {
+    without_header(properties, ERROR_HEADER)
+}
+
+/// The properties of a handed-back copy: the message's own, unchanged, without the count
+/// of deliveries a quorum queue added to this delivery (the copy is a new message).
+pub fn for_hand_back(properties: BasicProperties) -> BasicProperties {
+    without_header(properties, DELIVERY_COUNT_HEADER)
+}
+
+/// How many times the broker delivered this message before (a quorum queue's
+/// `x-delivery-count`), if it says.
+pub fn delivery_count(properties: &BasicProperties) -> Option<u64> {
+    match properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(DELIVERY_COUNT_HEADER)?
+    {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
+        _ => None,
+    }
+}
+
+/// The properties without the header `name`; without any header table if it was the only one.
+fn without_header(properties: BasicProperties, name: &str) -> BasicProperties {
     let Some(headers) = properties.headers() else {
         return properties;
     };
+    if !headers.contains_key(name) {
+        return properties;
+    }
     let rest: std::collections::BTreeMap<_, _> = headers
         .inner()
         .iter()
-        .filter(|(k, _)| k.as_str() != ERROR_HEADER)
+        .filter(|(k, _)| k.as_str() != name)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if !rest.is_empty() {
@@ -506,6 +741,50 @@ mod tests {
         assert_eq!(dead.message_id(), original.message_id());
 
         assert_eq!(without_error_header(dead), original);
+    }
+
+    #[test]
+    fn a_hand_back_copy_keeps_every_property_and_header_but_the_delivery_count() {
+        let mut headers = FieldTable::default();
+        headers.insert("trace".into(), AMQPValue::LongString("t-1".into()));
+        let published = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_delivery_mode(2)
+            .with_timestamp(1_615_507_200)
+            .with_headers(headers.clone());
+        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(4));
+        let delivered = published.clone().with_headers(headers);
+        assert_eq!(delivery_count(&delivered), Some(4));
+        assert_eq!(for_hand_back(delivered), published);
+        assert_eq!(delivery_count(&published), None);
+
+        // A quorum queue adds the header to a message published without any.
+        let bare = BasicProperties::default().with_delivery_mode(2);
+        let mut only_count = FieldTable::default();
+        only_count.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongUInt(0));
+        assert_eq!(for_hand_back(bare.clone().with_headers(only_count)), bare);
+        assert_eq!(for_hand_back(bare.clone()), bare);
+    }
+
+    #[test]
+    fn delivery_counts_are_read_from_any_integer_type_and_nothing_else() {
+        let with = |v: AMQPValue| {
+            let mut h = FieldTable::default();
+            h.insert(DELIVERY_COUNT_HEADER.into(), v);
+            delivery_count(&BasicProperties::default().with_headers(h))
+        };
+        assert_eq!(with(AMQPValue::LongLongInt(7)), Some(7));
+        assert_eq!(with(AMQPValue::LongInt(7)), Some(7));
+        assert_eq!(with(AMQPValue::ShortUInt(7)), Some(7));
+        assert_eq!(with(AMQPValue::ShortShortInt(7)), Some(7));
+        assert_eq!(with(AMQPValue::LongLongInt(-1)), None);
+        assert_eq!(with(AMQPValue::LongString("7".into())), None);
+    }
+
+    #[test]
+    fn refused_publishes_are_retried_after_doubling_delays_up_to_a_cap() {
+        let delays: Vec<u64> = (1..=8).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub const IN_FLIGHT: &str = "segment_bridge_in_flight_requests";
 pub const AMQP_CONNECTED: &str = "segment_bridge_amqp_connected";
 pub const AMQP_CONNECTS: &str = "segment_bridge_amqp_connections_total";
 pub const REGION_MISCONFIGURED: &str = "segment_bridge_region_misconfigured";
+pub const REQUEUE_FALLBACKS: &str = "segment_bridge_requeue_fallbacks_total";
+pub const HIGH_DELIVERY_COUNT: &str = "segment_bridge_high_delivery_count_total";
 
 const HELP: &[(&str, &str)] = &[
     (
@@ -40,7 +42,15 @@ const HELP: &[(&str, &str)] = &[
     ),
     (
         REQUEUED,
-        "Deliveries handed back to RabbitMQ unacknowledged, by cause.",
+        "Deliveries handed back to the queue (republished unchanged, then acknowledged), by cause.",
+    ),
+    (
+        REQUEUE_FALLBACKS,
+        "Hand-backs whose copy the broker refused, returned with nack(requeue) instead (each spends one of a quorum queue's deliveries).",
+    ),
+    (
+        HIGH_DELIVERY_COUNT,
+        "Deliveries whose x-delivery-count was over half of amqp.delivery_limit.",
     ),
     (EVENTS_SENT, "Events Segment accepted, by region."),
     (
@@ -84,6 +94,7 @@ pub struct Metrics {
     in_flight: Gauge,
     amqp_connected: Gauge,
     amqp_connects: Counter,
+    high_delivery_count: Counter,
 }
 
 impl Metrics {
@@ -121,6 +132,7 @@ impl Metrics {
             in_flight: recorder.register_gauge(&key(IN_FLIGHT, &[]), &METADATA),
             amqp_connected: recorder.register_gauge(&key(AMQP_CONNECTED, &[]), &METADATA),
             amqp_connects: counter(AMQP_CONNECTS, &[]),
+            high_delivery_count: counter(HIGH_DELIVERY_COUNT, &[]),
             handle,
             recorder,
         };
@@ -160,6 +172,16 @@ impl Metrics {
 
     pub fn requeued(&self, cause: &'static str, n: u64) {
         self.counter(REQUEUED, &[("cause", cause)]).increment(n);
+    }
+
+    /// A hand-back fell back to `nack(requeue)`.
+    pub fn requeue_fallback(&self) {
+        self.counter(REQUEUE_FALLBACKS, &[]).increment(1);
+    }
+
+    /// A delivery came with an `x-delivery-count` over half of the known limit.
+    pub fn high_delivery_count(&self) {
+        self.high_delivery_count.increment(1);
     }
 
     pub fn events_sent(&self, region: Region, n: u64) {

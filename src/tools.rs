@@ -146,6 +146,7 @@ pub async fn publish(config: &Config, file: &Path, mut out: impl Write) -> Resul
         settle(result, &mut failed);
     }
     progress.done(total);
+    let _ = channel.close(200, "OK".into()).await;
     let _ = conn.close(200, "OK".into()).await;
     writeln!(
         out,
@@ -208,15 +209,31 @@ pub async fn replay_dead(
         let properties = without_error_header(delivery.properties.clone());
         let confirm = publish_mandatory(&channel, &queue, &delivery.data, properties).await?;
         if let Err(e) = confirmed(confirm).await {
-            channel
-                .basic_nack(
-                    delivery.delivery_tag,
-                    BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    },
-                )
-                .await?;
+            // Put it back where it was without spending a delivery of a quorum
+            // dead-letter queue: a copy to the tail, then the ack; nack only if that fails.
+            let dead_letter_queue: ShortString = config.amqp.dead_letter_queue.as_str().into();
+            let back = publish_mandatory(
+                &channel,
+                &dead_letter_queue,
+                &delivery.data,
+                consumer::for_hand_back(delivery.properties.clone()),
+            )
+            .await?;
+            if confirmed(back).await.is_ok() {
+                channel
+                    .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                    .await?;
+            } else {
+                channel
+                    .basic_nack(
+                        delivery.delivery_tag,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        },
+                    )
+                    .await?;
+            }
             return Err(ToolError::Unconfirmed {
                 failed: 1,
                 total: moved + 1,
@@ -230,6 +247,7 @@ pub async fn replay_dead(
         progress.tick(moved, (todo > 0).then(|| moved * 100 / todo));
     }
     progress.done(moved);
+    let _ = channel.close(200, "OK".into()).await;
     let _ = conn.close(200, "OK".into()).await;
     writeln!(
         out,

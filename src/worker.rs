@@ -5,10 +5,17 @@
 //! with at most `max_in_flight` requests under way; a batch's outcome settles every
 //! delivery in it. The consumer never waits on Segment: every delivery it holds is a
 //! ticket with the time it arrived, so wherever it waits (a batch gathering, a batch
-//! waiting for a request slot, a batch being retried) it is requeued once it has been held
+//! waiting for a request slot, a batch being retried) it is handed back once it has been held
 //! for `retry.max_hold_s`. What bounds memory is `prefetch`: when Segment is slow or down,
 //! the broker stops delivering once that many deliveries are unacknowledged, and nothing
 //! is acknowledged that Segment has not taken.
+//!
+//! Every way a delivery goes back to the queue for a later attempt (the hold limit, a
+//! refused write key, shutdown) is a hand-back ([`Ticket::hand_back`]): a copy published
+//! with a confirm, then the original acknowledged, so that a quorum queue's delivery limit
+//! is not spent on what is not the message's fault. On shutdown the worker stops
+//! consuming, reads what the broker had already sent, sends what it holds, and hands back
+//! what Segment has not taken shortly before the grace period ends.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, Entry, Limits};
 use crate::config::Config;
-use crate::consumer::{Link, Ticket};
+use crate::consumer::{self, Link, Ticket};
 use crate::events::{self, Mapped};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -79,6 +86,22 @@ impl Worker {
         }
         let client = segment::http_client(self.config.request_timeout())?;
         let stop_consuming = CancellationToken::new();
+        // Cancelled shortly before the grace period ends: what Segment has not taken by then
+        // is handed back while the connection is still up.
+        let abandon = CancellationToken::new();
+        tokio::spawn({
+            let (shutdown, abandon) = (shutdown.clone(), abandon.clone());
+            let after = self.config.hand_back_after();
+            async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = abandon.cancelled() => return,
+                }
+                tokio::time::sleep(after).await;
+                abandon.cancel();
+            }
+        });
+        let _stop_timer = abandon.clone().drop_guard();
         let mut batchers = JoinSet::new();
         let mut senders: [Option<Sender>; 2] = [None, None];
         let stdout = Arc::new(std::sync::Mutex::new(std::io::stdout()));
@@ -108,6 +131,7 @@ impl Worker {
                 metrics: self.metrics.clone(),
                 stop_consuming: stop_consuming.clone(),
                 shutdown: shutdown.clone(),
+                abandon: abandon.clone(),
             });
             batchers.spawn(run_batcher(
                 rx,
@@ -118,7 +142,9 @@ impl Worker {
             ));
         }
 
-        let link = self.consume(&senders, &shutdown, &stop_consuming).await;
+        let link = self
+            .consume(&senders, &shutdown, &stop_consuming, &abandon)
+            .await;
         tracing::info!("Stopped consuming; sending and acknowledging what is held.");
         drop(senders);
         while batchers.join_next().await.is_some() {}
@@ -138,13 +164,15 @@ impl Worker {
         senders: &[Option<Sender>; 2],
         shutdown: &CancellationToken,
         stop_consuming: &CancellationToken,
+        abandon: &CancellationToken,
     ) -> Option<Link> {
         let mut backoff = RECONNECT.backoff();
         let options = self.config.mapping_options();
+        let max_hold = self.config.max_hold();
         loop {
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => return None,
-                opened = Link::open(&self.config.amqp, self.metrics.clone()) => opened,
+                opened = Link::open(&self.config.amqp, max_hold, self.metrics.clone()) => opened,
             };
             let (link, mut consumer) = match opened {
                 Ok(opened) => opened,
@@ -163,25 +191,32 @@ impl Worker {
             self.metrics.amqp_connected(true);
             tracing::info!(queue = %self.config.amqp.queue, prefetch = self.config.amqp.prefetch, "Consuming.");
 
+            // Once the consumer is cancelled (shutdown, or a refused key), the deliveries the
+            // broker sent before are still read to the end of the stream and settled: left
+            // to the closing connection, each would spend one of its deliveries on a quorum
+            // queue.
+            let mut cancelled = false;
             let lost = loop {
                 tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => {
+                    _ = shutdown.cancelled(), if !cancelled => {
                         let _ = link.cancel(consumer.tag()).await;
-                        self.health.set_consuming(false);
-                        return Some(link);
-                    }
-                    _ = stop_consuming.cancelled(), if self.health.is_consuming() => {
-                        // A region's key was refused. Take no more work; what the broker
-                        // already sent is still read and settled (the refused region's
-                        // deliveries go back to the queue).
-                        let _ = link.cancel(consumer.tag()).await;
+                        cancelled = true;
                         self.health.set_consuming(false);
                     }
+                    _ = stop_consuming.cancelled(), if !cancelled => {
+                        // A region's key was refused. Take no more work; the refused region's
+                        // deliveries are handed back, the other region's still sent.
+                        let _ = link.cancel(consumer.tag()).await;
+                        cancelled = true;
+                        self.health.set_consuming(false);
+                    }
+                    // A broker that never ends the cancelled stream must not hold up shutdown.
+                    _ = abandon.cancelled(), if cancelled => return Some(link),
                     delivery = consumer.next() => match delivery {
                         Some(Ok(delivery)) => self.handle(link.ticket(delivery), senders, &options),
                         Some(Err(e)) => break e.to_string(),
-                        None if !self.health.is_consuming() => {
+                        None if cancelled => {
                             shutdown.cancelled().await;
                             return Some(link);
                         }
@@ -202,6 +237,18 @@ impl Worker {
     fn handle(&self, ticket: Ticket, senders: &[Option<Sender>; 2], options: &events::Options) {
         self.metrics.delivery_received();
         let message = ticket.message();
+        if let Some(count) = consumer::delivery_count(&message.properties) {
+            let limit = u64::from(self.config.amqp.delivery_limit);
+            if limit > 0 && count * 2 > limit {
+                self.metrics.high_delivery_count();
+                tracing::warn!(
+                    session_id = peek_session_id(&message.body).as_deref().unwrap_or("-"),
+                    delivery_count = count,
+                    delivery_limit = limit,
+                    "This message was delivered {count} times before; the queue drops or dead-letters it after {limit}. Look for workers that crash or lose their connection while holding it."
+                );
+            }
+        }
         let session = match Session::parse(&message.body) {
             Ok(session) => session,
             Err(e) => {
@@ -238,9 +285,9 @@ impl Worker {
         };
         if self.health.is_misconfigured(region) {
             self.metrics.requeued("misconfigured", 1);
-            return ticket.requeue();
+            return ticket.hand_back();
         }
-        // A batcher gone (shutting down) drops the entry, and its ticket is requeued.
+        // A batcher gone (shutting down) drops the entry, and its ticket is handed back.
         let _ = sender.send(Entry { ticket, events });
     }
 }
@@ -295,7 +342,8 @@ async fn run_batcher(
 }
 
 /// Starts sending a batch once a request slot is free. A batch that waits for a slot
-/// until its oldest delivery has been held for `max_hold` is requeued instead.
+/// until its oldest delivery has been held for `max_hold`, or until shutdown gives up on
+/// it, is handed back instead.
 async fn dispatch(
     batch: Batch<Ticket>,
     in_flight: &mut JoinSet<()>,
@@ -306,10 +354,13 @@ async fn dispatch(
         return;
     };
     let deadline = Instant::from_std(oldest) + deliverer.max_hold;
-    let acquired = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await;
+    let acquired = tokio::select! {
+        acquired = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()) => acquired,
+        _ = deliverer.abandon.cancelled() => return deliverer.hand_back(batch, "shutdown"),
+    };
     let Ok(permit) = acquired else {
-        tracing::warn!(region = %deliverer.region, sessions = batch.len(), "No request slot came free within retry.max_hold_s; requeueing the batch.");
-        return deliverer.requeue(batch, "max_hold");
+        tracing::warn!(region = %deliverer.region, sessions = batch.len(), "No request slot came free within retry.max_hold_s; handing the batch back to the queue.");
+        return deliverer.hand_back(batch, "max_hold");
     };
     let permit = permit.expect("never closed");
     let deliverer = deliverer.clone();
@@ -336,17 +387,20 @@ struct Deliverer {
     metrics: Arc<Metrics>,
     stop_consuming: CancellationToken,
     shutdown: CancellationToken,
+    /// Shutdown's last call: hand back whatever is not yet taken.
+    abandon: CancellationToken,
 }
 
 impl Deliverer {
     /// Posts the batch until Segment takes it, isolating what it rejects; never gives up
-    /// on a transient failure, but requeues rather than hold a delivery past `max_hold`.
+    /// on a transient failure, but hands it back rather than hold a delivery past
+    /// `max_hold`.
     async fn deliver(&self, mut batch: Batch<Ticket>) {
         let region = self.region;
         let mut backoff = self.policy.backoff();
         loop {
             if self.health.is_misconfigured(region) {
-                return self.requeue(batch, "misconfigured");
+                return self.hand_back(batch, "misconfigured");
             }
             // Deliveries of a lost connection come again on the new one; let those go.
             drop(batch.retain(|e| e.ticket.is_live()));
@@ -354,7 +408,7 @@ impl Deliverer {
             let expired = batch.retain(|e| e.ticket.received().elapsed() < self.max_hold);
             if !expired.is_empty() {
                 self.metrics.requeued("max_hold", expired.len() as u64);
-                expired.into_iter().for_each(|e| e.ticket.requeue());
+                expired.into_iter().for_each(|e| e.ticket.hand_back());
             }
             if batch.is_empty() {
                 return;
@@ -362,7 +416,14 @@ impl Deliverer {
             let body = batch.body(&events::format_timestamp(OffsetDateTime::now_utc()));
             self.metrics.in_flight(1.0);
             let started = std::time::Instant::now();
-            let response = self.sink.send(body).await;
+            let response = tokio::select! {
+                response = self.sink.send(body) => response,
+                _ = self.abandon.cancelled() => {
+                    self.metrics.in_flight(-1.0);
+                    tracing::warn!(region = %region, sessions = batch.len(), "The grace period is nearly over and Segment has not answered; handing the batch back to the queue.");
+                    return self.hand_back(batch, "shutdown");
+                }
+            };
             self.metrics.in_flight(-1.0);
             self.metrics
                 .request(region, &response.status, batch.events(), started.elapsed());
@@ -385,18 +446,18 @@ impl Deliverer {
                         .min()
                         .expect("a batch is never empty");
                     if oldest.elapsed() + delay > self.max_hold {
-                        tracing::warn!(region = %region, sessions = batch.len(), "Segment has not taken this batch within retry.max_hold_s; requeueing it for a later attempt.");
-                        return self.requeue(batch, "max_hold");
+                        tracing::warn!(region = %region, sessions = batch.len(), "Segment has not taken this batch within retry.max_hold_s; handing it back to the queue for a later attempt.");
+                        return self.hand_back(batch, "max_hold");
                     }
                     if self.shutdown.is_cancelled() {
-                        return self.requeue(batch, "shutdown");
+                        return self.hand_back(batch, "shutdown");
                     }
                     tracing::warn!(region = %region, status = %response.status, retry_in = ?delay, sessions = batch.len(), "Segment did not take the batch; retrying.");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         // Shutting down: hand the batch back now rather than at the end
                         // of the grace period.
-                        _ = self.shutdown.cancelled() => return self.requeue(batch, "shutdown"),
+                        _ = self.shutdown.cancelled() => return self.hand_back(batch, "shutdown"),
                     }
                 }
                 Outcome::Rejected { status, detail } => {
@@ -422,16 +483,16 @@ impl Deliverer {
                     self.health.set_misconfigured(region);
                     self.metrics.set_misconfigured(region, true);
                     self.stop_consuming.cancel();
-                    return self.requeue(batch, "misconfigured");
+                    return self.hand_back(batch, "misconfigured");
                 }
             }
         }
     }
 
-    fn requeue(&self, batch: Batch<Ticket>, cause: &'static str) {
+    fn hand_back(&self, batch: Batch<Ticket>, cause: &'static str) {
         self.metrics.requeued(cause, batch.len() as u64);
         for entry in batch.into_entries() {
-            entry.ticket.requeue();
+            entry.ticket.hand_back();
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Test helpers: uniquely named queues on the local RabbitMQ, a real HTTP server standing
 //! in for Segment, and a worker spawned in-process (or the binary, for signals).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +22,7 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -65,7 +67,15 @@ pub async fn connect() -> Connection {
 /// test that changes the broker itself (a restart, a broker-wide setting) holds this lock
 /// exclusively; every [`Queues`] holds it shared. The lock is a `flock` on a file in the
 /// temporary directory, so it keeps test binaries and processes apart as well as threads.
-pub struct BrokerLock(#[allow(dead_code)] std::fs::File);
+/// A process that holds it exclusively takes no shared lock besides (that would wait for
+/// itself).
+pub struct BrokerLock {
+    _file: Option<std::fs::File>,
+    exclusive: bool,
+}
+
+/// How many exclusive locks this process holds.
+static EXCLUSIVE: AtomicUsize = AtomicUsize::new(0);
 
 impl BrokerLock {
     fn file() -> std::fs::File {
@@ -81,34 +91,96 @@ impl BrokerLock {
 
     /// Held by every test that uses the broker as it is.
     pub fn shared() -> BrokerLock {
+        if EXCLUSIVE.load(Ordering::SeqCst) > 0 {
+            return BrokerLock {
+                _file: None,
+                exclusive: false,
+            };
+        }
         let file = BrokerLock::file();
         file.lock_shared().expect("the shared broker lock");
-        BrokerLock(file)
+        BrokerLock {
+            _file: Some(file),
+            exclusive: false,
+        }
     }
 
-    /// Held by a test that changes the broker: no other test uses it meanwhile.
+    /// Held by a test that changes the broker: no other test uses it meanwhile. It blocks
+    /// the thread until every other holder is done.
     #[allow(dead_code)]
     pub fn exclusive() -> BrokerLock {
         let file = BrokerLock::file();
         file.lock().expect("the exclusive broker lock");
-        BrokerLock(file)
+        EXCLUSIVE.fetch_add(1, Ordering::SeqCst);
+        BrokerLock {
+            _file: Some(file),
+            exclusive: true,
+        }
+    }
+}
+
+impl Drop for BrokerLock {
+    fn drop(&mut self) {
+        if self.exclusive {
+            EXCLUSIVE.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+async fn open_confirm_channel() -> (Connection, Channel) {
+    let conn = connect().await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (conn, channel)
+}
 
 /// A main queue and a dead-letter queue with names no other test or run uses, deleted
 /// when dropped.
 pub struct Queues {
     pub main: String,
     pub dead: String,
-    _conn: Connection,
-    channel: Channel,
+    /// Reopened when a broker restart closed it.
+    link: tokio::sync::Mutex<(Connection, Channel)>,
     _lock: BrokerLock,
 }
 
 impl Queues {
+    /// A classic main queue and dead-letter queue.
     pub async fn new(test: &str) -> Queues {
+        Queues::declare(test, FieldTable::default()).await
+    }
+
+    /// A quorum main queue that drops a message after `delivery_limit` returns (RabbitMQ
+    /// 4.x's default limit is 20), and a classic dead-letter queue.
+    #[allow(dead_code)]
+    pub async fn quorum(test: &str, delivery_limit: i64) -> Queues {
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(delivery_limit),
+        );
+        Queues::declare(test, arguments).await
+    }
+
+    /// The test's own channel (in confirm mode), reopened if it was closed.
+    pub async fn channel(&self) -> Channel {
+        let mut link = self.link.lock().await;
+        if !link.1.status().connected() {
+            *link = open_confirm_channel().await;
+        }
+        link.1.clone()
+    }
+
+    async fn declare(test: &str, main_arguments: FieldTable) -> Queues {
         let unique = format!(
             "{}-{}-{}",
             std::process::id(),
@@ -119,25 +191,19 @@ impl Queues {
                 .subsec_nanos()
         );
         let lock = BrokerLock::shared();
-        let conn = connect().await;
-        let channel = conn.create_channel().await.unwrap();
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
         let q = Queues {
             main: format!("sb-test.{test}.{unique}"),
             dead: format!("sb-test.{test}.{unique}.dead"),
-            _conn: conn,
-            channel,
+            link: tokio::sync::Mutex::new(open_confirm_channel().await),
             _lock: lock,
         };
-        for name in [&q.main, &q.dead] {
-            q.channel
+        for (name, arguments) in [(&q.main, main_arguments), (&q.dead, FieldTable::default())] {
+            q.channel()
+                .await
                 .queue_declare(
                     name.as_str().into(),
                     QueueDeclareOptions::durable(),
-                    FieldTable::default(),
+                    arguments,
                 )
                 .await
                 .unwrap();
@@ -150,10 +216,11 @@ impl Queues {
         I: IntoIterator<Item = B>,
         B: AsRef<[u8]>,
     {
+        let channel = self.channel().await;
         let mut confirms = FuturesUnordered::new();
         for body in bodies {
             confirms.push(
-                self.channel
+                channel
                     .basic_publish(
                         "".into(),
                         self.main.as_str().into(),
@@ -175,7 +242,8 @@ impl Queues {
 
     pub async fn publish_with(&self, body: &[u8], properties: BasicProperties) {
         let confirm = self
-            .channel
+            .channel()
+            .await
             .basic_publish(
                 "".into(),
                 self.main.as_str().into(),
@@ -194,10 +262,10 @@ impl Queues {
             passive: true,
             ..QueueDeclareOptions::default()
         };
+        let channel = self.channel().await;
         let mut counts = [0; 2];
         for (i, name) in [&self.main, &self.dead].into_iter().enumerate() {
-            counts[i] = self
-                .channel
+            counts[i] = channel
                 .queue_declare(name.as_str().into(), passive, FieldTable::default())
                 .await
                 .unwrap()
@@ -222,6 +290,27 @@ impl Queues {
         }
     }
 
+    /// Deletes the dead-letter queue (to make dead-lettering fail), or declares it again.
+    #[allow(dead_code)]
+    pub async fn set_dead_letter_queue(&self, exists: bool) {
+        let channel = self.channel().await;
+        if exists {
+            channel
+                .queue_declare(
+                    self.dead.as_str().into(),
+                    QueueDeclareOptions::durable(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+        } else {
+            channel
+                .queue_delete(self.dead.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .unwrap();
+        }
+    }
+
     /// Takes every message of the dead-letter queue.
     pub async fn take_dead(&self) -> Vec<(Vec<u8>, BasicProperties)> {
         self.take(&self.dead.clone()).await
@@ -234,15 +323,15 @@ impl Queues {
     }
 
     async fn take(&self, queue: &str) -> Vec<(Vec<u8>, BasicProperties)> {
+        let channel = self.channel().await;
         let mut out = Vec::new();
-        while let Some(m) = self
-            .channel
+        while let Some(m) = channel
             .basic_get(queue.into(), BasicGetOptions::default())
             .await
             .unwrap()
         {
             let d = m.delivery;
-            self.channel
+            channel
                 .basic_ack(d.delivery_tag, BasicAckOptions::default())
                 .await
                 .unwrap();
@@ -561,4 +650,376 @@ pub fn metric(text: &str, series: &str) -> f64 {
 /// The `x-segment-bridge-error` header of a dead-lettered message.
 pub fn error_header(properties: &BasicProperties) -> String {
     segment_bridge::consumer::error_header(properties).expect("an x-segment-bridge-error header")
+}
+
+/// How long the helpers below wait for the broker or a daemon.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Session ids `{prefix}000`, `{prefix}001`, ...
+pub fn session_ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i:03}")).collect()
+}
+
+pub fn bodies(ids: &[String]) -> Vec<String> {
+    ids.iter().map(|id| session(id, "us")).collect()
+}
+
+/// The `surveySessionId`s of the Track events among `events`.
+pub fn tracked(events: &[Value]) -> BTreeSet<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "track")
+        .map(|e| {
+            e["properties"]["surveySessionId"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The `session_id`s of raw message bodies.
+pub fn session_ids_of(messages: &[(Vec<u8>, lapin::BasicProperties)]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|(body, _)| {
+            serde_json::from_slice::<Value>(body).unwrap()["session_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+pub fn all(ids: &[String]) -> BTreeSet<String> {
+    ids.iter().cloned().collect()
+}
+
+/// A fake Segment that answers every request `status` after `delay`.
+pub async fn fake_segment(status: u16, delay: Duration) -> FakeSegment {
+    FakeSegment::start(move |_, _| Reply {
+        status,
+        headers: Vec::new(),
+        delay,
+    })
+    .await
+}
+
+/// Waits until the sessions the fake accepted and those ready in the main queue together
+/// account for `total` (the broker requeues a dead connection's deliveries shortly after
+/// it notices), then takes the main queue's messages and returns their session ids.
+pub async fn take_back(queues: &Queues, us: &FakeSegment, total: usize) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let ready = queues.ready().await.0 as usize;
+        let accepted = tracked(&us.accepted()).len();
+        if ready + accepted >= total || start.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    session_ids_of(&queues.take_main().await)
+}
+
+/// Runs a blocking command (`rabbitmqctl`, `kill`) off the async runtime; returns stdout.
+pub async fn command(program: &str, args: &[&str]) -> String {
+    let program = program.to_owned();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(&program)
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+pub async fn rabbitmqctl(args: &[&str]) -> String {
+    command("rabbitmqctl", args).await
+}
+
+/// Waits until `queue` holds no message, ready or unacknowledged: the worker has settled
+/// every delivery it took, redelivered copies included.
+pub async fn wait_drained(queue: &str) {
+    let start = Instant::now();
+    loop {
+        let queues = rabbitmqctl(&[
+            "list_queues",
+            "name",
+            "messages",
+            "--quiet",
+            "--no-table-headers",
+        ])
+        .await;
+        let messages: u64 = queues
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(name, _)| name.trim() == queue)
+            .and_then(|(_, n)| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no queue {queue}:\n{queues}"));
+        if messages == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{queue} still holds {messages} messages, ready or unacknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The broker's id of the connection of the worker consuming `queue`, for
+/// `rabbitmqctl close_connection`. It is found by its name (`segment-bridge/<version>
+/// <queue>`) if the worker names it so, else through the consumer on `queue`, its channel
+/// and that channel's connection.
+pub async fn worker_connection(queue: &str) -> String {
+    let connections = rabbitmqctl(&[
+        "list_connections",
+        "pid",
+        "name",
+        "--quiet",
+        "--no-table-headers",
+    ])
+    .await;
+    let by_name = connections
+        .lines()
+        .find(|l| l.contains(queue))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_owned);
+    match by_name {
+        Some(pid) => pid,
+        None => {
+            let consumers = rabbitmqctl(&[
+                "list_consumers",
+                "queue_name",
+                "channel_pid",
+                "--quiet",
+                "--no-table-headers",
+            ])
+            .await;
+            let channel = consumers
+                .lines()
+                .filter_map(|l| l.split_once('\t'))
+                .find(|(q, _)| q.trim() == queue)
+                .map(|(_, ch)| ch.trim().to_owned())
+                .unwrap_or_else(|| panic!("no consumer on {queue}:\n{consumers}"));
+            let channels = rabbitmqctl(&[
+                "list_channels",
+                "pid",
+                "connection",
+                "--quiet",
+                "--no-table-headers",
+            ])
+            .await;
+            channels
+                .lines()
+                .filter_map(|l| l.split_once('\t'))
+                .find(|(ch, _)| ch.trim() == channel)
+                .map(|(_, conn)| conn.trim().to_owned())
+                .unwrap_or_else(|| panic!("no channel {channel}:\n{channels}"))
+        }
+    }
+}
+
+/// A RabbitMQ user of the test's own, deleted when dropped: its permissions can be taken
+/// away without disturbing other tests, which all connect as guest.
+pub struct BrokerUser {
+    name: String,
+}
+
+impl BrokerUser {
+    pub async fn new() -> BrokerUser {
+        let name = format!(
+            "sb-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        rabbitmqctl(&["add_user", &name, "secret"]).await;
+        let user = BrokerUser { name };
+        user.allow().await;
+        user
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://{}:secret@127.0.0.1:5672/%2f", self.name)
+    }
+
+    pub async fn allow(&self) {
+        rabbitmqctl(&["set_permissions", "-p", "/", &self.name, ".*", ".*", ".*"]).await;
+    }
+
+    pub async fn deny(&self) {
+        rabbitmqctl(&["clear_permissions", "-p", "/", &self.name]).await;
+    }
+
+    /// Closes this user's connections from the broker's side; returns how many.
+    pub async fn close_connections(&self) -> usize {
+        let connections = rabbitmqctl(&[
+            "list_connections",
+            "pid",
+            "user",
+            "--quiet",
+            "--no-table-headers",
+        ])
+        .await;
+        let pids: Vec<String> = connections
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(_, user)| user.trim() == self.name)
+            .map(|(pid, _)| pid.trim().to_owned())
+            .collect();
+        for pid in &pids {
+            rabbitmqctl(&["close_connection", pid, "closed by a segment-bridge test"]).await;
+        }
+        pids.len()
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
+/// `segment-bridge run` as a child process, configured by the environment only, with its
+/// log in a file. Killed when dropped.
+pub struct Daemon {
+    pub child: std::process::Child,
+    probes: String,
+    log: PathBuf,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub fn spawn(queues: &Queues, us: &FakeSegment, settings: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.toml");
+        std::fs::write(&empty, "").unwrap();
+        let log = dir.path().join("stderr.log");
+        // A free port for the side port, so that the test can read /readyz and /metrics.
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_segment-bridge"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&empty)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (key, _) in std::env::vars() {
+            if key.starts_with("SEGMENT_BRIDGE") {
+                cmd.env_remove(key);
+            }
+        }
+        let base = [
+            ("AMQP__URL", AMQP_URL.to_owned()),
+            ("AMQP__QUEUE", queues.main.clone()),
+            ("AMQP__DEAD_LETTER_QUEUE", queues.dead.clone()),
+            ("SEGMENT__US__ENDPOINT", us.url()),
+            ("SEGMENT__US__WRITE_KEY", US_KEY.to_owned()),
+            ("SERVER__LISTEN", listen.to_string()),
+            ("SEGMENT__FLUSH_INTERVAL_MS", "50".to_owned()),
+            ("RETRY__INITIAL_BACKOFF_MS", "10".to_owned()),
+            ("RETRY__MAX_BACKOFF_MS", "200".to_owned()),
+        ];
+        for (key, value) in base {
+            cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
+        }
+        for (key, value) in settings {
+            cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
+        }
+        cmd.env("RUST_LOG", "info");
+        // Everything that may fail comes first: once spawned, the child is owned by a
+        // `Daemon`, whose drop kills it.
+        let http = segment_bridge::segment::http_client(Duration::from_secs(5)).unwrap();
+        Daemon {
+            child: cmd.spawn().expect("the segment-bridge binary starts"),
+            probes: format!("http://{listen}"),
+            log,
+            http,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.probes))
+            .send()
+            .await
+            .ok()?;
+        Some((r.status().as_u16(), r.text().await.ok()?))
+    }
+
+    pub async fn wait_ready(&self) {
+        let start = Instant::now();
+        while self.get("/readyz").await.map(|r| r.0) != Some(200) {
+            assert!(
+                start.elapsed() < WAIT,
+                "the daemon did not become ready:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").await.map(|r| r.1).unwrap_or_default();
+        metric(&text, series)
+    }
+
+    pub async fn signal(&self, signal: &str) -> Instant {
+        let sent = Instant::now();
+        command("kill", &[&format!("-{signal}"), &self.pid().to_string()]).await;
+        sent
+    }
+
+    /// Waits for the process to end; returns its status and when it ended.
+    pub async fn wait_exit(&mut self, within: Duration) -> (ExitStatus, Instant) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, Instant::now());
+            }
+            assert!(
+                start.elapsed() < within,
+                "the daemon did not exit within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

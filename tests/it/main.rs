@@ -4,4 +4,5 @@
 mod delivery;
 mod helpers;
 mod lifecycle;
+mod quorum;
 mod tools;

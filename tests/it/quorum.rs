@@ -1,0 +1,279 @@
+//! Nothing lost to the broker: quorum queues with a small `x-delivery-limit`, where every
+//! `nack(requeue)` and every delivery left to a closing channel counts, and the message is
+//! dropped once the count passes the limit. Each test hands the same sessions back far
+//! more often than the limit would allow with plain requeues, then checks that every one
+//! of them still arrives. Also: several workers competing for one queue, one of them
+//! killed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, BasicNackOptions};
+use serde_json::Value;
+
+use segment_bridge::session::Region;
+
+use crate::helpers::*;
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+/// Waits until the fake has accepted a Track event of every session in `ids`.
+async fn wait_all_tracked(us: &FakeSegment, ids: &[String], within: Duration) {
+    let start = Instant::now();
+    loop {
+        let got = tracked(&us.accepted());
+        if got == all(ids) {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{} of {} sessions never arrived, e.g. {:?}",
+            all(ids).difference(&got).count(),
+            ids.len(),
+            all(ids).difference(&got).take(5).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The messageIds each event of each person was accepted with: (userId, type) → ids.
+fn message_ids(events: &[Value]) -> BTreeMap<(String, String), BTreeSet<String>> {
+    let mut out: BTreeMap<_, BTreeSet<String>> = BTreeMap::new();
+    for e in events {
+        let key = (
+            e["userId"].as_str().unwrap().to_owned(),
+            e["type"].as_str().unwrap().to_owned(),
+        );
+        out.entry(key)
+            .or_default()
+            .insert(e["messageId"].as_str().unwrap().to_owned());
+    }
+    out
+}
+
+const HANDED_BACK_MAX_HOLD: &str = "segment_bridge_deliveries_requeued_total{cause=\"max_hold\"}";
+const FALLBACKS: &str = "segment_bridge_requeue_fallbacks_total";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_outage_far_past_the_delivery_limit_loses_no_session_on_a_quorum_queue() {
+    let queues = Queues::quorum("qq-outage", 3).await;
+    let (us, up) = FakeSegment::down_until_up().await;
+    let mut config = config(&queues, Some(&us), None);
+    config.retry.max_hold_s = 1;
+    let app = spawn_app(config).await;
+    let ids = session_ids("o", 100);
+    queues.publish(bodies(&ids)).await;
+
+    // Each delivery is held for a second and handed back, again and again: six times each,
+    // twice what the queue's limit of 3 returns allows.
+    app.wait_until("every session was handed back 6 times", WITHIN, |a| {
+        a.metric(HANDED_BACK_MAX_HOLD) >= 600.0
+    })
+    .await;
+    up.store(true, Ordering::SeqCst);
+    wait_all_tracked(&us, &ids, WITHIN).await;
+    queues.wait_ready((0, 0), WITHIN).await;
+    let metrics = app.metrics.clone();
+    app.stop().await;
+    assert_eq!(
+        queues.ready().await,
+        (0, 0),
+        "nothing left, nothing dead-lettered"
+    );
+    assert_eq!(
+        metric(&metrics.render(), FALLBACKS),
+        0.0,
+        "no hand-back spent a delivery"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_key_refused_across_many_restarts_loses_no_session_on_a_quorum_queue() {
+    let queues = Queues::quorum("qq-refused", 3).await;
+    let refused = fake_segment(401, Duration::ZERO).await;
+    let ids = session_ids("r", 50);
+    queues.publish(bodies(&ids)).await;
+
+    // Five workers in a row take the sessions, are refused, and give them back: each
+    // session goes back five times, more than the limit of 3 returns allows.
+    for round in 0..5 {
+        let app = spawn_app(config(&queues, Some(&refused), None)).await;
+        app.wait_until("the key was refused", WITHIN, |a| {
+            a.health.is_misconfigured(Region::Us)
+        })
+        .await;
+        queues.wait_ready((50, 0), WITHIN).await;
+        app.stop().await;
+        assert_eq!(
+            queues.ready().await,
+            (50, 0),
+            "round {round}: every session is back in the queue"
+        );
+    }
+    let good = FakeSegment::ok().await;
+    let app = spawn_app(config(&queues, Some(&good), None)).await;
+    wait_all_tracked(&good, &ids, WITHIN).await;
+    queues.wait_ready((0, 0), WITHIN).await;
+    app.stop().await;
+    assert!(
+        refused.requests().len() >= 5,
+        "each round reached the refusing Segment"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_down_again_and_again_while_segment_is_down_loses_no_session_on_a_quorum_queue() {
+    let queues = Queues::quorum("qq-shutdown", 3).await;
+    let down = fake_segment(503, Duration::ZERO).await;
+    let ids = session_ids("s", 100);
+    queues.publish(bodies(&ids)).await;
+
+    // Each worker is stopped as soon as deliveries arrive, while more are still on their
+    // way: what it holds, and what the broker had already sent it, goes back unspent.
+    for round in 0..5 {
+        let mut config = config(&queues, Some(&down), None);
+        config.shutdown.grace_period_s = 2;
+        let app = spawn_app(config).await;
+        app.wait_until("deliveries arrived", WITHIN, |a| {
+            a.metric("segment_bridge_deliveries_received_total") >= 1.0
+        })
+        .await;
+        let metrics = app.metrics.clone();
+        app.stop().await;
+        queues.wait_ready((100, 0), WITHIN).await;
+        assert_eq!(metric(&metrics.render(), FALLBACKS), 0.0, "round {round}");
+    }
+    let good = FakeSegment::ok().await;
+    let app = spawn_app(config(&queues, Some(&good), None)).await;
+    wait_all_tracked(&good, &ids, WITHIN).await;
+    queues.wait_ready((0, 0), WITHIN).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_broker_refuses_is_held_and_handed_back_until_it_lands_once() {
+    // A limit of 1: a plain requeue every 5 s (the old behaviour) loses the message in 10 s.
+    let queues = Queues::quorum("qq-dead", 1).await;
+    let us = FakeSegment::ok().await;
+    let mut config = config(&queues, Some(&us), None);
+    config.retry.max_hold_s = 3;
+    config.amqp.declare = false;
+    let app = spawn_app(config).await;
+    app.wait_until("consuming", WITHIN, |a| a.health.readiness().is_ok())
+        .await;
+    queues.set_dead_letter_queue(false).await;
+    let bad: Vec<String> = (0..5).map(|i| format!("not json {i}")).collect();
+    queues.publish(&bad).await;
+
+    // The dead-letter queue is missing for 12 s: each dead letter is returned by the broker,
+    // retried, and after the 3 s hold limit handed back to the main queue, several times.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        app.metric("segment_bridge_deliveries_requeued_total{cause=\"dead_letter_unconfirmed\"}")
+            >= 10.0,
+        "the dead letters were handed back while their queue was missing"
+    );
+    queues.set_dead_letter_queue(true).await;
+    queues.wait_ready((0, 5), WITHIN).await;
+    assert_eq!(app.metric(FALLBACKS), 0.0);
+    app.stop().await;
+    let dead = queues.take_dead().await;
+    let mut bodies: Vec<String> = dead
+        .iter()
+        .map(|(b, _)| String::from_utf8(b.clone()).unwrap())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, bad, "exactly one copy of each, unchanged");
+    for (_, properties) in &dead {
+        assert!(error_header(properties).contains("not valid JSON"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_near_the_queues_delivery_limit_is_logged_and_counted_and_still_delivered() {
+    let queues = Queues::quorum("qq-count", 4).await;
+    let us = FakeSegment::ok().await;
+    queues.publish([session("near-limit", "us")]).await;
+    // Three returns by some other consumer: the next delivery is its fourth, count 3 > 4 / 2.
+    let channel = queues.channel().await;
+    for _ in 0..3 {
+        let got = channel
+            .basic_get(queues.main.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("the session is there");
+        channel
+            .basic_nack(
+                got.delivery.delivery_tag,
+                BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let mut config = config(&queues, Some(&us), None);
+    config.amqp.delivery_limit = 4;
+    let app = spawn_app(config).await;
+    us.wait_accepted(2, WITHIN).await;
+    assert_eq!(app.metric("segment_bridge_high_delivery_count_total"), 1.0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_competing_workers_one_killed_midway_deliver_every_session_with_one_message_id_per_event()
+ {
+    let queues = Queues::quorum("qq-replicas", 3).await;
+    let us = fake_segment(200, Duration::from_millis(50)).await;
+    let settings = [
+        ("AMQP__PREFETCH", "100"),
+        ("SEGMENT__MAX_BATCH_EVENTS", "40"),
+        ("SEGMENT__MAX_IN_FLIGHT", "2"),
+    ];
+    let mut daemons: Vec<Daemon> = (0..3)
+        .map(|_| Daemon::spawn(&queues, &us, &settings))
+        .collect();
+    for d in &daemons {
+        d.wait_ready().await;
+    }
+    let ids = session_ids("c", 1500);
+    queues.publish(bodies(&ids)).await;
+    us.wait_accepted(600, WITHIN).await;
+
+    let mut killed = daemons.remove(0);
+    killed.signal("KILL").await;
+    let (status, _) = killed.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), None, "killed by the signal");
+    let before = tracked(&us.accepted()).len();
+    assert!(before < ids.len(), "killed midway: {before} delivered");
+
+    wait_all_tracked(&us, &ids, Duration::from_secs(60)).await;
+    wait_drained(&queues.main).await;
+    for d in &daemons {
+        assert!(
+            d.metric("segment_bridge_deliveries_received_total").await > 0.0,
+            "both survivors took part"
+        );
+    }
+    for d in &mut daemons {
+        d.signal("TERM").await;
+        let (status, _) = d.wait_exit(Duration::from_secs(30)).await;
+        assert_eq!(status.code(), Some(0), "{}", d.log());
+    }
+    assert_eq!(queues.ready().await, (0, 0), "nothing dead-lettered");
+    let ids_per_event = message_ids(&us.accepted());
+    assert_eq!(
+        ids_per_event.len(),
+        2 * ids.len(),
+        "an Identify and a Track each"
+    );
+    for (event, message_ids) in ids_per_event {
+        assert_eq!(
+            message_ids.len(),
+            1,
+            "{event:?} was sent again with another messageId: {message_ids:?}"
+        );
+    }
+}
