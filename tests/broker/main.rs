@@ -1,0 +1,237 @@
+//! Tests that change the broker itself: a restart, a lowered consumer timeout. They run in
+//! a test binary of their own (cargo runs test binaries one after another), each holding
+//! the broker lock exclusively (no other test, run or benchmark uses the broker
+//! meanwhile), and each puts the broker back as it found it when it ends, also when it
+//! fails.
+
+#[path = "../it/helpers.rs"]
+#[allow(dead_code)]
+mod helpers;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use helpers::*;
+
+const WITHIN: Duration = Duration::from_secs(60);
+
+/// Runs `rabbitmqctl` and waits for it, from a destructor too.
+fn rabbitmqctl_blocking(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run rabbitmqctl: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// The broker's application stopped (`rabbitmqctl stop_app`) until [`start`](Self::start)
+/// or until dropped.
+struct StoppedBroker {
+    started: bool,
+}
+
+impl StoppedBroker {
+    async fn stop() -> StoppedBroker {
+        tokio::task::spawn_blocking(|| rabbitmqctl_blocking(&["stop_app"]))
+            .await
+            .unwrap()
+            .expect("the broker stops");
+        StoppedBroker { started: false }
+    }
+
+    async fn start(mut self) {
+        self.started = true;
+        tokio::task::spawn_blocking(start_broker)
+            .await
+            .unwrap()
+            .expect("the broker starts again");
+    }
+}
+
+fn start_broker() -> Result<String, String> {
+    rabbitmqctl_blocking(&["start_app"])?;
+    rabbitmqctl_blocking(&["await_startup", "--timeout", "60"])
+}
+
+impl Drop for StoppedBroker {
+    fn drop(&mut self) {
+        if !self.started
+            && let Err(e) = start_broker()
+        {
+            eprintln!("could not start the broker again: {e}; run `rabbitmqctl start_app`");
+        }
+    }
+}
+
+/// Broker-wide settings of the `rabbit` application, changed for one test and put back
+/// (or unset, if they were unset) when dropped.
+struct BrokerSettings {
+    previous: Vec<(&'static str, Option<String>)>,
+}
+
+impl BrokerSettings {
+    async fn set(settings: &[(&'static str, &'static str)]) -> BrokerSettings {
+        let settings = settings.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut previous = Vec::new();
+            for (key, value) in settings {
+                let now = rabbitmqctl_blocking(&[
+                    "eval",
+                    &format!("application:get_env(rabbit, {key})."),
+                ])
+                .expect("the setting can be read");
+                // `{ok,1800000}` or `undefined`.
+                let was = now
+                    .trim()
+                    .strip_prefix("{ok,")
+                    .and_then(|v| v.strip_suffix('}'))
+                    .map(str::to_owned);
+                previous.push((key, was));
+                rabbitmqctl_blocking(&[
+                    "eval",
+                    &format!("application:set_env(rabbit, {key}, {value})."),
+                ])
+                .expect("the setting can be changed");
+            }
+            BrokerSettings { previous }
+        })
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for BrokerSettings {
+    fn drop(&mut self) {
+        for (key, was) in &self.previous {
+            let expr = match was {
+                Some(value) => format!("application:set_env(rabbit, {key}, {value})."),
+                None => format!("application:unset_env(rabbit, {key})."),
+            };
+            if let Err(e) = rabbitmqctl_blocking(&["eval", &expr]) {
+                eprintln!(
+                    "could not restore the broker setting {key}: {e}; run: rabbitmqctl eval '{expr}'"
+                );
+            }
+        }
+    }
+}
+
+/// Waits until the fake has accepted a Track event of every session in `ids`.
+async fn wait_all_tracked(us: &FakeSegment, ids: &[String]) {
+    let start = Instant::now();
+    loop {
+        let got = tracked(&us.accepted());
+        if got == all(ids) {
+            return;
+        }
+        assert!(
+            start.elapsed() < WITHIN,
+            "{} of {} sessions never arrived",
+            all(ids).difference(&got).count(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn message_ids(events: &[Value], kind: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == kind)
+        .map(|e| e["messageId"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_midway_loses_no_session_and_dead_letters_none() {
+    let _lock = BrokerLock::exclusive();
+    let queues = Queues::quorum("broker-restart", 5).await;
+    let us = fake_segment(200, Duration::from_millis(50)).await;
+    let mut config = config(&queues, Some(&us), None);
+    // Ten sessions a request, one request at a time: a stream of a few seconds.
+    config.segment.max_batch_events = 20;
+    config.segment.max_in_flight = 1;
+    let app = spawn_app(config).await;
+    let ids = session_ids("b", 600);
+    queues.publish(bodies(&ids)).await;
+    us.wait_accepted(200, WITHIN).await;
+
+    let stopped = StoppedBroker::stop().await;
+    app.wait_until("the worker noticed", WITHIN, |a| {
+        a.health.readiness().is_err()
+    })
+    .await;
+    let during = tracked(&us.accepted()).len();
+    assert!(during < ids.len(), "stopped midway: {during} delivered");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stopped.start().await;
+
+    wait_all_tracked(&us, &ids).await;
+    app.wait_until("ready again", WITHIN, |a| a.health.readiness().is_ok())
+        .await;
+    wait_drained(&queues.main).await;
+    assert!(app.metric("segment_bridge_amqp_connections_total") >= 2.0);
+    app.stop().await;
+    assert_eq!(queues.ready().await, (0, 0), "nothing dead-lettered");
+    let tracks = message_ids(&us.accepted(), "track");
+    let unique: BTreeSet<_> = tracks.iter().collect();
+    assert_eq!(
+        unique.len(),
+        ids.len(),
+        "a resend carries the same messageId"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_closed_by_the_consumer_timeout_is_reopened_and_every_session_arrives_once() {
+    let _lock = BrokerLock::exclusive();
+    // RabbitMQ closes a channel whose delivery stays unacknowledged past consumer_timeout,
+    // checked on each channel tick: 5 s and 1 s here instead of 30 min and 60 s.
+    let _settings = BrokerSettings::set(&[
+        ("consumer_timeout", "5000"),
+        ("channel_tick_interval", "1000"),
+    ])
+    .await;
+    let queues = Queues::quorum("consumer-timeout", 5).await;
+    let (us, up) = FakeSegment::down_until_up().await;
+    let mut config = config(&queues, Some(&us), None);
+    // Longer than the broker's timeout, so that the broker acts first.
+    config.retry.max_hold_s = 60;
+    let app = spawn_app(config).await;
+    let ids = session_ids("t", 50);
+    queues.publish(bodies(&ids)).await;
+
+    app.wait_until(
+        "the broker closed the channel and the worker reconnected",
+        WITHIN,
+        |a| {
+            a.metric("segment_bridge_amqp_connections_total") >= 2.0 && a.health.readiness().is_ok()
+        },
+    )
+    .await;
+    up.store(true, Ordering::SeqCst);
+    wait_all_tracked(&us, &ids).await;
+    queues.wait_ready((0, 0), WITHIN).await;
+    wait_drained(&queues.main).await;
+    app.stop().await;
+
+    // Segment was down until the new channel took over: the first channel's deliveries
+    // were never sent, so each session arrives once, under one messageId per event.
+    for kind in ["identify", "track"] {
+        let sent = message_ids(&us.accepted(), kind);
+        let unique: BTreeSet<_> = sent.iter().collect();
+        assert_eq!(sent.len(), ids.len(), "{kind}: one each, no duplicate");
+        assert_eq!(unique.len(), ids.len());
+    }
+}
