@@ -9,7 +9,7 @@
 //! - [`batch`]: one region's batch: fits / push / full / take / split (pure).
 //! - [`ack`]: which acknowledgements to send for deliveries finished out of order (pure).
 //! - [`segment`]: the HTTP client, classifying responses into outcomes, backoff.
-//! - [`consumer`]: RabbitMQ connections, queues, tickets, ack / requeue / dead-letter.
+//! - [`consumer`]: RabbitMQ connections, queues, tickets: ack / hand back / dead-letter.
 //! - [`worker`]: the wiring: deliveries → sessions → events → batches → send → settle.
 //! - [`health`]: the side port, `/healthz`, `/readyz`, `/metrics`.
 //! - [`metrics`]: metric names, help texts and handles.
