@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo bench --bench soak -- --run [--sessions N] [--rate R] [--close-every S]
-//!                                   [--restart-at S] [--sample-every S]
+//!                                   [--restart-at S] [--outage-at S] [--outage-for S]
+//!                                   [--sample-every S]
 //! ```
 //!
 //! What it does (defaults in brackets):
@@ -14,15 +15,19 @@
 //!   500, 0.5% 429 with `Retry-After: 1`, and the rest 200;
 //! - publishes N [1,000,000] realistic sessions (`benches/common`) at R [5,000] per second
 //!   with publisher confirms, republishing what was not confirmed when the broker goes;
-//! - closes the worker's connection from the broker's side every S [60] seconds, and
+//! - closes the worker's connections from the broker's side every S [60] seconds, and
 //!   restarts the broker once (`rabbitmqctl stop_app`, 5 s, `start_app`) at S [90] s;
+//! - takes Segment down (every request 503) for S [20] seconds at S [150] s, with the
+//!   worker's `retry.max_hold_s` at 5 s, so that it hands held deliveries back several
+//!   times (on a quorum queue, without spending their deliveries);
 //! - samples the worker's RSS (`/proc/<pid>/status` VmRSS) every S [10] seconds;
 //! - ends when the fake has accepted the Track event of every session that has an email
 //!   (1% have none and are skipped by design) and both queues are empty, then sends
 //!   SIGTERM and expects exit code 0.
 //!
 //! It prints the RSS series, the request counts, duplicates (events accepted more than once,
-//! harmless: same messageId), the dead letters, and a verdict; it exits non-zero if a
+//! harmless: same messageId), the dead letters, the worker's own counts of hand-backs and
+//! high delivery counts (from its `/metrics`), and a verdict; it exits non-zero if a
 //! session is missing, one was dead-lettered, or the worker did not exit cleanly.
 //!
 //! It restarts the broker, so it holds the broker lock of the tests exclusively (waiting
@@ -52,6 +57,8 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use segment_bridge::events;
 use segment_bridge::session::Session;
 
+#[path = "../tests/it/broker_lock.rs"]
+mod broker_lock;
 mod common;
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -65,6 +72,8 @@ struct Options {
     rate: u64,
     close_every: Duration,
     restart_at: Duration,
+    outage_at: Duration,
+    outage_for: Duration,
     sample_every: Duration,
 }
 
@@ -90,6 +99,8 @@ fn options() -> Result<Option<Options>> {
         rate: value("--rate").map_or(Ok(5_000), str::parse)?,
         close_every: secs("--close-every", 60)?,
         restart_at: secs("--restart-at", 90)?,
+        outage_at: secs("--outage-at", 150)?,
+        outage_for: secs("--outage-for", 20)?,
         sample_every: secs("--sample-every", 10)?,
     }))
 }
@@ -114,20 +125,6 @@ fn main() -> Result<()> {
 
 // ---------------------------------------------------------------------------------------
 // The broker: lock, queues, restarts
-
-/// The tests' broker lock (see `tests/it/helpers.rs`), held exclusively.
-fn lock_broker() -> Result<std::fs::File> {
-    let path = std::env::temp_dir().join("segment-bridge-tests.broker.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(path)?;
-    eprintln!("soak: waiting for the broker lock (running tests finish first) ...");
-    file.lock()?;
-    Ok(file)
-}
 
 fn rabbitmqctl(args: &[&str]) -> Result<String> {
     let out = Command::new("rabbitmqctl").args(args).output()?;
@@ -280,6 +277,8 @@ fn id_key(message_id: &str) -> u64 {
 
 #[derive(Default)]
 struct Sink {
+    /// Segment is down: every request 503.
+    down: AtomicBool,
     requests: AtomicU64,
     ok: AtomicU64,
     errors: AtomicU64,
@@ -294,6 +293,10 @@ const TRACK_ID: &str = "\"messageId\":\"sb-track-";
 
 async fn receive(State(sink): State<Arc<Sink>>, body: Bytes) -> Response {
     let n = sink.requests.fetch_add(1, Ordering::Relaxed);
+    if sink.down.load(Ordering::Relaxed) {
+        sink.errors.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::SERVICE_UNAVAILABLE, "{}").into_response();
+    }
     if n % 20 == 7 {
         sink.errors.fetch_add(1, Ordering::Relaxed);
         return (StatusCode::INTERNAL_SERVER_ERROR, "{}").into_response();
@@ -441,7 +444,12 @@ async fn publish(
 // ---------------------------------------------------------------------------------------
 // The worker
 
-fn spawn_worker(queues: &Queues, sink: &str, dir: &std::path::Path) -> Result<Child> {
+fn spawn_worker(
+    queues: &Queues,
+    sink: &str,
+    probes: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> Result<Child> {
     let config = dir.join("empty.toml");
     std::fs::write(&config, "")?;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_segment-bridge"));
@@ -464,8 +472,9 @@ fn spawn_worker(queues: &Queues, sink: &str, dir: &std::path::Path) -> Result<Ch
         ("SEGMENT__US__WRITE_KEY", "soak-us".to_owned()),
         ("SEGMENT__EU__ENDPOINT", sink.to_owned()),
         ("SEGMENT__EU__WRITE_KEY", "soak-eu".to_owned()),
-        ("SERVER__LISTEN", "127.0.0.1:0".to_owned()),
+        ("SERVER__LISTEN", probes.to_string()),
         ("RETRY__MAX_BACKOFF_MS", "2000".to_owned()),
+        ("RETRY__MAX_HOLD_S", "5".to_owned()),
     ] {
         cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
     }
@@ -484,7 +493,8 @@ fn rss_kib(pid: u32) -> Option<u64> {
 // ---------------------------------------------------------------------------------------
 
 async fn soak(options: Options) -> Result<bool> {
-    let _lock = lock_broker()?;
+    eprintln!("soak: waiting for the broker lock (running tests finish first) ...");
+    let _lock = tokio::task::spawn_blocking(broker_lock::BrokerLock::exclusive).await?;
     let broker = Arc::new(BrokerGuard {
         stopped: AtomicBool::new(false),
     });
@@ -501,7 +511,8 @@ async fn soak(options: Options) -> Result<bool> {
     let dir = std::env::temp_dir().join(format!("sb-soak.{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let log = dir.join("worker.log");
-    let mut worker = spawn_worker(&queues, &url, &dir)?;
+    let probes = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut worker = spawn_worker(&queues, &url, probes, &dir)?;
     let pid = worker.id();
 
     let expected = Arc::new(Mutex::new(HashSet::new()));
@@ -527,6 +538,7 @@ async fn soak(options: Options) -> Result<bool> {
     let mut next_close = options.close_every;
     let mut closes = 0;
     let mut restarted = false;
+    let mut outage = 0u8;
     let mut publisher = Some(publisher);
     let outcome = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -566,6 +578,20 @@ async fn soak(options: Options) -> Result<bool> {
             tokio::task::spawn_blocking(move || b.restart(Duration::from_secs(5))).await??;
             println!("t={:>4}s  the broker is back", start.elapsed().as_secs());
         }
+        if outage == 0 && t >= options.outage_at {
+            outage = 1;
+            sink.down.store(true, Ordering::Relaxed);
+            println!(
+                "t={:>4}s  Segment down (503) for {} s",
+                t.as_secs(),
+                options.outage_for.as_secs()
+            );
+        }
+        if outage == 1 && t >= options.outage_at + options.outage_for {
+            outage = 2;
+            sink.down.store(false, Ordering::Relaxed);
+            println!("t={:>4}s  Segment up again", t.as_secs());
+        }
         if let Some(p) = &publisher
             && p.is_finished()
         {
@@ -576,7 +602,7 @@ async fn soak(options: Options) -> Result<bool> {
                 options.sessions
             );
         }
-        if publisher.is_none() {
+        if publisher.is_none() && outage != 1 {
             let done = {
                 let want = expected.lock().unwrap();
                 let got = sink.tracks.lock().unwrap();
@@ -598,6 +624,18 @@ async fn soak(options: Options) -> Result<bool> {
         }
     };
     let took = start.elapsed();
+    let metrics = reqwest::get(format!("http://{probes}/metrics")).await.ok();
+    let metrics = match metrics {
+        Some(r) => r.text().await.unwrap_or_default(),
+        None => String::new(),
+    };
+    let series = |prefix: &str| -> Vec<String> {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(str::to_owned)
+            .collect()
+    };
     // SIGTERM, then the exit code.
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -638,6 +676,15 @@ async fn soak(options: Options) -> Result<bool> {
     println!("| broker restarts | {} |", u8::from(restarted));
     println!("| dead-lettered | {dead} |");
     println!("| worker log: WARN / ERROR lines | {warnings} / {errors} |");
+    for line in series("segment_bridge_deliveries_requeued_total")
+        .into_iter()
+        .chain(series("segment_bridge_requeue_fallbacks_total"))
+        .chain(series("segment_bridge_high_delivery_count_total"))
+        .chain(series("segment_bridge_amqp_connections_total"))
+    {
+        let (name, value) = line.rsplit_once(' ').unwrap_or((&line, ""));
+        println!("| worker: `{name}` | {value} |");
+    }
     println!("| worker exit after SIGTERM | {exit} |");
     println!("| duration | {:.0} s |", took.as_secs_f64());
     let rss_mb: Vec<String> = rss

@@ -99,9 +99,14 @@ impl AckTracker {
     /// Acks, one by one, every finished tag still waiting behind an unfinished one, when
     /// they have waited long enough; nothing once [`in_order_only`](Self::in_order_only).
     pub fn take_stragglers(&mut self, out: &mut Vec<Ack>) {
-        if self.in_order {
-            return;
+        if !self.in_order {
+            self.take_all_waiting(out);
         }
+    }
+
+    /// Acks, one by one, every finished tag still waiting, whatever the mode: for the end
+    /// of a channel, when a gap below them will never be filled.
+    pub fn take_all_waiting(&mut self, out: &mut Vec<Ack>) {
         for (&tag, needs_ack) in self.settled.iter_mut().filter(|(_, n)| **n) {
             *needs_ack = false;
             out.push(Ack {
@@ -209,6 +214,16 @@ mod tests {
         assert_eq!(out, [], "nor on demand");
         t.settle(1, true);
         assert_eq!(acks(&mut t), [(10, true)]);
+        t.settle(12, true);
+        t.take_all_waiting(&mut out);
+        assert_eq!(
+            out,
+            [Ack {
+                tag: 12,
+                multiple: false
+            }],
+            "a gap that will never fill: one by one after all"
+        );
     }
 
     #[test]

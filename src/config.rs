@@ -22,7 +22,7 @@ pub const ENV_PREFIX: &str = "SEGMENT_BRIDGE";
 /// Read when `--config` is not given; it may be absent.
 pub const DEFAULT_PATH: &str = "config.toml";
 /// RabbitMQ closes a channel whose delivery stays unacknowledged this long (its default
-/// `consumer_timeout`); a delivery must be requeued well before.
+/// `consumer_timeout`); a delivery must be handed back well before.
 pub const RABBITMQ_ACK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -132,7 +132,7 @@ pub struct Retry {
     pub max_backoff_ms: u64,
     /// The longest `Retry-After` obeyed.
     pub max_retry_after_s: u64,
-    /// A delivery held longer than this while its batch is retried is requeued.
+    /// A delivery held longer than this while its batch is retried is handed back.
     pub max_hold_s: u64,
 }
 

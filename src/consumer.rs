@@ -1,7 +1,7 @@
 //! RabbitMQ: connecting, declaring, consuming, and settling deliveries.
 //!
-//! A [`Link`] is one connection with two channels: one that consumes (and carries every
-//! ack for its deliveries) and one in confirm mode that publishes: dead letters, and the
+//! A [`Link`] is a connection that consumes (its channel carries every ack for its
+//! deliveries) and a connection that publishes, in confirm mode: dead letters, and the
 //! copies of deliveries handed back. Each delivery becomes a [`Ticket`], which the
 //! pipeline settles exactly once:
 //! - [`Ticket::ack`]: Segment took its events, or there was nothing to send;
@@ -40,8 +40,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use lapin::{Confirmation, PublisherConfirm};
 use secrecy::ExposeSecret;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::ack::{Ack, AckTracker};
 use crate::config;
@@ -52,11 +53,17 @@ pub const ERROR_HEADER: &str = "x-segment-bridge-error";
 /// The header in which quorum queues count a message's earlier deliveries.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
-/// Connects to the broker named by `amqp.url`.
+/// Connects to the broker named by `amqp.url`. lapin does not recover connections by
+/// itself (its default): the worker notices a lost one and opens a new link, and the ack
+/// bookkeeping relies on each channel's delivery tags starting at 1.
 pub async fn connect(amqp: &config::Amqp) -> lapin::Result<Connection> {
-    let properties = ConnectionProperties::default().with_connection_name(LongString::from(
-        concat!("segment-bridge/", env!("CARGO_PKG_VERSION")),
-    ));
+    connect_as(amqp, concat!("segment-bridge/", env!("CARGO_PKG_VERSION"))).await
+}
+
+/// [`connect`], with the name the broker shows for the connection.
+pub async fn connect_as(amqp: &config::Amqp, name: &str) -> lapin::Result<Connection> {
+    let properties =
+        ConnectionProperties::default().with_connection_name(LongString::from(name.as_bytes()));
     Connection::connect(amqp.url.expose_secret(), properties).await
 }
 
@@ -99,11 +106,15 @@ pub struct Message {
     pub properties: BasicProperties,
 }
 
-/// How a ticket is settled.
+/// How a ticket is settled, and the link's other orders to its acker.
 #[derive(Debug)]
 enum Settle {
     Ack(u64),
     Publish(Box<Job>),
+    /// No more deliveries will come: from here on acks go in order only (see
+    /// [`crate::ack`]). With a consumer tag, the acker then cancels that consumer itself,
+    /// so that no single ack it computed before can follow the cancel on the wire.
+    Cancel(Option<ShortString>, oneshot::Sender<lapin::Result<()>>),
 }
 
 /// A delivery to be published somewhere (with a confirm) and then acknowledged.
@@ -169,16 +180,17 @@ impl Ticket {
 
     /// Moves the message to the dead-letter queue with `reason`, then acknowledges it. If
     /// the dead-letter queue does not confirm, it is retried until the delivery has been
-    /// held for `retry.max_hold_s`, and then handed back.
+    /// held for `retry.max_hold_s` (or the link closes), and then handed back.
     pub fn dead_letter(mut self, reason: String, code: &'static str) {
         self.publish(Target::DeadLetter { reason, code });
     }
 
     fn publish(&mut self, target: Target) {
         let tag = std::mem::take(&mut self.tag);
-        let Some(message) = self.message.take() else {
-            return;
-        };
+        let message = self
+            .message
+            .take()
+            .expect("an unsettled ticket holds its message");
         // After a lost connection the acker is gone; the broker redelivers the message.
         let _ = self.settle.send(Settle::Publish(Box::new(Job {
             tag,
@@ -198,15 +210,16 @@ impl Drop for Ticket {
     }
 }
 
-/// One connection to the broker: consuming, settling, dead-lettering, handing back.
+/// One link to the broker: a connection that consumes (and carries the acks), and one
+/// that publishes dead letters and hand-back copies. Publishing has a connection of its
+/// own because RabbitMQ, under a memory or disk alarm, stops reading from connections
+/// that publish: the acks, which free the broker's memory, must still get through.
 pub struct Link {
-    connection: Arc<Connection>,
+    connection: Connection,
     consume: Channel,
     settle: mpsc::UnboundedSender<Settle>,
     acker: JoinHandle<()>,
     alive: Arc<AtomicBool>,
-    /// Set before `basic.cancel`: from then on, acks go in order only (see [`crate::ack`]).
-    cancelled: Arc<AtomicBool>,
 }
 
 impl Link {
@@ -218,12 +231,13 @@ impl Link {
         max_hold: Duration,
         metrics: Arc<Metrics>,
     ) -> lapin::Result<(Link, lapin::Consumer)> {
-        let connection = Arc::new(connect(amqp).await?);
+        let connection = connect(amqp).await?;
         ensure_queue(&connection, &amqp.queue, amqp.declare).await?;
         ensure_queue(&connection, &amqp.dead_letter_queue, amqp.declare).await?;
+        let publisher = connect_as(amqp, PUBLISHER_NAME).await?;
+        let back = confirm_channel(&publisher).await?;
+        let dead = confirm_channel(&publisher).await?;
 
-        let back = confirm_channel(&connection).await?;
-        let dead = confirm_channel(&connection).await?;
         let consume = connection.create_channel().await?;
         consume
             .basic_qos(amqp.prefetch, BasicQosOptions::default())
@@ -238,15 +252,14 @@ impl Link {
             .await?;
 
         let alive = Arc::new(AtomicBool::new(true));
-        let cancelled = Arc::new(AtomicBool::new(false));
         let (settle, rx) = mpsc::unbounded_channel();
         let acker = Acker {
-            connection: connection.clone(),
+            amqp: amqp.clone(),
+            publisher,
             consume: consume.clone(),
             back: Route::new(back, &amqp.queue, false),
             dead: Route::new(dead, &amqp.dead_letter_queue, true),
             alive: alive.clone(),
-            cancelled: cancelled.clone(),
             max_hold,
             metrics,
             // Finished deliveries stuck behind a slow one are acknowledged one by one
@@ -254,6 +267,7 @@ impl Link {
             tracker: AckTracker::new(usize::from(amqp.prefetch / 4).max(1)),
             acks: Vec::new(),
             pending: FuturesUnordered::new(),
+            closing: CancellationToken::new(),
         };
         Ok((
             Link {
@@ -262,7 +276,6 @@ impl Link {
                 settle,
                 acker: tokio::spawn(acker.run(rx)),
                 alive,
-                cancelled,
             },
             consumer,
         ))
@@ -288,22 +301,40 @@ impl Link {
         self.alive.store(false, Ordering::Relaxed);
     }
 
-    /// Stops the broker from sending more deliveries; held ones stay ours to settle.
-    pub async fn cancel(&self, consumer_tag: ShortString) -> lapin::Result<()> {
-        self.cancelled.store(true, Ordering::SeqCst);
-        self.consume
-            .basic_cancel(consumer_tag, lapin::options::BasicCancelOptions::default())
-            .await
+    /// Whether the consuming channel is still open.
+    pub fn is_connected(&self) -> bool {
+        self.consume.status().connected()
+    }
+
+    /// Stops the broker from sending more deliveries (`consumer_tag`), or notes that the
+    /// broker did (`None`); held deliveries stay ours to settle, acknowledged in order.
+    pub async fn cancel(&self, consumer_tag: Option<ShortString>) -> lapin::Result<()> {
+        let (done, result) = oneshot::channel();
+        if self
+            .settle
+            .send(Settle::Cancel(consumer_tag, done))
+            .is_err()
+        {
+            return Ok(());
+        }
+        result.await.unwrap_or(Ok(()))
     }
 
     /// Waits until every ticket of this link is settled and acknowledged, then closes the
-    /// connection. Call it once nothing can hold a ticket any more.
+    /// connections. Call it once nothing can hold a ticket any more.
     pub async fn close(self) {
         drop(self.settle);
         let _ = self.acker.await;
         let _ = self.connection.close(200, "OK".into()).await;
     }
 }
+
+/// The name of the publishing connection, in the broker's connection list.
+const PUBLISHER_NAME: &str = concat!(
+    "segment-bridge/",
+    env!("CARGO_PKG_VERSION"),
+    " (publishing)"
+);
 
 async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
     let channel = connection.create_channel().await?;
@@ -333,7 +364,7 @@ fn retry_delay(failures: u32) -> Duration {
 enum Published {
     /// The broker confirmed it, or refused it (with why).
     Done(Box<Job>, Result<(), String>),
-    /// Its retry delay is over: publish it again.
+    /// Its retry delay is over (or the link is closing): publish it again.
     Due(Box<Job>),
 }
 
@@ -367,22 +398,26 @@ impl Route {
     }
 }
 
-/// Owns the consume channel's acknowledgements, and the publishing of one link's dead
-/// letters and hand-backs.
+/// Owns the consume channel's acknowledgements (and its cancel), and the publishing of
+/// one link's dead letters and hand-backs.
 struct Acker {
-    connection: Arc<Connection>,
+    amqp: config::Amqp,
+    /// The publishing connection; opened again if it was lost.
+    publisher: Connection,
     consume: Channel,
     /// Copies of handed-back deliveries, to the consumed queue.
     back: Route,
     /// Dead letters, to the dead-letter queue.
     dead: Route,
     alive: Arc<AtomicBool>,
-    cancelled: Arc<AtomicBool>,
     max_hold: Duration,
     metrics: Arc<Metrics>,
     tracker: AckTracker,
     acks: Vec<Ack>,
     pending: FuturesUnordered<BoxFuture<'static, Published>>,
+    /// Cancelled when every ticket is settled or in a job: retries stop waiting, and a
+    /// dead letter that fails is handed back at once.
+    closing: CancellationToken,
 }
 
 impl Acker {
@@ -402,7 +437,10 @@ impl Acker {
                             self.handle(settle).await;
                         }
                     }
-                    None => open = false,
+                    None => {
+                        open = false;
+                        self.closing.cancel();
+                    }
                 },
                 Some(published) = self.pending.next(), if !self.pending.is_empty() => {
                     match published {
@@ -418,8 +456,7 @@ impl Acker {
                         }
                     }
                 },
-                _ = tick.tick(), if self.tracker.waiting() > 0 => {
-                    self.note_cancel();
+                _ = tick.tick(), if open && self.tracker.waiting() > 0 => {
                     if stale {
                         self.tracker.take_stragglers(&mut self.acks);
                     }
@@ -429,33 +466,43 @@ impl Acker {
             }
             self.send_acks().await;
         }
-        // Every ticket is settled: acknowledge whatever still waits, then close the channels
-        // and wait for the broker to confirm. Its close-ok comes after it processed every
-        // ack before it; a connection torn down with acks still on the wire loses them.
-        self.tracker.take_stragglers(&mut self.acks);
+        // Every ticket is settled. A tag still waiting stands above one that never became
+        // a ticket (a cancelled stream given up on): it can only be acknowledged on its
+        // own. Then close the channels and wait for the broker's close-ok, which comes
+        // after it processed every ack before it; a connection torn down with acks still
+        // on the wire loses them.
+        self.tracker.take_all_waiting(&mut self.acks);
         self.send_acks().await;
         let _ = self.consume.close(200, "OK".into()).await;
         let _ = self.back.channel.close(200, "OK".into()).await;
         let _ = self.dead.channel.close(200, "OK".into()).await;
-    }
-
-    /// Once the consumer's cancel is on its way, acks go in order only (see `crate::ack`).
-    fn note_cancel(&mut self) {
-        if !self.tracker.is_in_order_only() && self.cancelled.load(Ordering::SeqCst) {
-            self.tracker.in_order_only();
-        }
+        let _ = self.publisher.close(200, "OK".into()).await;
     }
 
     async fn handle(&mut self, settle: Settle) {
-        self.note_cancel();
         match settle {
             Settle::Ack(tag) => self.tracker.settle(tag, true),
             Settle::Publish(job) => self.start(job).await,
+            Settle::Cancel(consumer_tag, done) => {
+                // What was decided before goes out before the cancel.
+                self.send_acks().await;
+                self.tracker.in_order_only();
+                let result = match consumer_tag {
+                    Some(tag) => {
+                        self.consume
+                            .basic_cancel(tag, lapin::options::BasicCancelOptions::default())
+                            .await
+                    }
+                    None => Ok(()),
+                };
+                let _ = done.send(result);
+            }
         }
     }
 
+    /// False once the consuming channel is gone: the broker took its deliveries back.
     fn alive(&self) -> bool {
-        self.alive.load(Ordering::Relaxed)
+        self.alive.load(Ordering::Relaxed) && self.consume.status().connected()
     }
 
     fn route(&mut self, target: &Target) -> &mut Route {
@@ -474,26 +521,33 @@ impl Acker {
         }
         let properties = match &job.target {
             Target::DeadLetter { reason, .. } => {
-                with_error_header(job.message.properties.clone(), reason)
+                with_error_header(for_copy(job.message.properties.clone()), reason)
             }
-            Target::HandBack => for_hand_back(job.message.properties.clone()),
+            Target::HandBack => for_copy(job.message.properties.clone()),
         };
-        let connection = self.connection.clone();
-        let route = self.route(&job.target);
+        let route = match &job.target {
+            Target::DeadLetter { .. } => &self.dead,
+            Target::HandBack => &self.back,
+        };
         if route.serial && route.in_flight > 0 {
-            return route.waiting.push_back(job);
+            return self.route(&job.target).waiting.push_back(job);
         }
+        let reopened = if route.channel.status().connected() {
+            None
+        } else {
+            Some(self.reopen().await)
+        };
+        let route = self.route(&job.target);
         route.in_flight += 1;
-        if !route.channel.status().connected() {
-            match confirm_channel(&connection).await {
-                Ok(channel) => route.channel = channel,
-                Err(e) => {
-                    let result = Err(format!("cannot reopen the publishing channel: {e}"));
-                    return self
-                        .pending
-                        .push(Box::pin(async move { Published::Done(job, result) }));
-                }
+        match reopened {
+            Some(Ok(channel)) => route.channel = channel,
+            Some(Err(e)) => {
+                let result = Err(format!("cannot reopen the publishing channel: {e}"));
+                return self
+                    .pending
+                    .push(Box::pin(async move { Published::Done(job, result) }));
             }
+            None => {}
         }
         let (channel, queue) = (route.channel.clone(), route.queue.clone());
         self.pending.push(Box::pin(async move {
@@ -506,8 +560,16 @@ impl Acker {
         }));
     }
 
+    /// A new confirm channel on the publishing connection, which is opened again first if
+    /// it was lost.
+    async fn reopen(&mut self) -> lapin::Result<Channel> {
+        if !self.publisher.status().connected() {
+            self.publisher = connect_as(&self.amqp, PUBLISHER_NAME).await?;
+        }
+        confirm_channel(&self.publisher).await
+    }
+
     async fn finish(&mut self, mut job: Box<Job>, result: Result<(), String>) {
-        self.note_cancel();
         let error = match result {
             Ok(()) => {
                 let Target::DeadLetter { code, .. } = job.target else {
@@ -535,28 +597,35 @@ impl Acker {
         };
         job.failures += 1;
         let delay = retry_delay(job.failures);
+        let closing = self.closing.is_cancelled();
         match job.target {
-            Target::DeadLetter { .. } if job.received.elapsed() + delay < self.max_hold => {
+            Target::DeadLetter { .. }
+                if !closing && job.received.elapsed() + delay < self.max_hold =>
+            {
                 tracing::error!(queue = %self.dead.queue, error = %error, retry_in = ?delay, "Could not dead-letter a message; holding it and trying again. Check that the dead-letter queue exists and accepts messages.");
             }
             Target::DeadLetter { .. } => {
-                tracing::error!(queue = %self.dead.queue, error = %error, "Could not dead-letter a message within retry.max_hold_s; handing it back to the queue unchanged.");
+                tracing::error!(queue = %self.dead.queue, error = %error, "Could not dead-letter a message (within retry.max_hold_s, or before shutting down); handing it back to the queue unchanged.");
                 self.metrics.requeued("dead_letter_unconfirmed", 1);
                 job.target = Target::HandBack;
                 job.failures = 0;
                 return self.start(job).await;
             }
-            Target::HandBack if job.failures < HAND_BACK_ATTEMPTS => {
+            Target::HandBack if !closing && job.failures < HAND_BACK_ATTEMPTS => {
                 tracing::warn!(queue = %self.back.queue, error = %error, retry_in = ?delay, "The broker did not take back a copy of a held message; trying again.");
             }
             Target::HandBack => {
-                tracing::error!(queue = %self.back.queue, error = %error, "The broker refused a copy of a held message {HAND_BACK_ATTEMPTS} times; returning the original with nack(requeue), which counts against a quorum queue's x-delivery-limit.");
+                tracing::error!(queue = %self.back.queue, error = %error, "The broker refused a copy of a held message; returning the original with nack(requeue), which counts against a quorum queue's x-delivery-limit.");
                 self.metrics.requeue_fallback();
                 return requeue(&self.consume, job.tag, &mut self.tracker).await;
             }
         }
+        let closing = self.closing.clone();
         self.pending.push(Box::pin(async move {
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = closing.cancelled() => {}
+            }
             Published::Due(job)
         }));
     }
@@ -641,9 +710,10 @@ pub fn without_error_header(properties: BasicProperties) -> BasicProperties {
     without_header(properties, ERROR_HEADER)
 }
 
-/// The properties of a handed-back copy: the message's own, unchanged, without the count
-/// of deliveries a quorum queue added to this delivery (the copy is a new message).
-pub fn for_hand_back(properties: BasicProperties) -> BasicProperties {
+/// The properties of a copy (handed back, dead-lettered or replayed): the message's own,
+/// unchanged, without the count of deliveries a quorum queue added to this delivery (the
+/// copy is a new message).
+pub fn for_copy(properties: BasicProperties) -> BasicProperties {
     without_header(properties, DELIVERY_COUNT_HEADER)
 }
 
@@ -755,15 +825,15 @@ mod tests {
         headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(4));
         let delivered = published.clone().with_headers(headers);
         assert_eq!(delivery_count(&delivered), Some(4));
-        assert_eq!(for_hand_back(delivered), published);
+        assert_eq!(for_copy(delivered), published);
         assert_eq!(delivery_count(&published), None);
 
         // A quorum queue adds the header to a message published without any.
         let bare = BasicProperties::default().with_delivery_mode(2);
         let mut only_count = FieldTable::default();
         only_count.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongUInt(0));
-        assert_eq!(for_hand_back(bare.clone().with_headers(only_count)), bare);
-        assert_eq!(for_hand_back(bare.clone()), bare);
+        assert_eq!(for_copy(bare.clone().with_headers(only_count)), bare);
+        assert_eq!(for_copy(bare.clone()), bare);
     }
 
     #[test]

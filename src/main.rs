@@ -177,11 +177,18 @@ async fn shutdown_signal() -> &'static str {
 /// Logs go to standard error: human text, or JSON when `SEGMENT_BRIDGE_LOG_FORMAT=json`.
 /// `RUST_LOG` sets the level (default `info`). lapin's own log lines are off by default:
 /// it logs an expected "no queue" on the first start as an error, and every failure that
-/// matters is logged by the worker itself (`RUST_LOG=info,lapin=debug` shows them).
+/// matters is logged by the worker itself (`RUST_LOG=info,lapin=debug` shows them). Its
+/// `returned_messages` lines are always off: they print a returned message's whole body,
+/// email address included.
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=off"))
+        .add_directive(
+            "lapin::returned_messages=off"
+                .parse()
+                .expect("a valid directive"),
+        );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -206,7 +206,7 @@ pub async fn replay_dead(
             break;
         };
         let delivery = message.delivery;
-        let properties = without_error_header(delivery.properties.clone());
+        let properties = without_error_header(consumer::for_copy(delivery.properties.clone()));
         let confirm = publish_mandatory(&channel, &queue, &delivery.data, properties).await?;
         if let Err(e) = confirmed(confirm).await {
             // Put it back where it was without spending a delivery of a quorum
@@ -216,7 +216,7 @@ pub async fn replay_dead(
                 &channel,
                 &dead_letter_queue,
                 &delivery.data,
-                consumer::for_hand_back(delivery.properties.clone()),
+                consumer::for_copy(delivery.properties.clone()),
             )
             .await?;
             if confirmed(back).await.is_ok() {
@@ -234,6 +234,9 @@ pub async fn replay_dead(
                     )
                     .await?;
             }
+            // Closed, close-ok awaited, so that the ack above is not lost with the socket.
+            let _ = channel.close(200, "OK".into()).await;
+            let _ = conn.close(200, "OK".into()).await;
             return Err(ToolError::Unconfirmed {
                 failed: 1,
                 total: moved + 1,

@@ -20,7 +20,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use time::OffsetDateTime;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -196,38 +196,71 @@ impl Worker {
             // to the closing connection, each would spend one of its deliveries on a quorum
             // queue.
             let mut cancelled = false;
+            let mut still_ours = false;
             let lost = loop {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled(), if !cancelled => {
-                        let _ = link.cancel(consumer.tag()).await;
+                        let _ = link.cancel(Some(consumer.tag())).await;
                         cancelled = true;
                         self.health.set_consuming(false);
                     }
                     _ = stop_consuming.cancelled(), if !cancelled => {
                         // A region's key was refused. Take no more work; the refused region's
                         // deliveries are handed back, the other region's still sent.
-                        let _ = link.cancel(consumer.tag()).await;
+                        let _ = link.cancel(Some(consumer.tag())).await;
                         cancelled = true;
                         self.health.set_consuming(false);
                     }
-                    // A broker that never ends the cancelled stream must not hold up shutdown.
-                    _ = abandon.cancelled(), if cancelled => return Some(link),
+                    // A broker that never ends the cancelled stream must not hold up
+                    // shutdown: what it has sent so far is taken (and handed back).
+                    _ = abandon.cancelled(), if cancelled => {
+                        while let Some(Some(Ok(delivery))) = consumer.next().now_or_never() {
+                            self.handle(link.ticket(delivery), senders, &options);
+                        }
+                        return Some(link);
+                    }
                     delivery = consumer.next() => match delivery {
                         Some(Ok(delivery)) => self.handle(link.ticket(delivery), senders, &options),
                         Some(Err(e)) => break e.to_string(),
                         None if cancelled => {
-                            shutdown.cancelled().await;
-                            return Some(link);
+                            // Read to the end. Until shutdown, watch the connection, so that
+                            // the probes and metrics tell when it is lost. A worker whose key
+                            // was refused does not consume again: it waits to be restarted.
+                            loop {
+                                tokio::select! {
+                                    _ = shutdown.cancelled() => return Some(link),
+                                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                }
+                                if !link.is_connected() {
+                                    link.mark_lost();
+                                    self.health.set_connected(false);
+                                    self.metrics.amqp_connected(false);
+                                    tracing::warn!("Lost the RabbitMQ connection while not consuming; waiting to be restarted or stopped.");
+                                    tokio::spawn(link.close());
+                                    shutdown.cancelled().await;
+                                    return None;
+                                }
+                            }
                         }
-                        None => break "the broker cancelled the consumer".to_owned(),
+                        None if link.is_connected() => {
+                            // The broker cancelled the consumer (its queue deleted, or moved)
+                            // but the channel is open: what it delivered is still ours to
+                            // settle, in order, while a new link consumes.
+                            let _ = link.cancel(None).await;
+                            still_ours = true;
+                            break "the broker cancelled the consumer".to_owned();
+                        }
+                        None => break "the channel was closed".to_owned(),
                     },
                 }
             };
-            link.mark_lost();
+            if !still_ours {
+                link.mark_lost();
+            }
             self.health.set_connected(false);
             self.metrics.amqp_connected(false);
-            tracing::warn!(error = %lost, "Lost the RabbitMQ connection; reconnecting. Unacknowledged deliveries will be redelivered.");
+            tracing::warn!(error = %lost, "Lost the RabbitMQ consumer; reconnecting. Deliveries of a lost connection or channel are redelivered by the broker.");
             // Its tickets may still be in flight; the link closes once they are settled.
             tokio::spawn(link.close());
         }
@@ -490,7 +523,13 @@ impl Deliverer {
     }
 
     fn hand_back(&self, batch: Batch<Ticket>, cause: &'static str) {
-        self.metrics.requeued(cause, batch.len() as u64);
+        // A lost link's deliveries are the broker's again: not counted, not copied.
+        let live = batch
+            .entries()
+            .iter()
+            .filter(|e| e.ticket.is_live())
+            .count();
+        self.metrics.requeued(cause, live as u64);
         for entry in batch.into_entries() {
             entry.ticket.hand_back();
         }

@@ -4,15 +4,15 @@
 //! meanwhile), and each puts the broker back as it found it when it ends, also when it
 //! fails.
 
+#[path = "../it/broker_lock.rs"]
+mod broker_lock;
 #[path = "../it/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
-
-use serde_json::Value;
+use std::time::Duration;
 
 use helpers::*;
 
@@ -43,11 +43,13 @@ struct StoppedBroker {
 
 impl StoppedBroker {
     async fn stop() -> StoppedBroker {
+        // The guard first: whatever happens next, its drop starts the broker again.
+        let guard = StoppedBroker { started: false };
         tokio::task::spawn_blocking(|| rabbitmqctl_blocking(&["stop_app"]))
             .await
             .unwrap()
             .expect("the broker stops");
-        StoppedBroker { started: false }
+        guard
     }
 
     async fn start(mut self) {
@@ -81,33 +83,30 @@ struct BrokerSettings {
 }
 
 impl BrokerSettings {
-    async fn set(settings: &[(&'static str, &'static str)]) -> BrokerSettings {
-        let settings = settings.to_vec();
-        tokio::task::spawn_blocking(move || {
-            let mut previous = Vec::new();
-            for (key, value) in settings {
-                let now = rabbitmqctl_blocking(&[
-                    "eval",
-                    &format!("application:get_env(rabbit, {key})."),
-                ])
-                .expect("the setting can be read");
-                // `{ok,1800000}` or `undefined`.
-                let was = now
-                    .trim()
-                    .strip_prefix("{ok,")
-                    .and_then(|v| v.strip_suffix('}'))
-                    .map(str::to_owned);
-                previous.push((key, was));
-                rabbitmqctl_blocking(&[
-                    "eval",
-                    &format!("application:set_env(rabbit, {key}, {value})."),
-                ])
-                .expect("the setting can be changed");
-            }
-            BrokerSettings { previous }
-        })
-        .await
-        .unwrap()
+    /// Each setting's old value is in the guard before the setting changes, so that a
+    /// failure halfway still restores what was changed.
+    fn set(settings: &[(&'static str, &'static str)]) -> BrokerSettings {
+        let mut guard = BrokerSettings {
+            previous: Vec::new(),
+        };
+        for (key, value) in settings {
+            let now =
+                rabbitmqctl_blocking(&["eval", &format!("application:get_env(rabbit, {key}).")])
+                    .expect("the setting can be read");
+            // `{ok,1800000}` or `undefined`.
+            let was = now
+                .trim()
+                .strip_prefix("{ok,")
+                .and_then(|v| v.strip_suffix('}'))
+                .map(str::to_owned);
+            guard.previous.push((key, was));
+            rabbitmqctl_blocking(&[
+                "eval",
+                &format!("application:set_env(rabbit, {key}, {value})."),
+            ])
+            .expect("the setting can be changed");
+        }
+        guard
     }
 }
 
@@ -127,43 +126,17 @@ impl Drop for BrokerSettings {
     }
 }
 
-/// Waits until the fake has accepted a Track event of every session in `ids`.
-async fn wait_all_tracked(us: &FakeSegment, ids: &[String]) {
-    let start = Instant::now();
-    loop {
-        let got = tracked(&us.accepted());
-        if got == all(ids) {
-            return;
-        }
-        assert!(
-            start.elapsed() < WITHIN,
-            "{} of {} sessions never arrived",
-            all(ids).difference(&got).count(),
-            ids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn message_ids(events: &[Value], kind: &str) -> Vec<String> {
-    events
-        .iter()
-        .filter(|e| e["type"] == kind)
-        .map(|e| e["messageId"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_midway_loses_no_session_and_dead_letters_none() {
     let _lock = BrokerLock::exclusive();
     let queues = Queues::quorum("broker-restart", 5).await;
-    let us = fake_segment(200, Duration::from_millis(50)).await;
+    let us = fake_segment(200, Duration::from_millis(100)).await;
     let mut config = config(&queues, Some(&us), None);
-    // Ten sessions a request, one request at a time: a stream of a few seconds.
+    // Ten sessions a request, one request at a time: a stream of about 10 s.
     config.segment.max_batch_events = 20;
     config.segment.max_in_flight = 1;
     let app = spawn_app(config).await;
-    let ids = session_ids("b", 600);
+    let ids = session_ids("b", 1000);
     queues.publish(bodies(&ids)).await;
     us.wait_accepted(200, WITHIN).await;
 
@@ -177,14 +150,14 @@ async fn a_broker_restart_midway_loses_no_session_and_dead_letters_none() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stopped.start().await;
 
-    wait_all_tracked(&us, &ids).await;
+    wait_all_tracked(&us, &ids, WITHIN).await;
     app.wait_until("ready again", WITHIN, |a| a.health.readiness().is_ok())
         .await;
     wait_drained(&queues.main).await;
     assert!(app.metric("segment_bridge_amqp_connections_total") >= 2.0);
     app.stop().await;
     assert_eq!(queues.ready().await, (0, 0), "nothing dead-lettered");
-    let tracks = message_ids(&us.accepted(), "track");
+    let tracks = message_ids_of(&us.accepted(), "track");
     let unique: BTreeSet<_> = tracks.iter().collect();
     assert_eq!(
         unique.len(),
@@ -201,8 +174,7 @@ async fn a_channel_closed_by_the_consumer_timeout_is_reopened_and_every_session_
     let _settings = BrokerSettings::set(&[
         ("consumer_timeout", "5000"),
         ("channel_tick_interval", "1000"),
-    ])
-    .await;
+    ]);
     let queues = Queues::quorum("consumer-timeout", 5).await;
     let (us, up) = FakeSegment::down_until_up().await;
     let mut config = config(&queues, Some(&us), None);
@@ -221,7 +193,7 @@ async fn a_channel_closed_by_the_consumer_timeout_is_reopened_and_every_session_
     )
     .await;
     up.store(true, Ordering::SeqCst);
-    wait_all_tracked(&us, &ids).await;
+    wait_all_tracked(&us, &ids, WITHIN).await;
     queues.wait_ready((0, 0), WITHIN).await;
     wait_drained(&queues.main).await;
     app.stop().await;
@@ -229,7 +201,7 @@ async fn a_channel_closed_by_the_consumer_timeout_is_reopened_and_every_session_
     // Segment was down until the new channel took over: the first channel's deliveries
     // were never sent, so each session arrives once, under one messageId per event.
     for kind in ["identify", "track"] {
-        let sent = message_ids(&us.accepted(), kind);
+        let sent = message_ids_of(&us.accepted(), kind);
         let unique: BTreeSet<_> = sent.iter().collect();
         assert_eq!(sent.len(), ids.len(), "{kind}: one each, no duplicate");
         assert_eq!(unique.len(), ids.len());

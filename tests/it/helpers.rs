@@ -63,69 +63,7 @@ pub async fn connect() -> Connection {
     }
 }
 
-/// The local broker is shared by every test, by other test runs and by the benchmarks. A
-/// test that changes the broker itself (a restart, a broker-wide setting) holds this lock
-/// exclusively; every [`Queues`] holds it shared. The lock is a `flock` on a file in the
-/// temporary directory, so it keeps test binaries and processes apart as well as threads.
-/// A process that holds it exclusively takes no shared lock besides (that would wait for
-/// itself).
-pub struct BrokerLock {
-    _file: Option<std::fs::File>,
-    exclusive: bool,
-}
-
-/// How many exclusive locks this process holds.
-static EXCLUSIVE: AtomicUsize = AtomicUsize::new(0);
-
-impl BrokerLock {
-    fn file() -> std::fs::File {
-        let path = std::env::temp_dir().join("segment-bridge-tests.broker.lock");
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("cannot open the broker lock {}: {e}", path.display()))
-    }
-
-    /// Held by every test that uses the broker as it is.
-    pub fn shared() -> BrokerLock {
-        if EXCLUSIVE.load(Ordering::SeqCst) > 0 {
-            return BrokerLock {
-                _file: None,
-                exclusive: false,
-            };
-        }
-        let file = BrokerLock::file();
-        file.lock_shared().expect("the shared broker lock");
-        BrokerLock {
-            _file: Some(file),
-            exclusive: false,
-        }
-    }
-
-    /// Held by a test that changes the broker: no other test uses it meanwhile. It blocks
-    /// the thread until every other holder is done.
-    #[allow(dead_code)]
-    pub fn exclusive() -> BrokerLock {
-        let file = BrokerLock::file();
-        file.lock().expect("the exclusive broker lock");
-        EXCLUSIVE.fetch_add(1, Ordering::SeqCst);
-        BrokerLock {
-            _file: Some(file),
-            exclusive: true,
-        }
-    }
-}
-
-impl Drop for BrokerLock {
-    fn drop(&mut self) {
-        if self.exclusive {
-            EXCLUSIVE.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
+pub use crate::broker_lock::BrokerLock;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -570,6 +508,9 @@ fn write_empty(dir: &tempfile::TempDir) -> std::path::PathBuf {
 
 /// A worker running in this process, with its side port.
 pub struct App {
+    /// `shutdown.grace_period_s`: `stop` fails if the worker takes longer, as the binary
+    /// would exit then, leaving its deliveries to the broker.
+    pub grace: Duration,
     pub shutdown: CancellationToken,
     pub worker: JoinHandle<Result<(), WorkerError>>,
     pub health: Arc<Health>,
@@ -578,6 +519,7 @@ pub struct App {
 }
 
 pub async fn spawn_app(config: Config) -> App {
+    let grace = config.grace_period();
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     let health = Arc::new(Health::default());
@@ -594,6 +536,7 @@ pub async fn spawn_app(config: Config) -> App {
         Worker::new(config, health.clone(), metrics.clone(), false).run(shutdown.clone()),
     );
     App {
+        grace,
         shutdown,
         worker,
         health,
@@ -603,12 +546,16 @@ pub async fn spawn_app(config: Config) -> App {
 }
 
 impl App {
-    /// Shuts the worker down as SIGTERM would, and waits for it.
+    /// Shuts the worker down as SIGTERM would, and waits for it: at most the grace period
+    /// (and a little for a loaded machine).
     pub async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.worker)
+        let within = self.grace + Duration::from_millis(500);
+        tokio::time::timeout(within, self.worker)
             .await
-            .expect("the worker stops within 30 s")
+            .unwrap_or_else(|_| {
+                panic!("the worker did not stop within its grace period ({within:?})")
+            })
             .unwrap()
             .unwrap();
     }
@@ -1022,4 +969,50 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits until the fake has accepted a Track event of every session in `ids`.
+pub async fn wait_all_tracked(us: &FakeSegment, ids: &[String], within: Duration) {
+    let start = Instant::now();
+    loop {
+        let got = tracked(&us.accepted());
+        if got == all(ids) {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{} of {} sessions never arrived, e.g. {:?}",
+            all(ids).difference(&got).count(),
+            ids.len(),
+            all(ids).difference(&got).take(5).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The messageIds each event of each person was accepted with: (userId, type) → ids.
+pub fn message_ids_by_event(
+    events: &[Value],
+) -> std::collections::BTreeMap<(String, String), BTreeSet<String>> {
+    let mut out: std::collections::BTreeMap<_, BTreeSet<String>> = Default::default();
+    for e in events {
+        let key = (
+            e["userId"].as_str().unwrap().to_owned(),
+            e["type"].as_str().unwrap().to_owned(),
+        );
+        out.entry(key)
+            .or_default()
+            .insert(e["messageId"].as_str().unwrap().to_owned());
+    }
+    out
+}
+
+/// The messageIds of the events of one type, in the order accepted, repeats included.
+#[allow(dead_code)]
+pub fn message_ids_of(events: &[Value], kind: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == kind)
+        .map(|e| e["messageId"].as_str().unwrap().to_owned())
+        .collect()
 }

@@ -287,8 +287,8 @@ async fn a_worker_the_broker_refuses_is_not_ready_until_it_reconnects_and_then_d
     user.deny().await;
     assert_eq!(
         user.close_connections().await,
-        1,
-        "one connection per worker"
+        2,
+        "a consuming and a publishing connection per worker"
     );
     app.wait_until("it notices", WITHIN, |a| {
         a.metric("segment_bridge_amqp_connected") == 0.0

@@ -5,52 +5,16 @@
 //! of them still arrives. Also: several workers competing for one queue, one of them
 //! killed.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicNackOptions};
-use serde_json::Value;
 
 use segment_bridge::session::Region;
 
 use crate::helpers::*;
 
 const WITHIN: Duration = Duration::from_secs(30);
-
-/// Waits until the fake has accepted a Track event of every session in `ids`.
-async fn wait_all_tracked(us: &FakeSegment, ids: &[String], within: Duration) {
-    let start = Instant::now();
-    loop {
-        let got = tracked(&us.accepted());
-        if got == all(ids) {
-            return;
-        }
-        assert!(
-            start.elapsed() < within,
-            "{} of {} sessions never arrived, e.g. {:?}",
-            all(ids).difference(&got).count(),
-            ids.len(),
-            all(ids).difference(&got).take(5).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The messageIds each event of each person was accepted with: (userId, type) → ids.
-fn message_ids(events: &[Value]) -> BTreeMap<(String, String), BTreeSet<String>> {
-    let mut out: BTreeMap<_, BTreeSet<String>> = BTreeMap::new();
-    for e in events {
-        let key = (
-            e["userId"].as_str().unwrap().to_owned(),
-            e["type"].as_str().unwrap().to_owned(),
-        );
-        out.entry(key)
-            .or_default()
-            .insert(e["messageId"].as_str().unwrap().to_owned());
-    }
-    out
-}
 
 const HANDED_BACK_MAX_HOLD: &str = "segment_bridge_deliveries_requeued_total{cause=\"max_hold\"}";
 const FALLBACKS: &str = "segment_bridge_requeue_fallbacks_total";
@@ -226,7 +190,7 @@ async fn a_delivery_near_the_queues_delivery_limit_is_logged_and_counted_and_sti
 async fn three_competing_workers_one_killed_midway_deliver_every_session_with_one_message_id_per_event()
  {
     let queues = Queues::quorum("qq-replicas", 3).await;
-    let us = fake_segment(200, Duration::from_millis(50)).await;
+    let us = fake_segment(200, Duration::from_millis(100)).await;
     let settings = [
         ("AMQP__PREFETCH", "100"),
         ("SEGMENT__MAX_BATCH_EVENTS", "40"),
@@ -238,7 +202,8 @@ async fn three_competing_workers_one_killed_midway_deliver_every_session_with_on
     for d in &daemons {
         d.wait_ready().await;
     }
-    let ids = session_ids("c", 1500);
+    // About 1,200 sessions/s with three workers: a stream of 3 s, killed after 0.25 s.
+    let ids = session_ids("c", 3000);
     queues.publish(bodies(&ids)).await;
     us.wait_accepted(600, WITHIN).await;
 
@@ -263,7 +228,7 @@ async fn three_competing_workers_one_killed_midway_deliver_every_session_with_on
         assert_eq!(status.code(), Some(0), "{}", d.log());
     }
     assert_eq!(queues.ready().await, (0, 0), "nothing dead-lettered");
-    let ids_per_event = message_ids(&us.accepted());
+    let ids_per_event = message_ids_by_event(&us.accepted());
     assert_eq!(
         ids_per_event.len(),
         2 * ids.len(),
@@ -276,4 +241,45 @@ async fn three_competing_workers_one_killed_midway_deliver_every_session_with_on
             "{event:?} was sent again with another messageId: {message_ids:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_down_while_the_dead_letter_queue_is_missing_hands_the_dead_letter_back_within_the_grace_period()
+ {
+    let queues = Queues::quorum("qq-dead-shutdown", 3).await;
+    let us = fake_segment(200, Duration::from_secs(1)).await;
+    let mut config = config(&queues, Some(&us), None);
+    config.amqp.declare = false;
+    config.retry.max_hold_s = 60;
+    config.shutdown.grace_period_s = 3;
+    let app = spawn_app(config).await;
+    app.wait_until("consuming", WITHIN, |a| a.health.readiness().is_ok())
+        .await;
+    queues.set_dead_letter_queue(false).await;
+    // The bad message comes first: its tag is the lowest, and after the cancel the
+    // others' acks wait for it.
+    queues.publish(["not json"]).await;
+    let ids = session_ids("g", 20);
+    queues.publish(bodies(&ids)).await;
+    app.wait_until("every delivery arrived", WITHIN, |a| {
+        a.metric("segment_bridge_deliveries_received_total") >= 21.0
+    })
+    .await;
+    // The dead letter is being retried (its queue is missing) and the 20 are at Segment.
+    app.stop().await;
+    wait_all_tracked(&us, &ids, WITHIN).await;
+    queues.set_dead_letter_queue(true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let back = queues.take_main().await;
+    assert_eq!(
+        back.len(),
+        1,
+        "only the bad message is back; every accepted session was acknowledged"
+    );
+    assert_eq!(back[0].0, b"not json");
+    assert_eq!(
+        segment_bridge::consumer::delivery_count(&back[0].1),
+        Some(0),
+        "it is a fresh copy: no delivery spent"
+    );
 }
