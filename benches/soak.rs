@@ -624,7 +624,12 @@ async fn soak(options: Options) -> Result<bool> {
         }
     };
     let took = start.elapsed();
-    let metrics = reqwest::get(format!("http://{probes}/metrics")).await.ok();
+    let http = segment_bridge::segment::http_client(Duration::from_secs(5))?;
+    let metrics = http
+        .get(format!("http://{probes}/metrics"))
+        .send()
+        .await
+        .ok();
     let metrics = match metrics {
         Some(r) => r.text().await.unwrap_or_default(),
         None => String::new(),
