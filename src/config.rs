@@ -153,6 +153,8 @@ pub struct Mapping {
     pub include_mapped_attributes: bool,
     /// The Track event's name.
     pub track_event: String,
+    /// The Track event's name for a JotUrl CTA lead.
+    pub lead_event: String,
 }
 
 impl Default for Mapping {
@@ -163,6 +165,7 @@ impl Default for Mapping {
             require_opt_in: defaults.require_opt_in,
             include_mapped_attributes: defaults.include_mapped_attributes,
             track_event: defaults.track_event,
+            lead_event: defaults.lead_event,
         }
     }
 }
@@ -338,6 +341,9 @@ impl Config {
         if self.mapping.track_event.trim().is_empty() {
             return Err(invalid("mapping.track_event", "must not be empty"));
         }
+        if self.mapping.lead_event.trim().is_empty() {
+            return Err(invalid("mapping.lead_event", "must not be empty"));
+        }
         if self.shutdown.grace_period_s == 0 {
             return Err(invalid("shutdown.grace_period_s", "must be at least 1"));
         }
@@ -363,6 +369,7 @@ impl Config {
             require_opt_in: self.mapping.require_opt_in,
             include_mapped_attributes: self.mapping.include_mapped_attributes,
             track_event: self.mapping.track_event.clone(),
+            lead_event: self.mapping.lead_event.clone(),
             default_region: self.segment.default_region,
         }
     }

@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //! - [`config`]: `config.toml` + `SEGMENT_BRIDGE__*` environment, validated into typed values.
-//! - [`session`]: the two input shapes → a validated [`session::Session`].
+//! - [`session`]: the three input shapes (canonical, Jebbit webhook, JotUrl lead) → a
+//!   validated [`session::Session`].
 //! - [`events`]: session + mapping options → serialised Identify and Track (pure).
 //! - [`batch`]: one region's batch: fits / push / full / take / split (pure).
 //! - [`ack`]: which acknowledgements to send for deliveries finished out of order (pure).
@@ -14,6 +15,7 @@
 //! - [`health`]: the side port, `/healthz`, `/readyz`, `/metrics`.
 //! - [`metrics`]: metric names, help texts and handles.
 //! - [`tools`]: the operator commands `preview`, `publish`, `replay-dead` and `check`.
+//! - [`headers`]: the AMQP headers the intake writes and the worker reads.
 #![forbid(unsafe_code)]
 
 pub mod ack;
@@ -21,6 +23,7 @@ pub mod batch;
 pub mod config;
 pub mod consumer;
 pub mod events;
+pub mod headers;
 pub mod health;
 pub mod metrics;
 pub mod segment;

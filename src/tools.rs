@@ -62,7 +62,9 @@ pub fn preview(config: &Config, input: impl BufRead, mut out: impl Write) -> std
                 Err(e) => json!({ "session_id": peek_session_id(&line), "error": e.to_string() }),
                 Ok(session) => {
                     let id = &session.identity;
-                    match events::map(&session, now, &options) {
+                    // No AMQP timestamp here: a JotUrl lead's `date` stands in for it.
+                    let time = session.lead_date.unwrap_or(now);
+                    match events::map(&session, time, &options) {
                         Err(e) => json!({ "session_id": id, "error": e.to_string() }),
                         Ok(Mapped::Skipped(reason)) => {
                             json!({ "session_id": id, "skipped": reason.as_str() })
