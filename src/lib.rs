@@ -1,6 +1,8 @@
 //! segment-bridge forwards collected quiz and survey sessions from a RabbitMQ queue to
 //! Segment's HTTP Tracking API, as one Identify and one `Survey Completed` Track event per
 //! session, acknowledging each delivery only after Segment accepted both of its events.
+//! Its `intake` command is the queue's front door: it receives the webhooks that put the
+//! sessions there.
 //!
 //! # Layout
 //! - [`config`]: `config.toml` + `SEGMENT_BRIDGE__*` environment, validated into typed values.
@@ -15,6 +17,8 @@
 //! - [`health`]: the side port, `/healthz`, `/readyz`, `/metrics`.
 //! - [`metrics`]: metric names, help texts and handles.
 //! - [`tools`]: the operator commands `preview`, `publish`, `replay-dead` and `check`.
+//! - [`intake`]: the `intake` command: Jebbit and JotUrl webhooks onto the queue, with
+//!   publisher confirms (signature, body, routes, publisher, metrics).
 //! - [`headers`]: the AMQP headers the intake writes and the worker reads.
 #![forbid(unsafe_code)]
 
@@ -25,6 +29,7 @@ pub mod consumer;
 pub mod events;
 pub mod headers;
 pub mod health;
+pub mod intake;
 pub mod metrics;
 pub mod segment;
 pub mod session;
