@@ -87,7 +87,7 @@ async fn take_back(queues: &Queues, us: &FakeSegment, total: usize) -> Vec<Strin
 }
 
 /// Runs a blocking command (`rabbitmqctl`, `kill`) off the async runtime; returns stdout.
-async fn command(program: &str, args: &[&str]) -> String {
+pub async fn command(program: &str, args: &[&str]) -> String {
     let program = program.to_owned();
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     tokio::task::spawn_blocking(move || {
@@ -107,7 +107,7 @@ async fn command(program: &str, args: &[&str]) -> String {
     .unwrap()
 }
 
-async fn rabbitmqctl(args: &[&str]) -> String {
+pub async fn rabbitmqctl(args: &[&str]) -> String {
     command("rabbitmqctl", args).await
 }
 
@@ -196,12 +196,12 @@ async fn worker_connection(queue: &str) -> String {
 
 /// A RabbitMQ user of the test's own, deleted when dropped: its permissions can be taken
 /// away without disturbing other tests, which all connect as guest.
-struct BrokerUser {
+pub struct BrokerUser {
     name: String,
 }
 
 impl BrokerUser {
-    async fn new() -> BrokerUser {
+    pub async fn new() -> BrokerUser {
         let name = format!(
             "sb-test-{}-{}",
             std::process::id(),
@@ -216,20 +216,20 @@ impl BrokerUser {
         user
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("amqp://{}:secret@127.0.0.1:5672/%2f", self.name)
     }
 
-    async fn allow(&self) {
+    pub async fn allow(&self) {
         rabbitmqctl(&["set_permissions", "-p", "/", &self.name, ".*", ".*", ".*"]).await;
     }
 
-    async fn deny(&self) {
+    pub async fn deny(&self) {
         rabbitmqctl(&["clear_permissions", "-p", "/", &self.name]).await;
     }
 
     /// Closes this user's connections from the broker's side; returns how many.
-    async fn close_connections(&self) -> usize {
+    pub async fn close_connections(&self) -> usize {
         let connections = rabbitmqctl(&[
             "list_connections",
             "pid",

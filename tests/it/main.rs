@@ -3,5 +3,6 @@
 
 mod delivery;
 mod helpers;
+mod intake;
 mod lifecycle;
 mod tools;
