@@ -181,7 +181,13 @@ async fn run_intake(config: Config) -> anyhow::Result<()> {
     let probes = bind("server.listen", config.server.listen).await?;
     let webhooks = bind("intake.listen", config.intake.listen).await?;
     let sources: Vec<&str> = config.intake.sources.keys().map(String::as_str).collect();
-    tracing::info!(listen = %config.intake.listen, probes = %config.server.listen, sources = ?sources, "Serving webhooks.");
+    let shown = |l: &tokio::net::TcpListener, configured| l.local_addr().unwrap_or(configured);
+    tracing::info!(
+        listen = %shown(&webhooks, config.intake.listen),
+        probes = %shown(&probes, config.server.listen),
+        sources = ?sources,
+        "Serving webhooks."
+    );
     let probes_stop = CancellationToken::new();
     let server = tokio::spawn(health::serve_probes(
         probes,
