@@ -23,10 +23,13 @@
 #   - kustomization.yaml: known fields, every resource exists and is
 #     validated, no manifest is left out by accident;
 #   - the config.toml inside the ConfigMap: TOML syntax, keys and types of
-#     SPEC section 7, and that it holds no credentials;
-#   - cross-references between the manifests (Secret keys, ConfigMap keys,
-#     selectors vs. pod labels, probe ports, KEDA target/auth/queue, grace
-#     periods);
+#     SPEC sections 7 and 9 (the intake's sources included), and that it holds
+#     no credentials;
+#   - cross-references between the manifests, for the worker and the intake
+#     alike (Secret keys, ConfigMap keys, selectors vs. pod labels, probe and
+#     listen ports, KEDA target/auth/queue, grace periods), and the intake's
+#     own: a secret for every source, Ingress -> Service -> pods with TLS, the
+#     HPA's target and CPU requests, the Ingress body limit;
 #   - deploy/Dockerfile statically (no Docker engine here to build it).
 set -euo pipefail
 
@@ -328,10 +331,19 @@ CONFIG_KEYS = {
     "retry": {"initial_backoff_ms": int, "max_backoff_ms": int, "max_retry_after_s": int,
               "max_hold_s": int},
     "mapping": {"hash_pii": bool, "require_opt_in": bool, "include_mapped_attributes": bool,
-                "track_event": str},
+                "track_event": str, "lead_event": str},
     "server": {"listen": str},
     "shutdown": {"grace_period_s": int},
+    # SPEC section 9.
+    "intake": {"listen": str, "max_body_bytes": int, "signature_tolerance_s": int,
+               "publish_timeout_ms": int, "retry_after_s": int, "header_read_timeout_ms": int,
+               "body_read_timeout_ms": int, "request_timeout_ms": int,
+               "max_concurrent_requests": int, "drain_delay_ms": int, "sources": dict},
+    # intake.sources.<name>: any lowercase name, one table each.
+    "intake.sources.*": {"kind": str, "region": str, "secret": str, "previous_secret": str,
+                         "forward_tests": bool},
 }
+SOURCE_NAME = re.compile(r"^[a-z0-9_]+$")
 
 
 def check_config_toml(text):
@@ -342,6 +354,24 @@ def check_config_toml(text):
         return None, [f"config.toml: TOML syntax: {e}"]
 
     def walk(table, section):
+        if section == "intake.sources":
+            for name, source in table.items():
+                if not SOURCE_NAME.match(name):
+                    errs.append(f"config.toml: intake source {name!r} must be lowercase letters, "
+                                "digits and _ (the environment can only name it so)")
+                if not isinstance(source, dict):
+                    errs.append(f"config.toml: [intake.sources] {name} must be a table")
+                    continue
+                walk(source, "intake.sources.*")
+                if source.get("kind") not in ("jebbit", "joturl"):
+                    errs.append(f"config.toml: intake.sources.{name}.kind must be jebbit or joturl")
+                if source.get("region", "us") not in ("us", "eu", ""):
+                    errs.append(f"config.toml: intake.sources.{name}.region must be us or eu")
+                for key in ("secret", "previous_secret"):
+                    if source.get(key):
+                        errs.append(f"config.toml: intake.sources.{name}.{key} must not be in a "
+                                    "ConfigMap; it comes from the Secret via the environment")
+            return
         allowed = CONFIG_KEYS.get(section)
         if allowed is None:
             errs.append(f"config.toml: unknown section [{section}]")
@@ -350,7 +380,7 @@ def check_config_toml(text):
             typ = allowed.get(key)
             if typ is None:
                 errs.append(f"config.toml: [{section}] unknown key {key!r} "
-                            "(SPEC section 7; extend CONFIG_KEYS in validate.sh if it is new)")
+                            "(SPEC sections 7, 9; extend CONFIG_KEYS in validate.sh if it is new)")
             elif typ is dict:
                 if isinstance(value, dict):
                     walk(value, f"{section}.{key}")
@@ -383,6 +413,11 @@ def check_config_toml(text):
         errs.append("config.toml: segment.max_batch_bytes must stay under Segment's 500 KB")
     if cfg.get("retry", {}).get("max_hold_s", 0) >= 1800:
         errs.append("config.toml: retry.max_hold_s must stay under RabbitMQ's 30 min ack timeout")
+    intake = cfg.get("intake", {})
+    if intake.get("request_timeout_ms", 15000) <= intake.get("publish_timeout_ms", 2000):
+        errs.append("config.toml: intake.request_timeout_ms must exceed intake.publish_timeout_ms")
+    if not 1 <= intake.get("max_body_bytes", 1) <= 16 * 1024 * 1024:
+        errs.append("config.toml: intake.max_body_bytes must be 1 .. 16 MiB")
     return cfg, errs
 
 
@@ -523,7 +558,7 @@ KUSTOMIZATION_SCHEMA = strict_object({
 }, required=["apiVersion", "kind", "resources"])
 
 KUSTOMIZATION = os.path.join(KDIR, "kustomization.yaml")
-EXCLUDED_ON_PURPOSE = {"secret.example.yaml"}  # templates; see kustomization.yaml
+EXCLUDED_ON_PURPOSE = {"secret.example.yaml", "intake-secret.example.yaml"}  # templates
 
 objects = []  # (file, doc) of every valid-enough document, for cross-references
 
@@ -549,7 +584,7 @@ def validate_manifest_file(path):
                 cfg, cerrs = check_config_toml(doc["data"]["config.toml"])
                 errs += cerrs
                 if cfg is not None:
-                    labels.append("+ config.toml (SPEC section 7)")
+                    labels.append("+ config.toml (SPEC sections 7, 9)")
                     CONFIGS.append(cfg)
     report(rel(path), errs, "; ".join(labels))
 
@@ -608,13 +643,20 @@ def one(kind):
 
 
 xerrs = []
-dep, cm, secret = one("Deployment"), one("ConfigMap"), one("Secret")
-so, ta, svc, pdb = one("ScaledObject"), one("TriggerAuthentication"), one("Service"), one("PodDisruptionBudget")
-for kind, obj in [("Deployment", dep), ("ConfigMap", cm), ("Secret", secret), ("Service", svc),
-                  ("PodDisruptionBudget", pdb), ("ScaledObject", so),
-                  ("TriggerAuthentication", ta)]:
-    if obj is None:
-        xerrs.append(f"expected exactly one {kind}, found {len(find(kind))}")
+COMPONENT = "app.kubernetes.io/component"
+
+
+def component(obj):
+    return g(obj, "metadata", "labels", COMPONENT)
+
+
+def of(kind, comp):
+    """The one object of `kind` labelled with component `comp`, or None (an error is noted)."""
+    found = [d for d in find(kind) if component(d) == comp]
+    if len(found) != 1:
+        xerrs.append(f"expected exactly one {kind} with {COMPONENT}={comp}, found {len(found)}")
+        return None
+    return found[0]
 
 
 def g(obj, *path, default=None):
@@ -632,94 +674,226 @@ def secret_keys(s):
     return set(g(s, "data", default={})) | set(g(s, "stringData", default={}))
 
 
-if dep:
+def port_of(listen, default):
+    listen = listen or default
+    return int(listen.rsplit(":", 1)[1]) if ":" in listen else None
+
+
+cm = one("ConfigMap")
+if cm is None:
+    xerrs.append(f"expected exactly one ConfigMap, found {len(find('ConfigMap'))}")
+secrets = {g(s, "metadata", "name"): s for s in find("Secret")}
+cfg = CONFIGS[0] if CONFIGS else {}
+grace = g(cfg, "shutdown", "grace_period_s", default=25)
+
+dep = of("Deployment", "worker")
+svc, pdb = of("Service", "worker"), of("PodDisruptionBudget", "worker")
+so, ta = one("ScaledObject"), one("TriggerAuthentication")
+for kind, obj in [("ScaledObject", so), ("TriggerAuthentication", ta)]:
+    if obj is None:
+        xerrs.append(f"expected exactly one {kind}, found {len(find(kind))}")
+idep = of("Deployment", "intake")
+isvc, ipdb = of("Service", "intake"), of("PodDisruptionBudget", "intake")
+ing, hpa = of("Ingress", "intake"), of("HorizontalPodAutoscaler", "intake")
+
+
+def check_pod(dep, who, command, extra_delay_s=0):
+    """The checks every Deployment gets; returns (pod labels, {port name: number}, env names)."""
+    name = g(dep, "metadata", "name")
     pod = g(dep, "spec", "template", "spec", default={})
     pod_labels = g(dep, "spec", "template", "metadata", "labels", default={})
-    if "replicas" in dep.get("spec", {}) and so:
-        xerrs.append("Deployment: spec.replicas is set although KEDA owns the replica count")
     containers = pod.get("containers") or []
     c = containers[0] if containers else {}
     ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
+    if (c.get("args") or [None])[0] != command:
+        xerrs.append(f"Deployment {name}: the {who} runs `segment-bridge {command}` (args[0])")
     for probe in ("livenessProbe", "readinessProbe"):
         port = g(c, probe, "httpGet", "port")
         if port is None:
-            xerrs.append(f"Deployment: {probe} has no httpGet port")
+            xerrs.append(f"Deployment {name}: {probe} has no httpGet port")
         elif isinstance(port, str) and port not in ports:
-            xerrs.append(f"Deployment: {probe} port {port!r} is not a named container port")
+            xerrs.append(f"Deployment {name}: {probe} port {port!r} is not a named container port")
     if g(c, "livenessProbe", "httpGet", "path") != "/healthz":
-        xerrs.append("Deployment: livenessProbe must be GET /healthz")
+        xerrs.append(f"Deployment {name}: livenessProbe must be GET /healthz")
     if g(c, "readinessProbe", "httpGet", "path") != "/readyz":
-        xerrs.append("Deployment: readinessProbe must be GET /readyz")
-    # Credentials only from Secrets.
+        xerrs.append(f"Deployment {name}: readinessProbe must be GET /readyz")
+    # Credentials only from Secrets, and only from keys the templates define.
+    env_names = set()
     for env in c.get("env") or []:
         n = env.get("name", "")
-        if re.search(r"WRITE_KEY|AMQP__URL|PASSWORD|TOKEN", n) and "value" in env:
-            xerrs.append(f"Deployment: env {n} is a credential; use secretKeyRef, not value")
+        env_names.add(n)
+        if re.search(r"WRITE_KEY|AMQP__URL|PASSWORD|TOKEN|SECRET", n) and "value" in env:
+            xerrs.append(f"Deployment {name}: env {n} is a credential; use secretKeyRef, not value")
         ref = g(env, "valueFrom", "secretKeyRef")
-        if ref and secret and not ref.get("optional"):
-            if ref.get("name") != g(secret, "metadata", "name"):
-                xerrs.append(f"Deployment: env {n} reads Secret {ref.get('name')!r}, "
-                             f"but the Secret template is {g(secret, 'metadata', 'name')!r}")
+        if ref and not ref.get("optional"):
+            secret = secrets.get(ref.get("name"))
+            if secret is None:
+                xerrs.append(f"Deployment {name}: env {n} reads Secret {ref.get('name')!r}, "
+                             f"which no *secret.example.yaml describes ({sorted(secrets)})")
             elif ref.get("key") not in secret_keys(secret):
-                xerrs.append(f"Deployment: env {n} reads key {ref.get('key')!r}, "
-                             "which secret.example.yaml does not define")
+                xerrs.append(f"Deployment {name}: env {n} reads key {ref.get('key')!r}, which "
+                             f"Secret {ref.get('name')!r}'s template does not define")
     for vol in pod.get("volumes") or []:
         ref = vol.get("configMap")
         if ref and cm:
             if ref.get("name") != g(cm, "metadata", "name"):
-                xerrs.append(f"Deployment: volume {vol.get('name')} mounts ConfigMap "
+                xerrs.append(f"Deployment {name}: volume {vol.get('name')} mounts ConfigMap "
                              f"{ref.get('name')!r}, which is not defined")
             for item in ref.get("items") or []:
                 if item.get("key") not in (cm.get("data") or {}):
-                    xerrs.append(f"Deployment: ConfigMap key {item.get('key')!r} does not exist")
+                    xerrs.append(f"Deployment {name}: ConfigMap key {item.get('key')!r} does not exist")
     mounts = {m.get("mountPath") for m in c.get("volumeMounts") or []}
     if "/etc/segment-bridge" not in mounts:
-        xerrs.append("Deployment: config is not mounted at /etc/segment-bridge")
-    if CONFIGS:
-        cfg = CONFIGS[0]
-        listen = g(cfg, "server", "listen", default="0.0.0.0:9464")
-        lport = int(listen.rsplit(":", 1)[1]) if ":" in listen else None
+        xerrs.append(f"Deployment {name}: config is not mounted at /etc/segment-bridge")
+    if cfg:
+        lport = port_of(g(cfg, "server", "listen"), "0.0.0.0:9464")
         if lport not in ports.values():
-            xerrs.append(f"server.listen port {lport} is not a container port ({ports})")
-        grace = g(cfg, "shutdown", "grace_period_s", default=25)
+            xerrs.append(f"Deployment {name}: server.listen port {lport} is not a container port "
+                         f"({ports})")
         tgps = pod.get("terminationGracePeriodSeconds", 30)
-        if not isinstance(tgps, int) or tgps <= grace:
-            xerrs.append(f"terminationGracePeriodSeconds ({tgps}) must exceed "
-                         f"shutdown.grace_period_s ({grace})")
-    for obj, what in ((svc, "Service spec.selector"),
-                      (pdb, "PodDisruptionBudget spec.selector.matchLabels")):
-        if obj:
-            s = g(obj, "spec", "selector", default={})
-            s = s.get("matchLabels", {}) if obj is pdb else s
-            if not s or any(pod_labels.get(k) != v for k, v in s.items()):
-                xerrs.append(f"{what} does not select the Deployment's pods")
+        need = grace + extra_delay_s
+        if not isinstance(tgps, (int, float)) or tgps <= need:
+            xerrs.append(f"Deployment {name}: terminationGracePeriodSeconds ({tgps}) must exceed "
+                         f"{'intake.drain_delay_ms + ' if extra_delay_s else ''}"
+                         f"shutdown.grace_period_s ({need:g} s)")
+    return pod_labels, ports, env_names, c
+
+
+def selects(obj, what, pod_labels, match_labels=False):
+    s = g(obj, "spec", "selector", default={})
+    s = s.get("matchLabels", {}) if match_labels else s
+    if not s or any(pod_labels.get(k) != v for k, v in s.items()):
+        xerrs.append(f"{what} does not select the pods it is for")
+
+
+# ---- the worker
+if dep:
+    pod_labels, ports, _, _ = check_pod(dep, "worker", "run")
+    if "replicas" in dep.get("spec", {}) and so:
+        xerrs.append("Deployment: spec.replicas is set although KEDA owns the replica count")
     if svc:
+        selects(svc, "Service segment-bridge (worker) spec.selector", pod_labels)
         for p in g(svc, "spec", "ports", default=[]):
             t = p.get("targetPort")
             if isinstance(t, str) and t not in ports:
                 xerrs.append(f"Service: targetPort {t!r} is not a named container port")
+    if pdb:
+        selects(pdb, "PodDisruptionBudget (worker) spec.selector.matchLabels", pod_labels, True)
 
 if so:
     ref = g(so, "spec", "scaleTargetRef", default={})
-    if ref.get("kind", "Deployment") != "Deployment" or not find("Deployment", ref.get("name")):
-        xerrs.append(f"ScaledObject: scaleTargetRef {ref} is not the Deployment here")
+    target = find("Deployment", ref.get("name"))
+    if ref.get("kind", "Deployment") != "Deployment" or not target \
+            or component(target[0]) != "worker":
+        xerrs.append(f"ScaledObject: scaleTargetRef {ref} is not the worker Deployment")
     for t in g(so, "spec", "triggers", default=[]):
         auth = g(t, "authenticationRef", "name")
         if auth and g(t, "authenticationRef", "kind", default="TriggerAuthentication") \
                 == "TriggerAuthentication" and not find("TriggerAuthentication", auth):
             xerrs.append(f"ScaledObject: authenticationRef {auth!r} does not exist")
         q = g(t, "metadata", "queueName")
-        if CONFIGS and t.get("type") == "rabbitmq":
-            want_q = g(CONFIGS[0], "amqp", "queue", default="segment-bridge.sessions")
+        if cfg and t.get("type") == "rabbitmq":
+            want_q = g(cfg, "amqp", "queue", default="segment-bridge.sessions")
             if q != want_q:
                 xerrs.append(f"ScaledObject: queueName {q!r} is not the consumed queue {want_q!r}")
-if ta and secret:
+if ta:
     for r in g(ta, "spec", "secretTargetRef", default=[]):
-        if r.get("name") != g(secret, "metadata", "name") or r.get("key") not in secret_keys(secret):
+        secret = secrets.get(r.get("name"))
+        if secret is None or r.get("key") not in secret_keys(secret):
             xerrs.append(f"TriggerAuthentication: secret {r.get('name')!r} key {r.get('key')!r} "
-                         "is not in secret.example.yaml")
+                         "is not in a *secret.example.yaml")
+
+# ---- the intake
+if idep:
+    drain_s = g(cfg, "intake", "drain_delay_ms", default=0) / 1000
+    ipod_labels, iports, ienv, ic = check_pod(idep, "intake", "intake", drain_s)
+    if "replicas" in idep.get("spec", {}) and hpa:
+        xerrs.append("Deployment segment-bridge-intake: spec.replicas is set although the HPA "
+                     "owns the replica count")
+    if cfg:
+        want = port_of(g(cfg, "intake", "listen"), "0.0.0.0:8080")
+        if iports.get("http") != want:
+            xerrs.append(f"Deployment segment-bridge-intake: container port `http` "
+                         f"({iports.get('http')}) is not intake.listen's port {want}")
+        sources = g(cfg, "intake", "sources", default={})
+        if not sources:
+            xerrs.append("config.toml: [intake.sources.*] is empty: the intake refuses to start")
+        for name in sources:
+            var = f"SEGMENT_BRIDGE__INTAKE__SOURCES__{name.upper()}__SECRET"
+            if var not in ienv:
+                xerrs.append(f"Deployment segment-bridge-intake: no env {var} for source "
+                             f"{name!r} (the intake refuses to start without its secret)")
+        if "SEGMENT_BRIDGE__AMQP__URL" not in ienv:
+            xerrs.append("Deployment segment-bridge-intake: no env SEGMENT_BRIDGE__AMQP__URL")
+    if hpa:
+        cpu = g(ic, "resources", "requests", "cpu")
+        if cpu is None:
+            xerrs.append("Deployment segment-bridge-intake: an HPA on CPU needs "
+                         "resources.requests.cpu")
+    if isvc:
+        selects(isvc, "Service segment-bridge-intake spec.selector", ipod_labels)
+        if g(isvc, "spec", "publishNotReadyAddresses"):
+            xerrs.append("Service segment-bridge-intake routes webhooks: it must not publish "
+                         "not-ready pods")
+        for p in g(isvc, "spec", "ports", default=[]):
+            t = p.get("targetPort")
+            if isinstance(t, str) and t not in iports:
+                xerrs.append(f"Service segment-bridge-intake: targetPort {t!r} is not a named "
+                             "container port")
+    if ipdb:
+        selects(ipdb, "PodDisruptionBudget segment-bridge-intake spec.selector.matchLabels",
+                ipod_labels, True)
+    if hpa:
+        ref = g(hpa, "spec", "scaleTargetRef", default={})
+        if ref.get("kind") != "Deployment" or ref.get("name") != g(idep, "metadata", "name"):
+            xerrs.append(f"HorizontalPodAutoscaler: scaleTargetRef {ref} is not the intake")
+        lo, hi = g(hpa, "spec", "minReplicas", default=1), g(hpa, "spec", "maxReplicas", default=0)
+        if lo < 2 or lo > hi:
+            xerrs.append(f"HorizontalPodAutoscaler: minReplicas {lo} must be at least 2 (two "
+                         f"intake replicas) and at most maxReplicas {hi}")
+        resources = [g(m, "resource", "name") for m in g(hpa, "spec", "metrics", default=[])
+                     if m.get("type") == "Resource"]
+        if "cpu" not in resources:
+            xerrs.append("HorizontalPodAutoscaler: the intake scales on CPU (a Resource cpu metric)")
+    if ing:
+        tls = g(ing, "spec", "tls", default=[])
+        tls_hosts = {h for t in tls for h in t.get("hosts") or []}
+        if not tls or not all(t.get("secretName") for t in tls):
+            xerrs.append("Ingress: TLS ends at the Ingress: spec.tls with a secretName is required")
+        for rule in g(ing, "spec", "rules", default=[]):
+            if rule.get("host") not in tls_hosts:
+                xerrs.append(f"Ingress: host {rule.get('host')!r} has no TLS entry")
+            for path in g(rule, "http", "paths", default=[]):
+                if not str(path.get("path", "")).startswith("/webhooks"):
+                    xerrs.append(f"Ingress: path {path.get('path')!r}: only /webhooks is public")
+                backend = g(path, "backend", "service", default={})
+                if isvc is None or backend.get("name") != g(isvc, "metadata", "name"):
+                    xerrs.append(f"Ingress: backend {backend.get('name')!r} is not the intake's Service")
+                else:
+                    names = {p.get("name") for p in g(isvc, "spec", "ports", default=[])}
+                    numbers = {p.get("port") for p in g(isvc, "spec", "ports", default=[])}
+                    port = g(backend, "port", default={})
+                    if port.get("name") not in names and port.get("number") not in numbers:
+                        xerrs.append(f"Ingress: backend port {port} is not a port of the Service")
+                    if port.get("name") == "metrics":
+                        xerrs.append("Ingress: the side port (metrics) must not be public")
+        limit = g(ing, "metadata", "annotations", default={}).get(
+            "nginx.ingress.kubernetes.io/proxy-body-size")
+        if limit is not None and cfg:
+            try:
+                limit_bytes = quantity(str(limit).replace("k", "Ki").replace("m", "Mi")
+                                       .replace("g", "Gi"))
+            except ValueError:
+                limit_bytes = None
+                xerrs.append(f"Ingress: proxy-body-size {limit!r} is not a size")
+            body = g(cfg, "intake", "max_body_bytes", default=524288)
+            if limit_bytes is not None and 0 < limit_bytes <= body:
+                xerrs.append(f"Ingress: proxy-body-size {limit} must exceed intake.max_body_bytes "
+                             f"({body}), so that the intake answers 413 itself")
+
 report("(cross-references)", xerrs,
-       "Secret/ConfigMap keys, selectors, probe ports, KEDA target/auth/queue, grace periods")
+       "worker and intake: Secret/ConfigMap keys, selectors, probe and listen ports, grace periods; "
+       "KEDA target/auth/queue; intake source secrets, Ingress TLS -> Service -> pods, HPA")
 
 
 # ---------------------------------------------------------------- Dockerfile (static)
@@ -765,8 +939,9 @@ if not user or user.split(":")[0] in ("0", "root"):
     derrs.append("final stage must set a non-root USER")
 elif not user.split(":")[0].isdigit():
     derrs.append("USER should be numeric so runAsNonRoot can verify it")
-if "9464" not in (last("EXPOSE", last_stage) or ""):
-    derrs.append("final stage must EXPOSE 9464")
+for port in ("9464", "8080"):
+    if port not in (last("EXPOSE", last_stage) or "").split():
+        derrs.append(f"final stage must EXPOSE {port} (9464 side port, 8080 intake)")
 if not any("--locked" in i for i in instrs):
     derrs.append("cargo build must use --locked")
 ignore_file = dockerfile + ".dockerignore"
@@ -778,7 +953,7 @@ if os.path.isfile(ignore_file):
             derrs.append(f"{rel(ignore_file)} excludes {needed!r}, which the build needs")
 report(rel(dockerfile), derrs,
        "static checks only (multi-stage, exec-form ENTRYPOINT/CMD, numeric non-root USER, "
-       "EXPOSE 9464, --locked, Dockerfile.dockerignore keeps the sources); "
+       "EXPOSE 9464 8080, --locked, Dockerfile.dockerignore keeps the sources); "
        "SKIPPED: docker build (no Docker engine in this environment)")
 
 sys.exit(1 if failed else 0)

@@ -5,7 +5,7 @@
 //! holds the broker password) are [`SecretString`]s: `Debug` redacts them and nothing in
 //! this crate prints them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -34,6 +34,7 @@ pub struct Config {
     pub mapping: Mapping,
     pub server: Server,
     pub shutdown: Shutdown,
+    pub intake: Intake,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -158,6 +159,8 @@ pub struct Mapping {
     pub include_mapped_attributes: bool,
     /// The Track event's name.
     pub track_event: String,
+    /// The Track event's name for a JotUrl CTA lead.
+    pub lead_event: String,
 }
 
 impl Default for Mapping {
@@ -168,6 +171,7 @@ impl Default for Mapping {
             require_opt_in: defaults.require_opt_in,
             include_mapped_attributes: defaults.include_mapped_attributes,
             track_event: defaults.track_event,
+            lead_event: defaults.lead_event,
         }
     }
 }
@@ -200,12 +204,141 @@ impl Default for Shutdown {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Intake {
+    /// The public port of `segment-bridge intake`: the webhook routes and nothing else.
+    pub listen: SocketAddr,
+    /// The largest request body taken; a larger one is answered 413 unread.
+    pub max_body_bytes: usize,
+    /// How old a Jebbit signature's timestamp may be; it may be at most 60 s ahead.
+    pub signature_tolerance_s: u64,
+    /// How long a request waits for the broker to confirm its messages before it is
+    /// answered 503.
+    pub publish_timeout_ms: u64,
+    /// The `Retry-After` of a 503, in seconds.
+    pub retry_after_s: u64,
+    /// A client must send a request's line and headers within this time (hyper's header
+    /// read timeout); it also closes keep-alive connections that stay idle this long.
+    pub header_read_timeout_ms: u64,
+    /// The longest pause between two parts of a request body (then 408).
+    pub body_read_timeout_ms: u64,
+    /// The longest a whole request may take, body and broker confirm included (then 408).
+    pub request_timeout_ms: u64,
+    /// Requests handled at once; one more is answered 503 at once.
+    pub max_concurrent_requests: usize,
+    /// After SIGTERM, how long to go on answering while `/readyz` says 503, so that the
+    /// load balancer stops sending requests here before the listener closes.
+    pub drain_delay_ms: u64,
+    /// The webhook senders, by name (lowercase letters, digits and `_`): each has its own
+    /// route, secret and region.
+    pub sources: BTreeMap<String, Source>,
+}
+
+impl Default for Intake {
+    fn default() -> Self {
+        Intake {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            max_body_bytes: 512 * 1024,
+            signature_tolerance_s: 300,
+            publish_timeout_ms: 2000,
+            retry_after_s: 5,
+            header_read_timeout_ms: 5000,
+            body_read_timeout_ms: 5000,
+            request_timeout_ms: 15_000,
+            max_concurrent_requests: 512,
+            drain_delay_ms: 0,
+            sources: BTreeMap::new(),
+        }
+    }
+}
+
+impl Intake {
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+
+    pub fn signature_tolerance(&self) -> Duration {
+        Duration::from_secs(self.signature_tolerance_s)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_millis(self.drain_delay_ms)
+    }
+}
+
+/// The largest message RabbitMQ 4 takes by default (`max_message_size`, 16 MiB).
+pub const RABBITMQ_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// One webhook sender: `[intake.sources.<name>]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// `jebbit` (signed bodies, `POST /webhooks/<name>`) or `joturl` (a token in the URL,
+    /// `POST /webhooks/<name>/<token>`).
+    pub kind: SourceKind,
+    /// The region of its sessions when a body names none; absent: `segment.default_region`.
+    #[serde(default, deserialize_with = "optional_region")]
+    pub region: Option<Region>,
+    /// Jebbit: the integration's `shared_secret`; JotUrl: the URL token. Required by the
+    /// `intake` command; in production from the environment.
+    #[serde(default)]
+    pub secret: SecretString,
+    /// Also accepted while a secret is rotated; empty: none.
+    #[serde(default)]
+    pub previous_secret: SecretString,
+    /// Queue Jebbit test webhooks (`x-jebbit-test`) too, instead of only answering them.
+    #[serde(default)]
+    pub forward_tests: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Jebbit,
+    Joturl,
+}
+
+impl SourceKind {
+    /// The name used in the config, the `x-segment-bridge-kind` header and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Jebbit => "jebbit",
+            SourceKind::Joturl => "joturl",
+        }
+    }
+}
+
+impl Source {
+    /// The secrets a request may match: the current one, then the previous one if set.
+    pub fn secrets(&self) -> impl Iterator<Item = &[u8]> {
+        [&self.secret, &self.previous_secret]
+            .into_iter()
+            .map(|s| s.expose_secret().as_bytes())
+            .filter(|s| !s.is_empty())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read the configuration: {0}")]
     Load(#[from] config::ConfigError),
     #[error("invalid configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
+    #[error("invalid configuration: intake source `{name}`: {problem}")]
+    Source { name: String, problem: String },
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -343,8 +476,100 @@ impl Config {
         if self.mapping.track_event.trim().is_empty() {
             return Err(invalid("mapping.track_event", "must not be empty"));
         }
+        if self.mapping.lead_event.trim().is_empty() {
+            return Err(invalid("mapping.lead_event", "must not be empty"));
+        }
         if self.shutdown.grace_period_s == 0 {
             return Err(invalid("shutdown.grace_period_s", "must be at least 1"));
+        }
+        self.validate_intake()
+    }
+
+    /// The `[intake]` values that serde's types do not guarantee. Secrets are checked by
+    /// [`Config::check_intake_sources`], when the `intake` command starts.
+    fn validate_intake(&self) -> Result<(), ConfigError> {
+        let i = &self.intake;
+        if !(1..=RABBITMQ_MAX_MESSAGE_BYTES).contains(&i.max_body_bytes) {
+            return Err(invalid(
+                "intake.max_body_bytes",
+                format!(
+                    "= {} must be between 1 and {RABBITMQ_MAX_MESSAGE_BYTES} (RabbitMQ's default largest message)",
+                    i.max_body_bytes
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("intake.signature_tolerance_s", i.signature_tolerance_s),
+            ("intake.publish_timeout_ms", i.publish_timeout_ms),
+            ("intake.retry_after_s", i.retry_after_s),
+            ("intake.header_read_timeout_ms", i.header_read_timeout_ms),
+            ("intake.body_read_timeout_ms", i.body_read_timeout_ms),
+            (
+                "intake.max_concurrent_requests",
+                i.max_concurrent_requests as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if i.request_timeout_ms <= i.publish_timeout_ms {
+            return Err(invalid(
+                "intake.request_timeout_ms",
+                format!(
+                    "= {} must be more than intake.publish_timeout_ms ({}), or a slow broker would be answered 408 instead of 503",
+                    i.request_timeout_ms, i.publish_timeout_ms
+                ),
+            ));
+        }
+        if i.listen.port() != 0 && i.listen.port() == self.server.listen.port() {
+            return Err(invalid(
+                "intake.listen",
+                format!(
+                    "= {} must use another port than server.listen ({})",
+                    i.listen, self.server.listen
+                ),
+            ));
+        }
+        for name in i.sources.keys() {
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !valid {
+                return Err(ConfigError::Source {
+                    name: name.clone(),
+                    problem: "a source name must be lowercase letters, digits and `_` (the environment can only name it so, e.g. SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_EU__SECRET for jebbit_eu)".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// What only the `intake` command needs: at least one source, and a secret for each
+    /// (the `run` command works without). The error names the source, never a secret.
+    pub fn check_intake_sources(&self) -> Result<(), ConfigError> {
+        if self.intake.sources.is_empty() {
+            return Err(invalid(
+                "intake.sources",
+                "has no source: add an [intake.sources.<name>] table with `kind` (jebbit or joturl) and set its secret",
+            ));
+        }
+        for (name, source) in &self.intake.sources {
+            if source.secret.expose_secret().trim().is_empty() {
+                return Err(ConfigError::Source {
+                    name: name.clone(),
+                    problem: format!(
+                        "`intake.sources.{name}.secret` is empty; set SEGMENT_BRIDGE__INTAKE__SOURCES__{}__SECRET ({})",
+                        name.to_uppercase(),
+                        match source.kind {
+                            SourceKind::Jebbit => "the Jebbit integration's shared_secret",
+                            SourceKind::Joturl =>
+                                "a random token that the JotUrl webhook URL ends with",
+                        }
+                    ),
+                });
+            }
         }
         Ok(())
     }
@@ -368,6 +593,7 @@ impl Config {
             require_opt_in: self.mapping.require_opt_in,
             include_mapped_attributes: self.mapping.include_mapped_attributes,
             track_event: self.mapping.track_event.clone(),
+            lead_event: self.mapping.lead_event.clone(),
             default_region: self.segment.default_region,
         }
     }
@@ -419,6 +645,17 @@ impl Config {
 fn region<'de, D: Deserializer<'de>>(d: D) -> Result<Region, D::Error> {
     let s = String::deserialize(d)?;
     Region::parse(&s).ok_or_else(|| {
+        serde::de::Error::custom(format!("region must be \"us\" or \"eu\", found {s:?}"))
+    })
+}
+
+/// An optional region: empty means none.
+fn optional_region<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Region>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    Region::parse(&s).map(Some).ok_or_else(|| {
         serde::de::Error::custom(format!("region must be \"us\" or \"eu\", found {s:?}"))
     })
 }
@@ -613,5 +850,162 @@ mod tests {
             !debug.contains("sekrit-us") && !debug.contains("hunter2"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn intake_sources_come_from_the_file_and_their_secrets_from_the_environment() {
+        let f = file(
+            "[intake.sources.jebbit_eu]\nkind = \"jebbit\"\nregion = \"EU\"\n[intake.sources.cta_1]\nkind = \"joturl\"\n",
+        );
+        let c = Config::load(
+            Some(f.path()),
+            env(&[
+                ("SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_EU__SECRET", "shh"),
+                (
+                    "SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_EU__PREVIOUS_SECRET",
+                    "old",
+                ),
+                (
+                    "SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_EU__FORWARD_TESTS",
+                    "true",
+                ),
+                ("SEGMENT_BRIDGE__INTAKE__SOURCES__CTA_1__SECRET", "0123"),
+                ("SEGMENT_BRIDGE__INTAKE__MAX_BODY_BYTES", "1000"),
+            ]),
+        )
+        .unwrap();
+        let eu = &c.intake.sources["jebbit_eu"];
+        assert_eq!(eu.kind, SourceKind::Jebbit);
+        assert_eq!(eu.region, Some(Region::Eu));
+        assert!(eu.forward_tests);
+        assert_eq!(
+            eu.secrets().collect::<Vec<_>>(),
+            [b"shh".as_slice(), b"old"]
+        );
+        let cta = &c.intake.sources["cta_1"];
+        assert_eq!((cta.kind, cta.region), (SourceKind::Joturl, None));
+        assert_eq!(cta.secrets().collect::<Vec<_>>(), [b"0123".as_slice()]);
+        assert_eq!(c.intake.max_body_bytes, 1000);
+        c.check_intake_sources().unwrap();
+        // A source may come from the environment alone.
+        let c = Config::load(
+            None,
+            env(&[
+                ("SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_US__KIND", "jebbit"),
+                ("SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_US__SECRET", "s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.intake.sources["jebbit_us"].region, None);
+        c.check_intake_sources().unwrap();
+    }
+
+    #[test]
+    fn an_intake_source_without_a_secret_is_refused_naming_it_but_run_does_not_care() {
+        let f = file("[intake.sources.jebbit_eu]\nkind = \"jebbit\"\nsecret = \"  \"\n");
+        let c = Config::load(Some(f.path()), env(&[])).unwrap();
+        let err = c.check_intake_sources().unwrap_err().to_string();
+        assert!(err.contains("jebbit_eu"), "{err}");
+        assert!(
+            err.contains("SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_EU__SECRET"),
+            "{err}"
+        );
+        let err = Config::default()
+            .check_intake_sources()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("intake.sources"), "{err}");
+    }
+
+    #[test]
+    fn intake_values_are_checked_naming_the_key_or_the_source() {
+        for (key, value, named) in [
+            (
+                "SEGMENT_BRIDGE__INTAKE__MAX_BODY_BYTES",
+                "0",
+                "intake.max_body_bytes",
+            ),
+            (
+                "SEGMENT_BRIDGE__INTAKE__MAX_BODY_BYTES",
+                "20000000",
+                "intake.max_body_bytes",
+            ),
+            (
+                "SEGMENT_BRIDGE__INTAKE__PUBLISH_TIMEOUT_MS",
+                "0",
+                "intake.publish_timeout_ms",
+            ),
+            (
+                "SEGMENT_BRIDGE__INTAKE__REQUEST_TIMEOUT_MS",
+                "2000",
+                "intake.request_timeout_ms",
+            ),
+            (
+                "SEGMENT_BRIDGE__INTAKE__MAX_CONCURRENT_REQUESTS",
+                "0",
+                "intake.max_concurrent_requests",
+            ),
+            (
+                "SEGMENT_BRIDGE__INTAKE__SIGNATURE_TOLERANCE_S",
+                "0",
+                "intake.signature_tolerance_s",
+            ),
+            (
+                "SEGMENT_BRIDGE__INTAKE__LISTEN",
+                "0.0.0.0:9464",
+                "intake.listen",
+            ),
+            (
+                "SEGMENT_BRIDGE__MAPPING__LEAD_EVENT",
+                " ",
+                "mapping.lead_event",
+            ),
+        ] {
+            let err = Config::load(None, env(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{key}={value}: {err}");
+        }
+        for (toml, named) in [
+            ("[intake.sources.JebbitEU]\nkind = \"jebbit\"\n", "JebbitEU"),
+            (
+                "[intake.sources.jebbit-eu]\nkind = \"jebbit\"\n",
+                "jebbit-eu",
+            ),
+            ("[intake.sources.x]\nkind = \"typeform\"\n", "typeform"),
+            (
+                "[intake.sources.x]\nkind = \"jebbit\"\nregion = \"apac\"\n",
+                "apac",
+            ),
+            (
+                "[intake.sources.x]\nkind = \"jebbit\"\nsecrets = \"s\"\n",
+                "secrets",
+            ),
+            ("[intake.sources.x]\nregion = \"eu\"\n", "kind"),
+        ] {
+            let f = file(toml);
+            let err = Config::load(Some(f.path()), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn intake_secrets_never_show_in_debug_output() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("SEGMENT_BRIDGE__INTAKE__SOURCES__J__KIND", "jebbit"),
+                ("SEGMENT_BRIDGE__INTAKE__SOURCES__J__SECRET", "hmac-sekrit"),
+                (
+                    "SEGMENT_BRIDGE__INTAKE__SOURCES__J__PREVIOUS_SECRET",
+                    "old-sekrit",
+                ),
+            ]),
+        )
+        .unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("sekrit"), "{debug}");
     }
 }

@@ -8,11 +8,12 @@
 
 use std::borrow::Cow;
 
-use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::session::{Email, Region, Session};
+use serde_json::value::RawValue;
+
+use crate::session::{Email, Region, Session, Shape};
 
 /// Segment's per-message limit, counted on the serialised JSON of one event.
 pub const MAX_EVENT_BYTES: usize = 32_000;
@@ -32,6 +33,8 @@ pub struct Options {
     pub include_mapped_attributes: bool,
     /// The Track event's name.
     pub track_event: String,
+    /// The Track event's name for a JotUrl CTA lead.
+    pub lead_event: String,
     pub default_region: Region,
 }
 
@@ -42,6 +45,7 @@ impl Default for Options {
             require_opt_in: false,
             include_mapped_attributes: true,
             track_event: "Survey Completed".to_owned(),
+            lead_event: "Lead Captured".to_owned(),
             default_region: Region::Us,
         }
     }
@@ -80,6 +84,8 @@ impl SessionEvents {
 pub enum SkipReason {
     NoEmail,
     NoOptIn,
+    /// A JotUrl tracking-link message: it carries no lead.
+    NotALead,
 }
 
 impl SkipReason {
@@ -88,6 +94,7 @@ impl SkipReason {
         match self {
             SkipReason::NoEmail => "skipped_no_email",
             SkipReason::NoOptIn => "skipped_no_opt_in",
+            SkipReason::NotALead => "skipped_not_a_lead",
         }
     }
 }
@@ -110,13 +117,40 @@ pub fn map(
     fallback_time: OffsetDateTime,
     options: &Options,
 ) -> Result<Mapped, MapError> {
+    if session.shape == Shape::JotUrlLink {
+        return Ok(Mapped::Skipped(SkipReason::NotALead));
+    }
     let Some(email) = &session.email else {
         return Ok(Mapped::Skipped(SkipReason::NoEmail));
     };
     if options.require_opt_in && !session.opt_in {
         return Ok(Mapped::Skipped(SkipReason::NoOptIn));
     }
+    // Only a JotUrl lead can have owned attributes: the other shapes, the hot path, walk
+    // their attributes without chaining an empty second list.
+    if session.owned_attributes.is_empty() {
+        let attributes = session.attributes.iter().map(|(k, v)| (k, *v));
+        map_events(session, email, attributes, fallback_time, options)
+    } else {
+        map_events(
+            session,
+            email,
+            session.all_attributes(),
+            fallback_time,
+            options,
+        )
+    }
+}
 
+/// [`map`] of a session that has an email and is not skipped, `attributes` being all of
+/// the session's.
+fn map_events<'s>(
+    session: &Session,
+    email: &Email,
+    attributes: impl Iterator<Item = (&'s Cow<'s, str>, &'s RawValue)> + Clone,
+    fallback_time: OffsetDateTime,
+    options: &Options,
+) -> Result<Mapped, MapError> {
     let hash = hex32(&Sha256::digest(email.as_str().as_bytes()).into());
 
     // The mapped attributes that travel. With `hash_pii`, an attribute named `email` does
@@ -124,10 +158,9 @@ pub fn map(
     // like the computed traits, which win; `questions` keeps them.
     let include = options.include_mapped_attributes;
     let mapped = || {
-        session
-            .attributes
-            .iter()
-            .filter(move |(k, _)| include && !(options.hash_pii && k == "email"))
+        attributes
+            .clone()
+            .filter(move |(k, _)| include && !(options.hash_pii && *k == "email"))
     };
     let computed = |k: &str| k == "email" || k == "emailSha256Hash";
     let shadowed = mapped().any(|(k, _)| computed(k));
@@ -169,7 +202,7 @@ pub fn map(
 
     let mut track = Vec::with_capacity(identify.len() + 320);
     track.extend_from_slice(br#"{"type":"track","event":"#);
-    write_str(&mut track, &options.track_event);
+    write_str(&mut track, track_event(session, options));
     track.extend_from_slice(br#","messageId":""#);
     write_message_id(&mut track, &session.identity, "track");
     track.push(b'"');
@@ -183,7 +216,7 @@ pub fn map(
         track.extend_from_slice(key);
     };
     // Left out, like any other missing property, when there are no answers.
-    if include && !session.attributes.is_empty() {
+    if include && session.has_attributes() {
         key(&mut track, br#""questions":{"#);
         // Without the leading comma.
         if shadowed {
@@ -217,6 +250,14 @@ pub fn map(
         identify,
         track,
     }))
+}
+
+/// The Track event's name: `mapping.lead_event` for a JotUrl lead, else `track_event`.
+pub fn track_event<'o>(session: &Session, options: &'o Options) -> &'o str {
+    match session.shape {
+        Shape::JotUrlLead | Shape::JotUrlLink => &options.lead_event,
+        Shape::Canonical | Shape::Jebbit => &options.track_event,
+    }
 }
 
 /// Lowercase hex SHA-256 of the normalised email: the `userId`.
@@ -338,9 +379,9 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// `,"key":value` for each attribute; the values are copied as they came.
-fn write_attributes<'a: 'b, 'b>(
+fn write_attributes<'s>(
     out: &mut Vec<u8>,
-    attributes: impl Iterator<Item = &'b (Cow<'a, str>, &'a RawValue)>,
+    attributes: impl Iterator<Item = (&'s Cow<'s, str>, &'s RawValue)>,
 ) {
     for (k, v) in attributes {
         out.push(b',');
@@ -386,6 +427,9 @@ mod tests {
             fallback_time: OffsetDateTime,
             options: &Options,
         ) -> Result<Mapped, MapError> {
+            if session.shape == crate::session::Shape::JotUrlLink {
+                return Ok(Mapped::Skipped(SkipReason::NotALead));
+            }
             let Some(email) = &session.email else {
                 return Ok(Mapped::Skipped(SkipReason::NoEmail));
             };
@@ -431,7 +475,7 @@ mod tests {
                 "track",
                 &Event {
                     kind: "track",
-                    event: Some(&options.track_event),
+                    event: Some(super::super::track_event(session, options)),
                     message_id: &message_id(&session.identity, "track"),
                     user_id: &hash,
                     timestamp: &timestamp,
@@ -439,9 +483,8 @@ mod tests {
                     traits: None,
                     properties: Some(Properties {
                         // Left out, like any other missing property, when there are no answers.
-                        questions: (options.include_mapped_attributes
-                            && !session.attributes.is_empty())
-                        .then_some(Questions(&attributes)),
+                        questions: (options.include_mapped_attributes && session.has_attributes())
+                            .then_some(Questions(&attributes)),
                         survey_id: session.campaign_id.as_deref(),
                         survey_session_id: session.session_id.as_deref(),
                         survey_title: session.campaign_name.as_deref(),
@@ -572,10 +615,9 @@ mod tests {
                 let include = self.options.include_mapped_attributes;
                 let hash_pii = self.options.hash_pii;
                 self.session
-                    .attributes
-                    .iter()
-                    .filter(move |(k, _)| include && !(hash_pii && k == "email"))
-                    .map(|(k, v)| (&**k, *v))
+                    .all_attributes()
+                    .filter(move |(k, _)| include && !(hash_pii && *k == "email"))
+                    .map(|(k, v)| (&**k, v))
             }
         }
 
@@ -673,6 +715,80 @@ mod tests {
         let want = golden("jebbit-segment-track.json");
         let want_hash = want["userId"].as_str().unwrap().to_owned();
         assert_eq!(comparable(track, JANE), comparable(want, &want_hash));
+    }
+
+    /// A JotUrl lead's events, mapped as the worker maps a message the intake queued for a
+    /// source of region eu, with the golden file's AMQP timestamp.
+    fn joturl_events(name: &str, options: &Options) -> (Value, Value, Region, Value) {
+        let want = golden(&format!("{name}.events.json"));
+        let body = std::fs::read(format!(
+            "{}/tests/fixtures/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let hints = crate::session::Hints {
+            kind: Some("joturl"),
+            region: Some(want["region"].as_str().unwrap()),
+        };
+        let session = Session::parse_with(&body, hints).unwrap();
+        let amqp_timestamp = OffsetDateTime::parse(
+            want["amqp_timestamp"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        match map(&session, amqp_timestamp, options).unwrap() {
+            Mapped::Events(e) => (
+                serde_json::from_slice(&e.identify).unwrap(),
+                serde_json::from_slice(&e.track).unwrap(),
+                e.region,
+                want,
+            ),
+            Mapped::Skipped(r) => panic!("skipped: {r:?}"),
+        }
+    }
+
+    #[test]
+    fn joturl_leads_map_to_the_golden_identify_and_lead_captured_track() {
+        for name in ["joturl-form-lead", "joturl-social-optin-lead"] {
+            let (identify, track, region, mut want) = joturl_events(name, &Options::default());
+            for event in ["identify", "track"] {
+                want[event]["context"]["library"]["version"] = json!(LIBRARY_VERSION);
+            }
+            assert_eq!(identify, want["identify"], "{name}");
+            assert_eq!(track, want["track"], "{name}");
+            assert_eq!(region, Region::Eu);
+        }
+    }
+
+    #[test]
+    fn lead_event_names_a_joturl_leads_track_and_track_event_does_not() {
+        let options = Options {
+            track_event: "Quiz Done".into(),
+            lead_event: "CTA Lead".into(),
+            ..Options::default()
+        };
+        let (_, track, _, _) = joturl_events("joturl-form-lead", &options);
+        assert_eq!(track["event"], "CTA Lead");
+        assert_eq!(events(SESSION, &options).1["event"], "Quiz Done");
+    }
+
+    #[test]
+    fn a_joturl_tracking_link_is_skipped_as_not_a_lead() {
+        let body = include_bytes!("../tests/fixtures/joturl-tracking-link.json");
+        let session = Session::parse(body).unwrap();
+        for options in [
+            Options::default(),
+            Options {
+                require_opt_in: true,
+                ..Options::default()
+            },
+        ] {
+            assert!(matches!(
+                map(&session, now(), &options),
+                Ok(Mapped::Skipped(SkipReason::NotALead))
+            ));
+        }
+        assert_eq!(SkipReason::NotALead.as_str(), "skipped_not_a_lead");
     }
 
     #[test]
@@ -924,7 +1040,13 @@ mod tests {
                 r#""completed_at":"1999-12-31T23:59:59.999Z","#,
                 "",
             ][(i / 3) % 3];
-            bodies.push(if i % 4 == 3 {
+            bodies.push(if i % 5 == 4 {
+                // A JotUrl lead: custom parameters at the top level, extended_info inside.
+                format!(
+                    r#"{{"data":"{email}","type":"email","date":"2020-03-26","name":"n{i}","extended_info":"{{\"k\":[1,\"\u00e9\"]}}"{}{attrs}}}"#,
+                    if attrs.is_empty() { "" } else { "," }
+                )
+            } else if i % 4 == 3 {
                 format!(
                     r#"{{{optional}{completed}"data":{{"email":"{email}","opt_in":"true"{}{attrs}}}}}"#,
                     if attrs.is_empty() { "" } else { "," }

@@ -2,7 +2,8 @@
 //!
 //! Readiness is shared state that the pipeline writes and the probes only read: ready means
 //! connected to the broker, consuming, and no region's write key refused by Segment.
-//! `/healthz` depends on nothing but the process answering.
+//! `/healthz` depends on nothing but the process answering. The intake serves the same
+//! port with its own readiness and metrics, through [`Probes`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,31 +76,61 @@ impl Health {
     }
 }
 
-#[derive(Clone)]
-struct Probes {
+/// What a side port reports: readiness, and the metrics in Prometheus text.
+pub trait Probes: Send + Sync + 'static {
+    /// `Ok` when ready, else the reasons it is not.
+    fn readiness(&self) -> Result<(), String>;
+    fn metrics(&self) -> String;
+}
+
+struct WorkerProbes {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
 }
 
-/// Serves the side port until `shutdown` is cancelled.
+impl Probes for WorkerProbes {
+    fn readiness(&self) -> Result<(), String> {
+        self.health.readiness()
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+}
+
+/// Serves the worker's side port until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_probes(
+        listener,
+        Arc::new(WorkerProbes { health, metrics }),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` from `probes` until `shutdown` is cancelled.
+pub async fn serve_probes(
+    listener: TcpListener,
+    probes: Arc<dyn Probes>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .with_state(Probes { health, metrics });
+        .with_state(probes);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }
 
-async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
-    match p.health.readiness() {
+async fn readyz(State(p): State<Arc<dyn Probes>>) -> impl IntoResponse {
+    match p.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -108,10 +139,10 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
     }
 }
 
-async fn render_metrics(State(p): State<Probes>) -> impl IntoResponse {
+async fn render_metrics(State(p): State<Arc<dyn Probes>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        p.metrics.render(),
+        p.metrics(),
     )
 }
 

@@ -1,10 +1,13 @@
 //! segment-bridge forwards collected quiz and survey sessions from a RabbitMQ queue to
 //! Segment's HTTP Tracking API, as one Identify and one `Survey Completed` Track event per
 //! session, acknowledging each delivery only after Segment accepted both of its events.
+//! Its `intake` command is the queue's front door: it receives the webhooks that put the
+//! sessions there.
 //!
 //! # Layout
 //! - [`config`]: `config.toml` + `SEGMENT_BRIDGE__*` environment, validated into typed values.
-//! - [`session`]: the two input shapes → a validated [`session::Session`].
+//! - [`session`]: the three input shapes (canonical, Jebbit webhook, JotUrl lead) → a
+//!   validated [`session::Session`].
 //! - [`events`]: session + mapping options → serialised Identify and Track (pure).
 //! - [`batch`]: one region's batch: fits / push / full / take / split (pure).
 //! - [`ack`]: which acknowledgements to send for deliveries finished out of order (pure).
@@ -14,6 +17,9 @@
 //! - [`health`]: the side port, `/healthz`, `/readyz`, `/metrics`.
 //! - [`metrics`]: metric names, help texts and handles.
 //! - [`tools`]: the operator commands `preview`, `publish`, `replay-dead` and `check`.
+//! - [`intake`]: the `intake` command: Jebbit and JotUrl webhooks onto the queue, with
+//!   publisher confirms (signature, body, routes, publisher, metrics).
+//! - [`headers`]: the AMQP headers the intake writes and the worker reads.
 #![forbid(unsafe_code)]
 
 pub mod ack;
@@ -21,7 +27,9 @@ pub mod batch;
 pub mod config;
 pub mod consumer;
 pub mod events;
+pub mod headers;
 pub mod health;
+pub mod intake;
 pub mod metrics;
 pub mod segment;
 pub mod session;

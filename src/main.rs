@@ -4,13 +4,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use segment_bridge::config::Config;
 use segment_bridge::health::{self, Health};
+use segment_bridge::intake::{self, IntakeHealth, IntakeProbes, metrics::IntakeMetrics};
 use segment_bridge::metrics::Metrics;
 use segment_bridge::session::Region;
 use segment_bridge::tools;
@@ -36,6 +37,8 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Receive Jebbit and JotUrl webhooks and put them on the queue until SIGTERM or SIGINT.
+    Intake,
     /// Read sessions (JSON lines) from standard input and print the events they become.
     Preview,
     /// Put the sessions of a JSON-lines file on the queue, with publisher confirms.
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
     let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command {
             Command::Run { dry_run } => run(config, dry_run).await,
+            Command::Intake => run_intake(config).await,
             Command::Preview => Ok(tools::preview(
                 &config,
                 std::io::stdin().lock(),
@@ -153,6 +157,75 @@ async fn run(config: Config, dry_run: bool) -> anyhow::Result<()> {
             "The grace period ran out; deliveries not yet acknowledged stay with the broker and will be redelivered."
         ),
     }
+    let _ = server.await;
+    Ok(())
+}
+
+/// The intake: the webhook routes, the side port, and shutdown on SIGTERM/SIGINT: not
+/// ready at once, then the drain delay, then the requests under way get the grace period.
+/// Exits 0 after a signal either way: a request cut off was never answered 2xx, so its
+/// sender retries it.
+async fn run_intake(config: Config) -> anyhow::Result<()> {
+    config.check_intake_sources()?;
+    let config = Arc::new(config);
+    let health = Arc::new(IntakeHealth::default());
+    let metrics = Arc::new(IntakeMetrics::new(
+        config.intake.sources.keys().map(String::as_str),
+    ));
+    let shutdown = CancellationToken::new();
+    let bind = |key: &'static str, addr: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {key} = {addr}: {e}"))
+    };
+    let probes = bind("server.listen", config.server.listen).await?;
+    let webhooks = bind("intake.listen", config.intake.listen).await?;
+    let sources: Vec<&str> = config.intake.sources.keys().map(String::as_str).collect();
+    let shown = |l: &tokio::net::TcpListener, configured| l.local_addr().unwrap_or(configured);
+    tracing::info!(
+        listen = %shown(&webhooks, config.intake.listen),
+        probes = %shown(&probes, config.server.listen),
+        sources = ?sources,
+        "Serving webhooks."
+    );
+    let probes_stop = CancellationToken::new();
+    let server = tokio::spawn(health::serve_probes(
+        probes,
+        Arc::new(IntakeProbes {
+            health: health.clone(),
+            metrics: metrics.clone(),
+        }),
+        probes_stop.clone(),
+    ));
+    let bound = config.intake.drain_delay() + config.grace_period() + Duration::from_secs(5);
+    let mut intake = tokio::spawn(intake::run(
+        config.clone(),
+        webhooks,
+        health,
+        metrics,
+        shutdown.clone(),
+    ));
+    let signal = tokio::select! {
+        signal = shutdown_signal() => signal,
+        ended = &mut intake => {
+            probes_stop.cancel();
+            return Ok(ended??);
+        }
+    };
+    let started = Instant::now();
+    tracing::info!(signal, "Shutting down the intake.");
+    shutdown.cancel();
+    match tokio::time::timeout(bound, intake).await {
+        Ok(ended) => {
+            ended??;
+            tracing::info!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "Intake shut down."
+            );
+        }
+        Err(_) => tracing::warn!("The intake did not stop in time; exiting anyway."),
+    }
+    probes_stop.cancel();
     let _ = server.await;
     Ok(())
 }

@@ -33,7 +33,7 @@ pub const HIGH_DELIVERY_COUNT: &str = "segment_bridge_high_delivery_count_total"
 const HELP: &[(&str, &str)] = &[
     (
         SESSIONS,
-        "Sessions finished, by outcome: delivered, skipped_no_email, skipped_no_opt_in, dead_lettered.",
+        "Sessions finished, by outcome: delivered, skipped_no_email, skipped_no_opt_in, skipped_not_a_lead, dead_lettered.",
     ),
     (DELIVERIES, "Messages received from RabbitMQ."),
     (
@@ -87,6 +87,7 @@ pub struct Metrics {
     delivered: Counter,
     skipped_no_email: Counter,
     skipped_no_opt_in: Counter,
+    skipped_not_a_lead: Counter,
     dead_lettered: Counter,
     deliveries: Counter,
     events_sent: [Counter; 2],
@@ -125,6 +126,7 @@ impl Metrics {
             delivered: session("delivered"),
             skipped_no_email: session("skipped_no_email"),
             skipped_no_opt_in: session("skipped_no_opt_in"),
+            skipped_not_a_lead: session("skipped_not_a_lead"),
             dead_lettered: session("dead_lettered"),
             deliveries: counter(DELIVERIES, &[]),
             events_sent: Region::ALL.map(|r| counter(EVENTS_SENT, &[("region", r.as_str())])),
@@ -158,6 +160,7 @@ impl Metrics {
             "delivered" => &self.delivered,
             "skipped_no_email" => &self.skipped_no_email,
             "skipped_no_opt_in" => &self.skipped_no_opt_in,
+            "skipped_not_a_lead" => &self.skipped_not_a_lead,
             "dead_lettered" => &self.dead_lettered,
             other => unreachable!("unknown session outcome {other}"),
         }

@@ -62,7 +62,9 @@ pub fn preview(config: &Config, input: impl BufRead, mut out: impl Write) -> std
                 Err(e) => json!({ "session_id": peek_session_id(&line), "error": e.to_string() }),
                 Ok(session) => {
                     let id = &session.identity;
-                    match events::map(&session, now, &options) {
+                    // No AMQP timestamp here: a JotUrl lead's `date` stands in for it.
+                    let time = session.lead_date.unwrap_or(now);
+                    match events::map(&session, time, &options) {
                         Err(e) => json!({ "session_id": id, "error": e.to_string() }),
                         Ok(Mapped::Skipped(reason)) => {
                             json!({ "session_id": id, "skipped": reason.as_str() })
@@ -400,5 +402,32 @@ mod tests {
             "the id is named even for bad input"
         );
         assert!(text(&lines[4]["error"]).contains("email"));
+    }
+
+    #[test]
+    fn preview_shows_joturl_leads_by_their_keys_and_skips_tracking_links() {
+        let input = [
+            include_str!("../tests/fixtures/joturl-form-lead.json"),
+            include_str!("../tests/fixtures/joturl-social-optin-lead.json"),
+            include_str!("../tests/fixtures/joturl-tracking-link.json"),
+        ]
+        .concat();
+        let lines = preview_lines(&input);
+        assert_eq!(lines.len(), 3);
+        let track = &lines[0]["events"][1];
+        assert_eq!(track["event"], "Lead Captured");
+        assert_eq!(track["properties"]["trafficSource"], "JotUrl");
+        assert_eq!(track["properties"]["questions"]["name"], "John Smith");
+        // No AMQP timestamp in a preview: the lead's day stands in.
+        assert_eq!(track["timestamp"], "2020-03-26T00:00:00.000Z");
+        assert_eq!(
+            lines[0]["region"], "us",
+            "the default region: no header here"
+        );
+        assert_eq!(
+            lines[1]["events"][0]["traits"]["first_name"], "Jane",
+            "extended_info's keys"
+        );
+        assert_eq!(lines[2]["skipped"], "skipped_not_a_lead");
     }
 }

@@ -282,7 +282,8 @@ impl Worker {
                 );
             }
         }
-        let session = match Session::parse(&message.body) {
+        let hints = crate::headers::hints(&message.properties);
+        let session = match Session::parse_with(&message.body, hints) {
             Ok(session) => session,
             Err(e) => {
                 let id = peek_session_id(&message.body);
@@ -293,6 +294,7 @@ impl Worker {
             .properties
             .timestamp()
             .and_then(|t| OffsetDateTime::from_unix_timestamp(t as i64).ok())
+            .or(session.lead_date)
             .unwrap_or_else(OffsetDateTime::now_utc);
         // Borrowed from the delivery, like most of the session.
         let id = &*session.identity;

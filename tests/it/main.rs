@@ -4,6 +4,7 @@
 mod broker_lock;
 mod delivery;
 mod helpers;
+mod intake;
 mod lifecycle;
 mod quorum;
 mod tools;

@@ -1,0 +1,641 @@
+//! Load on the intake, broker confirms included, against a bare confirm-publish ceiling.
+//!
+//! ```text
+//! cargo install oha                  # the load generator (crates.io), once
+//! cargo bench --bench intake -- [--rounds R] [--secs S] [--rate Q] [--connections C]
+//! ```
+//!
+//! Each round runs three measurements, in an order that alternates between rounds:
+//! - **fixed rate**: `segment-bridge intake` (the release binary, as a child process) takes
+//!   correctly signed Jebbit webhooks from `oha` at Q requests/s (default 1,000) over C
+//!   connections (default 32) for S seconds (default 15), with oha's latency correction
+//!   (latency counts from when a request was due, not when it was sent);
+//! - **saturation**: the same, as fast as oha can send;
+//! - **ceiling**: no HTTP at all: C tasks in this process publish the same body with the
+//!   same properties to the same kind of queue and each waits for its confirm before the
+//!   next, on one connection and one confirm channel, as the intake does. Its rate is what
+//!   the broker's publish-confirm path allows with C publishes outstanding.
+//!
+//! Every measurement gets a fresh durable queue `sb-bench.<pid>.intake.…`, deleted
+//! afterwards, and checks that the queue holds every message answered 200 (and at most
+//! the few more that oha abandoned unanswered at its deadline). Requests/s counts the
+//! requests answered 200. The body is signed once per measurement (valid for `signature_tolerance_s`). The
+//! load average is read before and after each measurement: other work on the machine
+//! shows there. `RUST_LOG` and `SEGMENT_BRIDGE__*` variables reach the intake. Without
+//! `--bench` on its command line (`cargo test --benches`) the binary only runs a
+//! self-check that needs neither oha nor a broker.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::Value;
+
+use segment_bridge::consumer::{confirmed, publish_mandatory};
+use segment_bridge::intake::signature::sign;
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const SECRET: &str = "bench-shared-secret-0123456789abcdef";
+const SOURCE: &str = "bench";
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone)]
+struct Options {
+    rounds: usize,
+    secs: u64,
+    rate: u64,
+    connections: u64,
+}
+
+fn options(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        rounds: 3,
+        secs: 15,
+        rate: 1000,
+        connections: 32,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| -> Result<u64> {
+            let v = it.next().ok_or_else(|| format!("{name} needs a value"))?;
+            Ok(v.replace('_', "").parse()?)
+        };
+        match arg.as_str() {
+            "--bench" => {}
+            "--rounds" => o.rounds = value("--rounds")?.max(1) as usize,
+            "--secs" => o.secs = value("--secs")?.max(1),
+            "--rate" => o.rate = value("--rate")?.max(1),
+            "--connections" => o.connections = value("--connections")?.max(1),
+            "--quick" => {
+                o.rounds = 1;
+                o.secs = 5;
+            }
+            other => return Err(format!("unknown argument {other:?}").into()),
+        }
+    }
+    Ok(o)
+}
+
+/// A realistic Jebbit webhook body: a dozen answers, about 700 bytes.
+fn body() -> String {
+    serde_json::json!({
+        "data": {
+            "email": "Bench.User@Example.com",
+            "opt_in": "true",
+            "outcome": "example_outcome",
+            "favorite_colors": ["option 1", "option 4"],
+            "skin_type": "Dry & sensitive",
+            "hair_concern": "Frizz",
+            "age_range": "25-34",
+            "preferred_scent": "Citrus and green notes",
+            "budget": "$25–$50",
+            "shopping_frequency": "Weekly",
+            "product_interest": ["serum", "mask", "oil"],
+            "quiz_score": 42,
+            "loyalty_member": true,
+            "referral_source": "instagram"
+        },
+        "event": {"event_number": 0},
+        "campaign_id": "n3zrik6g",
+        "campaign_name": "New Quiz",
+        "traffic_source": "Owned+Web"
+    })
+    .to_string()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        self_check();
+        println!(
+            "intake: self-check passed; the load benchmark runs with `cargo bench --bench intake` (needs oha and RabbitMQ)."
+        );
+        return;
+    }
+    let options = match options(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("intake bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    if let Err(e) = runtime.block_on(parent(options)) {
+        eprintln!("intake bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Fixed,
+    Saturation,
+    Ceiling,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Fixed => "fixed rate",
+            Kind::Saturation => "saturation",
+            Kind::Ceiling => "ceiling (bare confirm-publish)",
+        }
+    }
+}
+
+/// One measurement.
+#[derive(Debug, Clone)]
+struct Run {
+    kind: Kind,
+    round: usize,
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    ok: u64,
+    other: u64,
+    /// CPU seconds of the intake per 1,000 requests (HTTP runs only).
+    cpu_ms_per_1000: Option<f64>,
+    /// The intake's own publish-to-confirm time, p50 and p99, as the upper bounds of
+    /// the buckets of `segment_bridge_intake_publish_seconds` they fall in (HTTP runs).
+    confirm_ms: Option<(f64, f64)>,
+    load_before: String,
+    load_after: String,
+}
+
+async fn parent(o: Options) -> Result<()> {
+    let oha = Command::new("oha")
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run oha ({e}); install it with `cargo install oha`"))?;
+    let oha_version = String::from_utf8_lossy(&oha.stdout).trim().to_owned();
+    let broker = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .map_err(|e| format!("these benchmarks need RabbitMQ at 127.0.0.1:5672: {e}"))?;
+    let body = body();
+    eprintln!(
+        "intake bench: {oha_version}, {} rounds of {} s, fixed rate {}/s, {} connections, body {} bytes",
+        o.rounds,
+        o.secs,
+        o.rate,
+        o.connections,
+        body.len()
+    );
+    let mut runs = Vec::new();
+    for round in 0..o.rounds {
+        let mut order = [Kind::Fixed, Kind::Saturation, Kind::Ceiling];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for kind in order {
+            let queue = format!("sb-bench.{}.intake.{round}.{kind:?}", std::process::id());
+            let channel = broker.create_channel().await?;
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions::durable(),
+                    FieldTable::default(),
+                )
+                .await?;
+            // Let the previous measurement's queue deletion and disk writes settle.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let load_before = loadavg();
+            let measured = match kind {
+                Kind::Ceiling => ceiling(&queue, &body, &o).await,
+                _ => http(kind, &queue, &body, &o).await,
+            };
+            let load_after = loadavg();
+            let depth = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?
+                .message_count();
+            let _ = channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            let _ = channel.close(200, "OK".into()).await;
+            let mut run = measured?;
+            run.round = round;
+            run.load_before = load_before;
+            run.load_after = load_after;
+            // Every 200 is on the queue. Requests that oha abandoned at its deadline may
+            // be there too, unanswered: at most `other` more.
+            let depth = u64::from(depth);
+            if depth < run.ok || depth > run.ok + run.other {
+                return Err(format!(
+                    "{} round {round}: {} answered 200 ({} not) but the queue holds {depth}",
+                    kind.name(),
+                    run.ok,
+                    run.other
+                )
+                .into());
+            }
+            eprintln!(
+                "round {round} {:<31} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  confirm {:?}  200: {} other: {}  load {} -> {}",
+                kind.name(),
+                run.rate,
+                run.p50_ms,
+                run.p99_ms,
+                run.confirm_ms,
+                run.ok,
+                run.other,
+                run.load_before,
+                run.load_after
+            );
+            runs.push(run);
+        }
+    }
+    let _ = broker.close(200, "OK".into()).await;
+    report(&runs, &o);
+    Ok(())
+}
+
+/// `segment-bridge intake` under oha's load.
+async fn http(kind: Kind, queue: &str, body: &str, o: &Options) -> Result<Run> {
+    let addr = free_port()?;
+    let probes = free_port()?;
+    let mut env: HashMap<String, String> = HashMap::new();
+    for (k, v) in [
+        ("AMQP__URL", AMQP_URL.to_owned()),
+        ("AMQP__QUEUE", queue.to_owned()),
+        ("AMQP__DEAD_LETTER_QUEUE", format!("{queue}.dead")),
+        ("AMQP__DECLARE", "false".to_owned()),
+        ("INTAKE__LISTEN", addr.to_string()),
+        ("SERVER__LISTEN", probes.to_string()),
+        ("INTAKE__SOURCES__BENCH__KIND", "jebbit".to_owned()),
+        ("INTAKE__SOURCES__BENCH__REGION", "eu".to_owned()),
+        ("INTAKE__SOURCES__BENCH__SECRET", SECRET.to_owned()),
+    ] {
+        env.insert(format!("SEGMENT_BRIDGE__{k}"), v);
+    }
+    let dir = std::env::temp_dir().join(format!("sb-bench-intake-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let empty = dir.join("empty.toml");
+    std::fs::write(&empty, "")?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_segment-bridge"));
+    child
+        .args(["intake", "--config"])
+        .arg(&empty)
+        .current_dir(&dir)
+        .envs(&env)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let intake = Intake(child.spawn()?);
+    wait_ready(probes).await?;
+    let cpu_before = cpu_seconds(intake.0.id());
+    let signature = sign(SECRET.as_bytes(), unix_now(), body.as_bytes());
+    let mut oha = Command::new("oha");
+    oha.args(["--no-tui", "--output-format", "json", "-m", "POST"])
+        .args(["-z", &format!("{}s", o.secs)])
+        .args(["-c", &o.connections.to_string()])
+        .args(["-H", "content-type: application/json"])
+        .args(["-H", &format!("x-jebbit-signature: {signature}")])
+        .args(["-d", body]);
+    if kind == Kind::Fixed {
+        oha.args(["-q", &o.rate.to_string(), "--latency-correction"]);
+    }
+    oha.arg(format!("http://{addr}/webhooks/{SOURCE}"));
+    let out = tokio::task::spawn_blocking(move || oha.output()).await??;
+    let cpu = cpu_seconds(intake.0.id())
+        .zip(cpu_before)
+        .map(|(a, b)| a - b);
+    let confirm_ms = scrape_confirms(probes).await;
+    drop(intake);
+    if !out.status.success() {
+        return Err(format!("oha failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    let (rate, p50_ms, p99_ms, ok, other) = oha_numbers(&report)?;
+    Ok(Run {
+        kind,
+        round: 0,
+        rate,
+        p50_ms,
+        p99_ms,
+        ok,
+        other,
+        cpu_ms_per_1000: cpu.map(|c| c * 1000.0 * 1000.0 / (ok + other).max(1) as f64),
+        confirm_ms,
+        load_before: String::new(),
+        load_after: String::new(),
+    })
+}
+
+/// Requests answered 200 per second, p50 and p99 in ms, and the counts of 200 and of
+/// anything else (errors included: oha's `requestsPerSec` counts those too), from oha's
+/// JSON report.
+fn oha_numbers(report: &Value) -> Result<(f64, f64, f64, u64, u64)> {
+    let number = |v: &Value, what: &str| -> Result<f64> {
+        v.as_f64()
+            .ok_or_else(|| format!("oha's report has no {what}: {report}").into())
+    };
+    let total = number(&report["summary"]["total"], "total")?;
+    let p50 = number(&report["latencyPercentiles"]["p50"], "p50")? * 1000.0;
+    let p99 = number(&report["latencyPercentiles"]["p99"], "p99")? * 1000.0;
+    let mut ok = 0;
+    let mut other = 0;
+    if let Some(codes) = report["statusCodeDistribution"].as_object() {
+        for (code, n) in codes {
+            let n = n.as_u64().unwrap_or(0);
+            if code == "200" {
+                ok += n;
+            } else {
+                other += n;
+            }
+        }
+    }
+    if let Some(errors) = report["errorDistribution"].as_object() {
+        other += errors.values().filter_map(Value::as_u64).sum::<u64>();
+    }
+    Ok((ok as f64 / total.max(1e-9), p50, p99, ok, other))
+}
+
+/// p50 and p99 of the intake's publish histogram, as bucket upper bounds in ms.
+async fn scrape_confirms(probes: SocketAddr) -> Option<(f64, f64)> {
+    let client = segment_bridge::segment::http_client(Duration::from_secs(5)).ok()?;
+    let text = client
+        .get(format!("http://{probes}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    histogram_quantiles(&text, "segment_bridge_intake_publish_seconds")
+}
+
+/// The upper bounds (ms) of the buckets holding the 50th and 99th percentile.
+fn histogram_quantiles(text: &str, name: &str) -> Option<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    let at = |q: f64| {
+        buckets
+            .iter()
+            .find(|(_, c)| *c >= q * total)
+            .map(|(le, _)| le * 1000.0)
+    };
+    Some((at(0.50)?, at(0.99)?))
+}
+
+/// C publishers, each waiting for its confirm before the next publish, for S seconds.
+async fn ceiling(queue: &str, body: &str, o: &Options) -> Result<Run> {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    // The properties the intake sets.
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("x-segment-bridge-source", SOURCE),
+        ("x-segment-bridge-kind", "jebbit"),
+        ("x-segment-bridge-region", "eu"),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    }
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_timestamp(unix_now() as u64)
+        .with_headers(headers);
+    let deadline = Instant::now() + Duration::from_secs(o.secs);
+    let started = Instant::now();
+    let mut tasks = FuturesUnordered::new();
+    for _ in 0..o.connections {
+        let channel = channel.clone();
+        let queue = queue.into();
+        let body = body.as_bytes().to_vec();
+        let properties = properties.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                let confirm = publish_mandatory(&channel, &queue, &body, properties.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                confirmed(confirm).await?;
+                latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+            }
+            Ok::<_, String>(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    while let Some(done) = tasks.next().await {
+        latencies.extend(done??);
+    }
+    let took = started.elapsed().as_secs_f64();
+    let _ = conn.close(200, "OK".into()).await;
+    latencies.sort_by(f64::total_cmp);
+    Ok(Run {
+        kind: Kind::Ceiling,
+        round: 0,
+        rate: latencies.len() as f64 / took,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        ok: latencies.len() as u64,
+        other: 0,
+        cpu_ms_per_1000: None,
+        confirm_ms: None,
+        load_before: String::new(),
+        load_after: String::new(),
+    })
+}
+
+fn report(runs: &[Run], o: &Options) {
+    println!();
+    println!(
+        "| measurement | req/s (median) | p50 ms (median) | p99 ms (median) | of which confirm p50/p99 ms (bucket ≤) | intake CPU ms / 1,000 req | rounds: req/s, p50/p99 ms, load before→after |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    for kind in [Kind::Fixed, Kind::Saturation, Kind::Ceiling] {
+        let of: Vec<&Run> = runs.iter().filter(|r| r.kind == kind).collect();
+        let med = |f: fn(&Run) -> f64| median(of.iter().map(|r| f(r)).collect());
+        let cpu: Vec<f64> = of.iter().filter_map(|r| r.cpu_ms_per_1000).collect();
+        let rounds: Vec<String> = of
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:.0}, {:.2}/{:.2} ({}→{})",
+                    r.rate, r.p50_ms, r.p99_ms, r.load_before, r.load_after
+                )
+            })
+            .collect();
+        let name = match kind {
+            Kind::Fixed => format!("intake at {}/s", o.rate),
+            Kind::Saturation => "intake at saturation".to_owned(),
+            Kind::Ceiling => "ceiling: bare confirm-publish loop".to_owned(),
+        };
+        let confirms: Vec<(f64, f64)> = of.iter().filter_map(|r| r.confirm_ms).collect();
+        let confirm = if confirms.is_empty() {
+            "-".to_owned()
+        } else {
+            format!(
+                "{:.1} / {:.0}",
+                median(confirms.iter().map(|c| c.0).collect()),
+                median(confirms.iter().map(|c| c.1).collect())
+            )
+        };
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {confirm} | {} | {} |",
+            med(|r| r.rate),
+            med(|r| r.p50_ms),
+            med(|r| r.p99_ms),
+            if cpu.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:.0}", median(cpu))
+            },
+            rounds.join("; ")
+        );
+    }
+    println!(
+        "\n{} connections / publishers, {} s per measurement, body {} bytes, one durable queue each; load = 1-minute load average.",
+        o.connections,
+        o.secs,
+        body().len()
+    );
+}
+
+struct Intake(Child);
+
+impl Drop for Intake {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_ready(probes: SocketAddr) -> Result<()> {
+    let client = segment_bridge::segment::http_client(Duration::from_secs(5))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = client.get(format!("http://{probes}/readyz")).send().await
+            && r.status() == 200
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err("the intake did not become ready within 20 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn free_port() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// What runs without oha or a broker: the pieces the measurements rely on.
+fn self_check() {
+    let body = body();
+    let header = sign(SECRET.as_bytes(), 1_700_000_000, body.as_bytes());
+    let signature = segment_bridge::intake::signature::Signature::parse(&header).unwrap();
+    assert!(
+        signature
+            .verify(body.as_bytes(), [SECRET.as_bytes()])
+            .is_ok()
+    );
+    assert!(segment_bridge::session::Session::parse(body.as_bytes()).is_ok());
+    let report = serde_json::json!({
+        "summary": {"requestsPerSec": 1001.0, "total": 14.99},
+        "latencyPercentiles": {"p50": 0.002, "p99": 0.0125},
+        "statusCodeDistribution": {"200": 14990, "503": 3},
+        "errorDistribution": {"connection closed": 2}
+    });
+    let (rate, p50, p99, ok, other) = oha_numbers(&report).unwrap();
+    assert_eq!((rate, ok, other), (1000.0, 14990, 5));
+    assert!((p50 - 2.0).abs() < 1e-9 && (p99 - 12.5).abs() < 1e-9);
+    assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+    let text = "x_bucket{le=\"0.001\"} 10\nx_bucket{le=\"0.005\"} 98\nx_bucket{le=\"0.01\"} 99\nx_bucket{le=\"+Inf\"} 100\n";
+    assert_eq!(histogram_quantiles(text, "x"), Some((5.0, 10.0)));
+    assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.5), 3.0);
+}
