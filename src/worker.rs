@@ -1,9 +1,10 @@
 //! The pipeline: deliveries → sessions → events → per-region batches → Segment → acks.
 //!
 //! One task consumes (and reconnects); it parses and maps each delivery as it arrives and
-//! hands its events to the region's batcher. Each batcher gathers a batch and sends it
-//! with at most `max_in_flight` requests under way; a batch's outcome settles every
-//! delivery in it. The consumer never waits on Segment: every delivery it holds is a
+//! adds its events to the region's batch, which it owns: no channel send and no task hop
+//! per delivery. A full batch, or one whose oldest event has waited `flush_interval`, goes
+//! to the region's sender task as one message, and the sender posts it with at most
+//! `max_in_flight` requests under way; a batch's outcome settles every delivery in it. The consumer never waits on Segment: every delivery it holds is a
 //! ticket with the time it arrived, so wherever it waits (a batch gathering, a batch
 //! waiting for a request slot, a batch being retried) it is requeued once it has been held
 //! for `retry.max_hold_s`. What bounds memory is `prefetch`: when Segment is slow or down,
@@ -48,7 +49,7 @@ pub enum WorkerError {
 }
 
 /// Unbounded on purpose: the broker's prefetch bounds how many deliveries are held.
-type Sender = mpsc::UnboundedSender<Entry<Ticket>>;
+type Sender = mpsc::UnboundedSender<Batch<Ticket>>;
 
 /// Backoff between attempts to reach the broker.
 const RECONNECT: RetryPolicy = RetryPolicy {
@@ -109,18 +110,18 @@ impl Worker {
                 stop_consuming: stop_consuming.clone(),
                 shutdown: shutdown.clone(),
             });
-            batchers.spawn(run_batcher(
-                rx,
-                deliverer,
-                self.config.batch_limits(),
-                self.config.flush_interval(),
-                self.config.segment.max_in_flight,
-            ));
+            batchers.spawn(run_sender(rx, deliverer, self.config.segment.max_in_flight));
         }
 
-        let link = self.consume(&senders, &shutdown, &stop_consuming).await;
+        let mut gather = Gather::new(
+            senders,
+            self.config.batch_limits(),
+            self.config.flush_interval(),
+        );
+        let link = self.consume(&mut gather, &shutdown, &stop_consuming).await;
         tracing::info!("Stopped consuming; sending and acknowledging what is held.");
-        drop(senders);
+        gather.flush_all();
+        drop(gather);
         while batchers.join_next().await.is_some() {}
         if let Some(link) = link {
             link.close().await;
@@ -135,12 +136,21 @@ impl Worker {
     /// so that its acknowledgements can finish before it closes.
     async fn consume(
         &self,
-        senders: &[Option<Sender>; 2],
+        gather: &mut Gather,
         shutdown: &CancellationToken,
         stop_consuming: &CancellationToken,
     ) -> Option<Link> {
         let mut backoff = RECONNECT.backoff();
         let options = self.config.mapping_options();
+        // One timer for the batches' flush deadlines, reset only when the earliest changes.
+        let flush = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(flush);
+        let mut armed: Option<Instant> = None;
+        // Made once, not once per delivery: each new one would register with its token.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let refused = stop_consuming.cancelled();
+        tokio::pin!(refused);
         loop {
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => return None,
@@ -164,22 +174,33 @@ impl Worker {
             tracing::info!(queue = %self.config.amqp.queue, prefetch = self.config.amqp.prefetch, "Consuming.");
 
             let lost = loop {
+                let due = gather.next_deadline();
+                if due != armed {
+                    if let Some(at) = due {
+                        flush.as_mut().reset(at);
+                    }
+                    armed = due;
+                }
                 tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => {
+                    () = &mut cancelled => {
                         let _ = link.cancel(consumer.tag()).await;
                         self.health.set_consuming(false);
                         return Some(link);
                     }
-                    _ = stop_consuming.cancelled(), if self.health.is_consuming() => {
+                    () = &mut refused, if self.health.is_consuming() => {
                         // A region's key was refused. Take no more work; what the broker
                         // already sent is still read and settled (the refused region's
                         // deliveries go back to the queue).
                         let _ = link.cancel(consumer.tag()).await;
                         self.health.set_consuming(false);
                     }
+                    () = &mut flush, if armed.is_some() => {
+                        armed = None;
+                        gather.flush_due(Instant::now());
+                    }
                     delivery = consumer.next() => match delivery {
-                        Some(Ok(delivery)) => self.handle(link.ticket(delivery), senders, &options),
+                        Some(Ok(delivery)) => self.handle(link.ticket(delivery), gather, &options),
                         Some(Err(e)) => break e.to_string(),
                         None if !self.health.is_consuming() => {
                             shutdown.cancelled().await;
@@ -190,6 +211,8 @@ impl Worker {
                 }
             };
             link.mark_lost();
+            // What the batches hold came on the lost link: the senders let it go.
+            gather.flush_all();
             self.health.set_connected(false);
             self.metrics.amqp_connected(false);
             tracing::warn!(error = %lost, "Lost the RabbitMQ connection; reconnecting. Unacknowledged deliveries will be redelivered.");
@@ -198,8 +221,8 @@ impl Worker {
         }
     }
 
-    /// Parses and maps one delivery, then settles it or hands it to its region.
-    fn handle(&self, ticket: Ticket, senders: &[Option<Sender>; 2], options: &events::Options) {
+    /// Parses and maps one delivery, then settles it or adds it to its region's batch.
+    fn handle(&self, ticket: Ticket, gather: &mut Gather, options: &events::Options) {
         self.metrics.delivery_received();
         let message = ticket.message();
         let session = match Session::parse(&message.body) {
@@ -229,19 +252,18 @@ impl Worker {
             }
         };
         let region = events.region;
-        let Some(sender) = &senders[region as usize] else {
+        if !gather.has_sender(region) {
             let reason = format!(
                 "no write key is configured for region {region} (set SEGMENT_BRIDGE__SEGMENT__{}__WRITE_KEY)",
                 region.as_str().to_uppercase()
             );
             return dead_letter(ticket, Some(&events.session), reason, "no_write_key");
-        };
+        }
         if self.health.is_misconfigured(region) {
             self.metrics.requeued("misconfigured", 1);
             return ticket.requeue();
         }
-        // A batcher gone (shutting down) drops the entry, and its ticket is requeued.
-        let _ = sender.send(Entry { ticket, events });
+        gather.push(region, Entry { ticket, events });
     }
 }
 
@@ -251,45 +273,89 @@ fn dead_letter(ticket: Ticket, session_id: Option<&str>, reason: String, code: &
     ticket.dead_letter(reason, code);
 }
 
-/// Gathers one region's batches and sends them, `max_in_flight` at a time, until its
-/// channel closes; then sends what is left and waits for every request.
-async fn run_batcher(
-    mut rx: mpsc::UnboundedReceiver<Entry<Ticket>>,
-    deliverer: Arc<Deliverer>,
-    limits: Limits,
+/// The batches being gathered, one per region, owned by the consuming task. A batch goes
+/// to its region's sender when the next session would not fit, when it is full, or when
+/// its oldest event has waited `flush_interval`.
+struct Gather {
+    batches: [Batch<Ticket>; 2],
+    /// When each region's batch must go, if it holds anything.
+    deadlines: [Option<Instant>; 2],
+    senders: [Option<Sender>; 2],
     flush_interval: Duration,
+}
+
+impl Gather {
+    fn new(senders: [Option<Sender>; 2], limits: Limits, flush_interval: Duration) -> Self {
+        Gather {
+            batches: [Batch::new(limits), Batch::new(limits)],
+            deadlines: [None, None],
+            senders,
+            flush_interval,
+        }
+    }
+
+    fn has_sender(&self, region: Region) -> bool {
+        self.senders[region as usize].is_some()
+    }
+
+    fn push(&mut self, region: Region, entry: Entry<Ticket>) {
+        let i = region as usize;
+        if !self.batches[i].is_empty() && !self.batches[i].fits(&entry.events) {
+            self.send(i);
+        }
+        if self.batches[i].is_empty() {
+            self.deadlines[i] = Some(Instant::now() + self.flush_interval);
+        }
+        self.batches[i].push(entry);
+        if self.batches[i].is_full() {
+            self.send(i);
+        }
+    }
+
+    /// The earliest flush deadline.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.iter().flatten().min().copied()
+    }
+
+    /// Sends the batches whose deadline has come.
+    fn flush_due(&mut self, now: Instant) {
+        for i in 0..2 {
+            if self.deadlines[i].is_some_and(|d| d <= now) {
+                self.send(i);
+            }
+        }
+    }
+
+    fn flush_all(&mut self) {
+        for i in 0..2 {
+            if !self.batches[i].is_empty() {
+                self.send(i);
+            }
+        }
+    }
+
+    fn send(&mut self, i: usize) {
+        self.deadlines[i] = None;
+        let batch = self.batches[i].take();
+        if let Some(sender) = &self.senders[i] {
+            // A sender gone (shutting down) drops the batch, and its tickets are requeued.
+            let _ = sender.send(batch);
+        }
+    }
+}
+
+/// Sends one region's batches, `max_in_flight` at a time, until its channel closes; then
+/// waits for every request.
+async fn run_sender(
+    mut rx: mpsc::UnboundedReceiver<Batch<Ticket>>,
+    deliverer: Arc<Deliverer>,
     max_in_flight: usize,
 ) {
     let permits = Arc::new(Semaphore::new(max_in_flight));
     let mut in_flight = JoinSet::new();
-    let mut batch = Batch::new(limits);
-    let mut deadline = None;
-    loop {
-        let entry = tokio::select! {
-            entry = rx.recv() => entry,
-            _ = sleep_until(deadline), if deadline.is_some() => {
-                deadline = None;
-                dispatch(batch.take(), &mut in_flight, &permits, &deliverer).await;
-                continue;
-            }
-        };
-        let Some(entry) = entry else { break };
-        if !batch.is_empty() && !batch.fits(&entry.events) {
-            deadline = None;
-            dispatch(batch.take(), &mut in_flight, &permits, &deliverer).await;
-        }
-        if batch.is_empty() {
-            deadline = Some(Instant::now() + flush_interval);
-        }
-        batch.push(entry);
-        if batch.is_full() {
-            deadline = None;
-            dispatch(batch.take(), &mut in_flight, &permits, &deliverer).await;
-        }
+    while let Some(batch) = rx.recv().await {
+        dispatch(batch, &mut in_flight, &permits, &deliverer).await;
         while in_flight.try_join_next().is_some() {}
-    }
-    if !batch.is_empty() {
-        dispatch(batch.take(), &mut in_flight, &permits, &deliverer).await;
     }
     while in_flight.join_next().await.is_some() {}
 }
@@ -317,13 +383,6 @@ async fn dispatch(
         deliverer.deliver(batch).await;
         drop(permit);
     });
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Sends one region's batches and settles their deliveries by the outcome.
