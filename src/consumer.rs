@@ -84,6 +84,8 @@ pub struct Message {
 #[derive(Debug)]
 enum Settle {
     Ack(u64),
+    /// The deliveries of one batch that Segment accepted: one message, not one per ticket.
+    Acks(Vec<u64>),
     Requeue(u64),
     DeadLetter(Box<DeadLetter>),
 }
@@ -129,6 +131,31 @@ impl Ticket {
     /// Segment took the session's events, or there was nothing to send.
     pub fn ack(mut self) {
         self.send(Settle::Ack(self.tag));
+    }
+
+    /// Acknowledges every ticket, sending one message to each link's acker rather than
+    /// one per ticket (a batch's tickets normally all come from one link).
+    pub fn ack_all(tickets: impl IntoIterator<Item = Ticket>) {
+        let mut tags = Vec::new();
+        let mut to: Option<mpsc::UnboundedSender<Settle>> = None;
+        for mut ticket in tickets {
+            match &to {
+                Some(settle) if settle.same_channel(&ticket.settle) => {}
+                _ => {
+                    if let Some(settle) = to.take() {
+                        let _ = settle.send(Settle::Acks(std::mem::take(&mut tags)));
+                    }
+                    to = Some(ticket.settle.clone());
+                }
+            }
+            tags.push(ticket.tag);
+            // Settled: its drop must not requeue it.
+            ticket.tag = 0;
+        }
+        if let Some(settle) = to {
+            // After a lost connection the acker is gone; the broker redelivers them.
+            let _ = settle.send(Settle::Acks(tags));
+        }
     }
 
     /// Hand the delivery back to the broker, unharmed, for a later attempt.
@@ -353,6 +380,7 @@ async fn handle(
 ) {
     match settle {
         Settle::Ack(tag) => tracker.settle(tag, true),
+        Settle::Acks(tags) => tags.into_iter().for_each(|tag| tracker.settle(tag, true)),
         Settle::Requeue(tag) => requeue(consume, tag, tracker).await,
         Settle::DeadLetter(dead) => {
             let DeadLetter {

@@ -429,9 +429,7 @@ impl Deliverer {
                 Outcome::Accepted => {
                     self.metrics.events_sent(region, batch.events() as u64);
                     self.metrics.sessions("delivered", batch.len() as u64);
-                    for entry in batch.into_entries() {
-                        entry.ticket.ack();
-                    }
+                    Ticket::ack_all(batch.into_entries().into_iter().map(|e| e.ticket));
                     return;
                 }
                 Outcome::Retry { after, cause } => {
