@@ -236,8 +236,9 @@ impl Link {
             amqp.dead_letter_queue.as_str().into(),
             rx,
             // Finished deliveries stuck behind a slow one are acknowledged one by one
-            // before they take a quarter of the prefetch window.
-            usize::from(amqp.prefetch / 4).max(1),
+            // before they take half of the prefetch window. In normal flow, those behind
+            // the other region's gathering batch stay well below that.
+            usize::from(amqp.prefetch / 2).max(1),
             metrics,
         ));
         Ok((
@@ -290,8 +291,9 @@ impl Link {
 /// How long a delivery whose dead-letter copy was not confirmed waits before it is
 /// requeued: without it, a missing dead-letter queue would loop it at broker speed.
 const DEAD_LETTER_RETRY_DELAY: Duration = Duration::from_secs(5);
-/// Finished deliveries waiting behind an unfinished one are acknowledged one by one after
-/// at most two of these.
+/// Finished deliveries waiting behind an unfinished one are acknowledged one by one once
+/// they have waited two of these (so after 200 to 400 ms), unless a multiple ack covered
+/// them first.
 const STRAGGLER_TICK: Duration = Duration::from_millis(200);
 
 /// Owns the consume channel's acknowledgements and the dead-letter publishing of a link.
@@ -309,7 +311,6 @@ async fn run_acker(
     let mut open = true;
     let mut tick = tokio::time::interval(STRAGGLER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stale = false;
     loop {
         tokio::select! {
             settle = rx.recv(), if open => match settle {
@@ -338,10 +339,8 @@ async fn run_acker(
                 }
             },
             _ = tick.tick(), if tracker.waiting() > 0 => {
-                if stale {
-                    tracker.take_stragglers(&mut acks);
-                }
-                stale = !stale;
+                tracker.tick();
+                tracker.take_stale(2, &mut acks);
             },
             else => break,
         }
