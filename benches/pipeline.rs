@@ -1184,7 +1184,7 @@ fn self_check() {
                 assert!(g.has_email);
                 with_email += 1;
                 eu += usize::from(g.eu);
-                tracks += count(&e.track, TRACK);
+                tracks += count(e.track(), TRACK);
             }
             Mapped::Skipped(_) => assert!(!g.has_email),
         }

@@ -232,11 +232,15 @@ impl Worker {
                 return dead_letter(ticket, id.as_deref(), e.to_string(), e.code());
             }
         };
-        let fallback_time = message
-            .properties
-            .timestamp()
-            .and_then(|t| OffsetDateTime::from_unix_timestamp(t as i64).ok())
-            .unwrap_or_else(OffsetDateTime::now_utc);
+        // Read only when the session has no `completed_at` (the clock is not free).
+        let fallback_time = match session.completed_at {
+            Some(at) => at,
+            None => message
+                .properties
+                .timestamp()
+                .and_then(|t| OffsetDateTime::from_unix_timestamp(t as i64).ok())
+                .unwrap_or_else(OffsetDateTime::now_utc),
+        };
         // Borrowed from the delivery, like most of the session.
         let id = &*session.identity;
         let events = match events::map(&session, fallback_time, options) {
@@ -257,13 +261,24 @@ impl Worker {
                 "no write key is configured for region {region} (set SEGMENT_BRIDGE__SEGMENT__{}__WRITE_KEY)",
                 region.as_str().to_uppercase()
             );
-            return dead_letter(ticket, Some(&events.session), reason, "no_write_key");
+            let id = id.to_owned();
+            return dead_letter(ticket, Some(&id), reason, "no_write_key");
         }
         if self.health.is_misconfigured(region) {
             self.metrics.requeued("misconfigured", 1);
             return ticket.requeue();
         }
         gather.push(region, Entry { ticket, events });
+    }
+}
+
+/// The identity of a delivery's session, for a log line: read again from the body, which
+/// the batch does not keep a copy of (a string per session, for a rare line).
+fn session_id(ticket: &Ticket) -> String {
+    let body = &ticket.message().body;
+    match Session::parse(body) {
+        Ok(session) => session.identity.into_owned(),
+        Err(_) => peek_session_id(body).unwrap_or_else(|| "-".to_owned()),
     }
 }
 
@@ -466,7 +481,8 @@ impl Deliverer {
                     let reason = format!(
                         "Segment rejected the session's events with HTTP {status}: {detail}"
                     );
-                    tracing::warn!(session_id = %entry.events.session, region = %region, reason = %reason, "Message dead-lettered.");
+                    let session_id = session_id(&entry.ticket);
+                    tracing::warn!(session_id = %session_id, region = %region, reason = %reason, "Message dead-lettered.");
                     return entry.ticket.dead_letter(reason, "rejected_by_segment");
                 }
                 Outcome::Misconfigured { status } => {
