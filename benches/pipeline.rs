@@ -24,8 +24,10 @@
 //! (the attribute `bench_sent_us`); the sink takes the time of receipt of each.
 //!
 //! `SEGMENT_BRIDGE__*` variables in the environment reach the worker (and set the
-//! ceiling's prefetch), e.g. `SEGMENT_BRIDGE__SEGMENT__MAX_BATCH_EVENTS=2000`; so does
-//! `TOKIO_WORKER_THREADS`. `SB_BENCH_TRACE=1` prints the queue's ready count every ~100 ms.
+//! ceiling's prefetch), e.g. `SEGMENT_BRIDGE__SEGMENT__MAX_BATCH_EVENTS=2000`.
+//! `SB_BENCH_RUNTIME=multi` runs the worker on tokio's multi-thread runtime instead of the
+//! binary's one thread (with `TOKIO_WORKER_THREADS` threads, else one per core).
+//! `SB_BENCH_TRACE=1` prints the queue's ready count every ~100 ms.
 //! Before each run the benchmark waits (up to 20 s) for the broker to go quiet after the
 //! preload; the broker still has slow phases (its CPU per message doubles), so compare
 //! medians, and worker CPU per session rather than single rates. Every queue
@@ -191,7 +193,8 @@ fn child(args: &[String]) -> Result<()> {
     }
 }
 
-/// The worker as the binary runs it (`segment-bridge run`): the same runtime and logging
+/// The worker as the binary runs it (`segment-bridge run`): the same runtime
+/// (`segment_bridge::runtime`) and logging
 /// (at `warn` unless `RUST_LOG` says otherwise; `info` only adds start and stop lines),
 /// the configuration from `config.toml` and `SEGMENT_BRIDGE__*`. Stops when standard input
 /// closes, like SIGTERM: stop consuming, send and acknowledge what is held, exit.
@@ -206,9 +209,15 @@ fn child_worker() -> Result<()> {
         .filter(|(k, _)| k.starts_with("SEGMENT_BRIDGE__"))
         .collect();
     let config = Arc::new(Config::load(None, Some(env))?);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // `SB_BENCH_RUNTIME=multi` measures tokio's multi-thread runtime instead (worker
+    // threads: TOKIO_WORKER_THREADS, else one per core).
+    let runtime = if std::env::var("SB_BENCH_RUNTIME").as_deref() == Ok("multi") {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    } else {
+        segment_bridge::runtime::build()?
+    };
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     std::thread::spawn(move || {

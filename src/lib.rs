@@ -12,6 +12,7 @@
 //! - [`consumer`]: RabbitMQ connections, queues, tickets, ack / requeue / dead-letter.
 //! - [`worker`]: the wiring: deliveries → sessions → events → batches → send → settle.
 //! - [`health`]: the side port, `/healthz`, `/readyz`, `/metrics`.
+//! - [`runtime`]: the tokio runtime the binary runs on (one thread, measured).
 //! - [`metrics`]: metric names, help texts and handles.
 //! - [`tools`]: the operator commands `preview`, `publish`, `replay-dead` and `check`.
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod consumer;
 pub mod events;
 pub mod health;
 pub mod metrics;
+pub mod runtime;
 pub mod segment;
 pub mod session;
 pub mod tools;
