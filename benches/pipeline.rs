@@ -17,7 +17,9 @@
 //! Both consumers run as child processes (this binary, re-executed with `--child`), so
 //! their CPU time (`/proc/<pid>/stat` utime+stime) and peak RSS (`/proc/<pid>/status`
 //! VmHWM) are theirs alone; both are read at the moment the work is done. The sink runs in
-//! this process: it counts `"type":"track"` in each body and answers 200.
+//! this process: it counts `"type":"track"` in each body and answers 200. It counts the
+//! bytes as they came (the "MB" of a worker round), and decompresses gzip bodies
+//! (`SEGMENT_BRIDGE__SEGMENT__COMPRESSION=gzip`) before counting.
 //!
 //! Then a latency run: the worker consumes an empty queue while this process publishes
 //! `--latency-rate` sessions/s for `--latency-secs` s, each stamped with its publish time
@@ -358,11 +360,30 @@ fn find_all<'a>(hay: &'a [u8], needle: &'a str) -> impl Iterator<Item = usize> +
     text.match_indices(needle).map(|(i, _)| i)
 }
 
-async fn receive(State(sink): State<Arc<Sink>>, body: Bytes) -> StatusCode {
+async fn receive(
+    State(sink): State<Arc<Sink>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> StatusCode {
     let received = Instant::now();
-    let tracks = count(&body, TRACK);
     sink.requests.fetch_add(1, Ordering::Relaxed);
+    // Bytes on the wire: as sent, compressed or not.
     sink.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    let body = if headers
+        .get("content-encoding")
+        .is_some_and(|v| v.as_bytes() == b"gzip")
+    {
+        let mut out = Vec::with_capacity(body.len() * 8);
+        if std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut out)
+            .is_err()
+        {
+            return StatusCode::BAD_REQUEST;
+        }
+        Bytes::from(out)
+    } else {
+        body
+    };
+    let tracks = count(&body, TRACK);
     if sink.record_latency.load(Ordering::Relaxed) {
         let base = sink.base.lock().unwrap().expect("a base time");
         let now_us = received.duration_since(base).as_micros() as u64;

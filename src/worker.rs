@@ -93,6 +93,7 @@ impl Worker {
                     endpoint.endpoint.parse().expect("validated at start-up"),
                     endpoint.write_key.clone(),
                     self.config.max_retry_after(),
+                    self.config.segment.compression,
                 ))
             } else {
                 tracing::warn!(region = %region, "No write key for this region: its sessions will be dead-lettered.");
