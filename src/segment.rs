@@ -178,7 +178,7 @@ const GZIP_LEVEL: u32 = 1;
 /// `body` compressed as a gzip member, as `Content-Encoding: gzip` wants it.
 pub fn gzip(body: &[u8]) -> Vec<u8> {
     use flate2::write::GzEncoder;
-    // Repeated keys and hashes: these bodies shrink about sixfold.
+    // Repeated keys and hashes: these bodies shrink about fivefold at this level.
     let mut encoder = GzEncoder::new(
         Vec::with_capacity(body.len() / 4),
         flate2::Compression::new(GZIP_LEVEL),
