@@ -17,15 +17,19 @@
 //! Both consumers run as child processes (this binary, re-executed with `--child`), so
 //! their CPU time (`/proc/<pid>/stat` utime+stime) and peak RSS (`/proc/<pid>/status`
 //! VmHWM) are theirs alone; both are read at the moment the work is done. The sink runs in
-//! this process: it counts `"type":"track"` in each body and answers 200.
+//! this process: it counts `"type":"track"` in each body and answers 200. It counts the
+//! bytes as they came (the "MB" of a worker round), and decompresses gzip bodies
+//! (`SEGMENT_BRIDGE__SEGMENT__COMPRESSION=gzip`) before counting.
 //!
 //! Then a latency run: the worker consumes an empty queue while this process publishes
 //! `--latency-rate` sessions/s for `--latency-secs` s, each stamped with its publish time
 //! (the attribute `bench_sent_us`); the sink takes the time of receipt of each.
 //!
 //! `SEGMENT_BRIDGE__*` variables in the environment reach the worker (and set the
-//! ceiling's prefetch), e.g. `SEGMENT_BRIDGE__SEGMENT__MAX_BATCH_EVENTS=2000`; so does
-//! `TOKIO_WORKER_THREADS`. `SB_BENCH_TRACE=1` prints the queue's ready count every ~100 ms.
+//! ceiling's prefetch), e.g. `SEGMENT_BRIDGE__SEGMENT__MAX_BATCH_EVENTS=2000`.
+//! `SB_BENCH_RUNTIME=multi` runs the worker on tokio's multi-thread runtime instead of the
+//! binary's one thread (with `TOKIO_WORKER_THREADS` threads, else one per core).
+//! `SB_BENCH_TRACE=1` prints the queue's ready count every ~100 ms.
 //! Before each run the benchmark waits (up to 20 s) for the broker to go quiet after the
 //! preload; the broker still has slow phases (its CPU per message doubles), so compare
 //! medians, and worker CPU per session rather than single rates. Every queue
@@ -191,7 +195,8 @@ fn child(args: &[String]) -> Result<()> {
     }
 }
 
-/// The worker as the binary runs it (`segment-bridge run`): the same runtime and logging
+/// The worker as the binary runs it (`segment-bridge run`): the same runtime
+/// (`segment_bridge::runtime`) and logging
 /// (at `warn` unless `RUST_LOG` says otherwise; `info` only adds start and stop lines),
 /// the configuration from `config.toml` and `SEGMENT_BRIDGE__*`. Stops when standard input
 /// closes, like SIGTERM: stop consuming, send and acknowledge what is held, exit.
@@ -206,9 +211,15 @@ fn child_worker() -> Result<()> {
         .filter(|(k, _)| k.starts_with("SEGMENT_BRIDGE__"))
         .collect();
     let config = Arc::new(Config::load(None, Some(env))?);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // `SB_BENCH_RUNTIME=multi` measures tokio's multi-thread runtime instead (worker
+    // threads: TOKIO_WORKER_THREADS, else one per core).
+    let runtime = if std::env::var("SB_BENCH_RUNTIME").as_deref() == Ok("multi") {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    } else {
+        segment_bridge::runtime::build()?
+    };
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     std::thread::spawn(move || {
@@ -349,11 +360,30 @@ fn find_all<'a>(hay: &'a [u8], needle: &'a str) -> impl Iterator<Item = usize> +
     text.match_indices(needle).map(|(i, _)| i)
 }
 
-async fn receive(State(sink): State<Arc<Sink>>, body: Bytes) -> StatusCode {
+async fn receive(
+    State(sink): State<Arc<Sink>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> StatusCode {
     let received = Instant::now();
-    let tracks = count(&body, TRACK);
     sink.requests.fetch_add(1, Ordering::Relaxed);
+    // Bytes on the wire: as sent, compressed or not.
     sink.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    let body = if headers
+        .get("content-encoding")
+        .is_some_and(|v| v.as_bytes() == b"gzip")
+    {
+        let mut out = Vec::with_capacity(body.len() * 8);
+        if std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut out)
+            .is_err()
+        {
+            return StatusCode::BAD_REQUEST;
+        }
+        Bytes::from(out)
+    } else {
+        body
+    };
+    let tracks = count(&body, TRACK);
     if sink.record_latency.load(Ordering::Relaxed) {
         let base = sink.base.lock().unwrap().expect("a base time");
         let now_us = received.duration_since(base).as_micros() as u64;
@@ -1184,7 +1214,7 @@ fn self_check() {
                 assert!(g.has_email);
                 with_email += 1;
                 eu += usize::from(g.eu);
-                tracks += count(&e.track, TRACK);
+                tracks += count(e.track(), TRACK);
             }
             Mapped::Skipped(_) => assert!(!g.has_email),
         }

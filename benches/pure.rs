@@ -101,7 +101,50 @@ fn bench(c: &mut Criterion) {
             black_box(bodies_out)
         })
     });
+
+    // segment.compression = "gzip": compressing the request bodies of these sessions (the
+    // worker's level, and zlib's default level for comparison), per session.
+    let mut requests = Vec::new();
+    let mut batch = Batch::new(limits);
+    for body in &bodies {
+        let session = Session::parse(body).unwrap();
+        let Mapped::Events(events) = events::map(&session, now, &options).unwrap() else {
+            continue;
+        };
+        if !batch.is_empty() && !batch.fits(&events) {
+            requests.push(batch.take().body("2026-03-12T00:00:00.000Z"));
+        }
+        batch.push(Entry { ticket: (), events });
+    }
+    requests.push(batch.take().body("2026-03-12T00:00:00.000Z"));
+    group.bench_function("gzip_bodies", |b| {
+        b.iter(|| {
+            for body in &requests {
+                black_box(segment_bridge::segment::gzip(black_box(body)));
+            }
+        })
+    });
+    group.bench_function("gzip_bodies_level6", |b| {
+        use std::io::Write;
+        b.iter(|| {
+            for body in &requests {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+                e.write_all(black_box(body)).unwrap();
+                black_box(e.finish().unwrap());
+            }
+        })
+    });
     group.finish();
+    let plain: usize = requests.iter().map(Vec::len).sum();
+    let gzipped: usize = requests
+        .iter()
+        .map(|b| segment_bridge::segment::gzip(b).len())
+        .sum();
+    eprintln!(
+        "pure: {} request bodies, {plain} bytes; gzipped {gzipped} bytes ({:.1}x smaller)",
+        requests.len(),
+        plain as f64 / gzipped as f64
+    );
     eprintln!(
         "pure: {N} sessions per iteration, {:.0} bytes per session on average",
         bytes as f64 / N as f64

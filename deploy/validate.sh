@@ -325,7 +325,7 @@ CONFIG_KEYS = {
              "declare": bool, "delivery_limit": int},
     "segment": {"default_region": str, "flush_interval_ms": int, "max_batch_events": int,
                 "max_batch_bytes": int, "max_in_flight": int, "request_timeout_ms": int,
-                "us": dict, "eu": dict},
+                "compression": str, "us": dict, "eu": dict},
     "segment.us": {"endpoint": str, "write_key": str},
     "segment.eu": {"endpoint": str, "write_key": str},
     "retry": {"initial_backoff_ms": int, "max_backoff_ms": int, "max_retry_after_s": int,
@@ -407,6 +407,8 @@ def check_config_toml(text):
     seg = cfg.get("segment", {})
     if seg.get("default_region", "us") not in ("us", "eu"):
         errs.append("config.toml: segment.default_region must be us or eu")
+    if seg.get("compression", "none") not in ("none", "gzip"):
+        errs.append("config.toml: segment.compression must be none or gzip")
     if not 1 <= seg.get("max_batch_events", 1) <= 2500:
         errs.append("config.toml: segment.max_batch_events must be 1..2500")
     if not 1 <= seg.get("max_batch_bytes", 1) <= 500_000:

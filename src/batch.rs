@@ -145,9 +145,7 @@ impl<T> Batch<T> {
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(&entry.events.identify);
-            body.push(b',');
-            body.extend_from_slice(&entry.events.track);
+            body.extend_from_slice(entry.events.batch_json());
         }
         body.extend_from_slice(SENT_AT);
         body.extend_from_slice(sent_at.as_bytes());
@@ -169,12 +167,11 @@ mod tests {
     const NOW: &str = "2021-03-12T00:00:00.000Z";
 
     fn events(n: usize) -> SessionEvents {
-        SessionEvents {
-            session: "s".into(),
-            region: Region::Us,
-            identify: format!(r#"{{"i":"{}"}}"#, "x".repeat(n)).into_bytes(),
-            track: br#"{"t":1}"#.to_vec(),
-        }
+        SessionEvents::new(
+            Region::Us,
+            format!(r#"{{"i":"{}"}}"#, "x".repeat(n)).as_bytes(),
+            br#"{"t":1}"#,
+        )
     }
 
     fn entry(ticket: u32, n: usize) -> Entry<u32> {

@@ -110,6 +110,8 @@ pub struct Message {
 #[derive(Debug)]
 enum Settle {
     Ack(u64),
+    /// The deliveries of one batch that Segment accepted: one message, not one per ticket.
+    Acks(Vec<u64>),
     Publish(Box<Job>),
     /// No more deliveries will come: from here on acks go in order only (see
     /// [`crate::ack`]). With a consumer tag, the acker then cancels that consumer itself,
@@ -170,6 +172,30 @@ impl Ticket {
     pub fn ack(mut self) {
         let tag = std::mem::take(&mut self.tag);
         let _ = self.settle.send(Settle::Ack(tag));
+    }
+
+    /// Acknowledges every ticket, sending one message to each link's acker rather than
+    /// one per ticket (a batch's tickets normally all come from one link).
+    pub fn ack_all(tickets: impl IntoIterator<Item = Ticket>) {
+        let mut tags = Vec::new();
+        let mut to: Option<mpsc::UnboundedSender<Settle>> = None;
+        for mut ticket in tickets {
+            match &to {
+                Some(settle) if settle.same_channel(&ticket.settle) => {}
+                _ => {
+                    if let Some(settle) = to.take() {
+                        let _ = settle.send(Settle::Acks(std::mem::take(&mut tags)));
+                    }
+                    to = Some(ticket.settle.clone());
+                }
+            }
+            // Settled: its drop must not hand it back.
+            tags.push(std::mem::take(&mut ticket.tag));
+        }
+        if let Some(settle) = to {
+            // After a lost connection the acker is gone; the broker redelivers them.
+            let _ = settle.send(Settle::Acks(tags));
+        }
     }
 
     /// Puts the message back on the queue, unchanged and without spending its delivery
@@ -263,8 +289,9 @@ impl Link {
             max_hold,
             metrics,
             // Finished deliveries stuck behind a slow one are acknowledged one by one
-            // before they take a quarter of the prefetch window.
-            tracker: AckTracker::new(usize::from(amqp.prefetch / 4).max(1)),
+            // before they take half of the prefetch window. In normal flow, those behind
+            // the other region's gathering batch stay well below that.
+            tracker: AckTracker::new(usize::from(amqp.prefetch / 2).max(1)),
             acks: Vec::new(),
             pending: FuturesUnordered::new(),
             closing: CancellationToken::new(),
@@ -350,8 +377,9 @@ const HAND_BACK_ATTEMPTS: u32 = 3;
 /// The first delay after a refused publish; it doubles with each failure, up to the cap.
 const PUBLISH_RETRY_DELAY: Duration = Duration::from_secs(1);
 const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(30);
-/// Finished deliveries waiting behind an unfinished one are acknowledged one by one after
-/// at most two of these.
+/// Finished deliveries waiting behind an unfinished one are acknowledged one by one once
+/// they have waited two of these (so after 200 to 400 ms), unless a multiple ack covered
+/// them first.
 const STRAGGLER_TICK: Duration = Duration::from_millis(200);
 
 fn retry_delay(failures: u32) -> Duration {
@@ -425,7 +453,6 @@ impl Acker {
         let mut open = true;
         let mut tick = tokio::time::interval(STRAGGLER_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut stale = false;
         loop {
             tokio::select! {
                 settle = rx.recv(), if open => match settle {
@@ -457,10 +484,8 @@ impl Acker {
                     }
                 },
                 _ = tick.tick(), if open && self.tracker.waiting() > 0 => {
-                    if stale {
-                        self.tracker.take_stragglers(&mut self.acks);
-                    }
-                    stale = !stale;
+                    self.tracker.tick();
+                    self.tracker.take_stale(2, &mut self.acks);
                 },
                 else => break,
             }
@@ -482,6 +507,9 @@ impl Acker {
     async fn handle(&mut self, settle: Settle) {
         match settle {
             Settle::Ack(tag) => self.tracker.settle(tag, true),
+            Settle::Acks(tags) => tags
+                .into_iter()
+                .for_each(|tag| self.tracker.settle(tag, true)),
             Settle::Publish(job) => self.start(job).await,
             Settle::Cancel(consumer_tag, done) => {
                 // What was decided before goes out before the cancel.

@@ -60,19 +60,44 @@ pub enum Mapped {
     Skipped(SkipReason),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionEvents {
-    /// The session's identity, for logs: its `session_id`, else the body's hash.
-    pub session: String,
     pub region: Region,
-    pub identify: Vec<u8>,
-    pub track: Vec<u8>,
+    /// Both events as they stand in a batch: the Identify, a comma, the Track.
+    json: Vec<u8>,
+    identify_len: usize,
 }
 
 impl SessionEvents {
+    /// Both events from their serialised JSON.
+    pub fn new(region: Region, identify: &[u8], track: &[u8]) -> Self {
+        let mut json = Vec::with_capacity(identify.len() + 1 + track.len());
+        json.extend_from_slice(identify);
+        json.push(b',');
+        json.extend_from_slice(track);
+        SessionEvents {
+            region,
+            json,
+            identify_len: identify.len(),
+        }
+    }
+
+    pub fn identify(&self) -> &[u8] {
+        &self.json[..self.identify_len]
+    }
+
+    pub fn track(&self) -> &[u8] {
+        &self.json[self.identify_len + 1..]
+    }
+
+    /// `identify,track`: what a batch holds of this session.
+    pub fn batch_json(&self) -> &[u8] {
+        &self.json
+    }
+
     /// Serialised size of both events, without the separators of a batch.
     pub fn len(&self) -> usize {
-        self.identify.len() + self.track.len()
+        self.json.len() - 1
     }
 
     pub fn is_empty(&self) -> bool {
@@ -166,69 +191,73 @@ fn map_events<'s>(
     let shadowed = mapped().any(|(k, _)| computed(k));
     let attribute_bytes: usize = mapped().map(|(k, v)| k.len() + v.get().len() + 4).sum();
 
-    let mut identify = Vec::with_capacity(640 + attribute_bytes + 2 * email.as_str().len());
-    identify.extend_from_slice(br#"{"type":"identify","messageId":""#);
-    write_message_id(&mut identify, &session.identity, "identify");
-    identify.push(b'"');
+    // One buffer for both events, `identify,track`, as they stand in a batch: one
+    // allocation per session, and one copy into the request body.
+    let mut json = Vec::with_capacity(2 * (640 + attribute_bytes) + 3 * email.as_str().len() + 320);
+    json.extend_from_slice(br#"{"type":"identify","messageId":""#);
+    write_message_id(&mut json, &session.identity, "identify");
+    json.push(b'"');
     // `,"userId":…,"timestamp":…,"context":{…}`, the same in both events.
-    let shared_start = identify.len();
-    identify.extend_from_slice(br#","userId":""#);
-    identify.extend_from_slice(&hash);
-    identify.extend_from_slice(br#"","timestamp":""#);
-    write_timestamp(&mut identify, session.completed_at.unwrap_or(fallback_time));
-    identify.extend_from_slice(
+    let shared_start = json.len();
+    json.extend_from_slice(br#","userId":""#);
+    json.extend_from_slice(&hash);
+    json.extend_from_slice(br#"","timestamp":""#);
+    write_timestamp(&mut json, session.completed_at.unwrap_or(fallback_time));
+    json.extend_from_slice(
         br#"","context":{"externalIds":[{"collection":"users","encoding":"none","id":""#,
     );
-    identify.extend_from_slice(&hash);
-    identify.extend_from_slice(br#"","type":"emailSha256Hash"}],"library":"#);
-    identify.extend_from_slice(LIBRARY_JSON.as_bytes());
-    identify.push(b'}');
-    let shared = shared_start..identify.len();
-    identify.extend_from_slice(br#","traits":{"#);
+    json.extend_from_slice(&hash);
+    json.extend_from_slice(br#"","type":"emailSha256Hash"}],"library":"#);
+    json.extend_from_slice(LIBRARY_JSON.as_bytes());
+    json.push(b'}');
+    let shared = shared_start..json.len();
+    json.extend_from_slice(br#","traits":{"#);
     if !options.hash_pii {
-        identify.extend_from_slice(br#""email":"#);
-        write_str(&mut identify, email.as_str());
-        identify.push(b',');
+        json.extend_from_slice(br#""email":"#);
+        write_str(&mut json, email.as_str());
+        json.push(b',');
     }
-    identify.extend_from_slice(br#""emailSha256Hash":""#);
-    identify.extend_from_slice(&hash);
-    identify.push(b'"');
+    json.extend_from_slice(br#""emailSha256Hash":""#);
+    json.extend_from_slice(&hash);
+    json.push(b'"');
     // `,"key":value…`: unless some are shadowed, also what `questions` holds.
-    let traits_start = identify.len();
-    write_attributes(&mut identify, mapped().filter(|(k, _)| !computed(k)));
-    let traits = traits_start..identify.len();
-    identify.extend_from_slice(b"}}");
-    check_size("identify", &identify)?;
+    let traits_start = json.len();
+    write_attributes(&mut json, mapped().filter(|(k, _)| !computed(k)));
+    let traits = traits_start..json.len();
+    json.extend_from_slice(b"}}");
+    let identify_len = json.len();
+    check_size("identify", identify_len)?;
 
-    let mut track = Vec::with_capacity(identify.len() + 320);
-    track.extend_from_slice(br#"{"type":"track","event":"#);
-    write_str(&mut track, track_event(session, options));
-    track.extend_from_slice(br#","messageId":""#);
-    write_message_id(&mut track, &session.identity, "track");
-    track.push(b'"');
-    track.extend_from_slice(&identify[shared]);
-    track.extend_from_slice(br#","properties":{"#);
+    json.push(b',');
+    let track_start = json.len();
+    json.extend_from_slice(br#"{"type":"track","event":"#);
+    write_str(&mut json, track_event(session, options));
+    json.extend_from_slice(br#","messageId":""#);
+    write_message_id(&mut json, &session.identity, "track");
+    json.push(b'"');
+    json.extend_from_within(shared);
+    json.extend_from_slice(br#","properties":{"#);
     let mut first = true;
-    let mut key = |track: &mut Vec<u8>, key: &[u8]| {
+    let mut key = |json: &mut Vec<u8>, key: &[u8]| {
         if !std::mem::take(&mut first) {
-            track.push(b',');
+            json.push(b',');
         }
-        track.extend_from_slice(key);
+        json.extend_from_slice(key);
     };
     // Left out, like any other missing property, when there are no answers.
     if include && session.has_attributes() {
-        key(&mut track, br#""questions":{"#);
+        key(&mut json, br#""questions":{"#);
         // Without the leading comma.
         if shadowed {
-            let start = track.len();
-            write_attributes(&mut track, mapped());
-            if track.len() > start {
-                track.remove(start);
+            let start = json.len();
+            write_attributes(&mut json, mapped());
+            if json.len() > start {
+                json.remove(start);
             }
         } else if !traits.is_empty() {
-            track.extend_from_slice(&identify[traits.start + 1..traits.end]);
+            json.extend_from_within(traits.start + 1..traits.end);
         }
-        track.push(b'}');
+        json.push(b'}');
     }
     for (name, value) in [
         (&br#""surveyId":"#[..], &session.campaign_id),
@@ -237,18 +266,17 @@ fn map_events<'s>(
         (br#""trafficSource":"#, &session.traffic_source),
     ] {
         if let Some(value) = value {
-            key(&mut track, name);
-            write_cow(&mut track, value);
+            key(&mut json, name);
+            write_cow(&mut json, value);
         }
     }
-    track.extend_from_slice(b"}}");
-    check_size("track", &track)?;
+    json.extend_from_slice(b"}}");
+    check_size("track", json.len() - track_start)?;
 
     Ok(Mapped::Events(SessionEvents {
-        session: session.identity.clone().into_owned(),
         region: session.region.unwrap_or(options.default_region),
-        identify,
-        track,
+        json,
+        identify_len,
     }))
 }
 
@@ -391,12 +419,9 @@ fn write_attributes<'s>(
     }
 }
 
-fn check_size(name: &'static str, event: &[u8]) -> Result<(), MapError> {
-    if event.len() > MAX_EVENT_BYTES {
-        return Err(MapError::TooLarge {
-            event: name,
-            bytes: event.len(),
-        });
+fn check_size(name: &'static str, bytes: usize) -> Result<(), MapError> {
+    if bytes > MAX_EVENT_BYTES {
+        return Err(MapError::TooLarge { event: name, bytes });
     }
     Ok(())
 }
@@ -493,12 +518,11 @@ mod tests {
                 },
             )?;
 
-            Ok(Mapped::Events(SessionEvents {
-                session: session.identity.clone().into_owned(),
-                region: session.region.unwrap_or(options.default_region),
-                identify,
-                track,
-            }))
+            Ok(Mapped::Events(SessionEvents::new(
+                session.region.unwrap_or(options.default_region),
+                &identify,
+                &track,
+            )))
         }
 
         /// Lowercase hex SHA-256 of the normalised email: the `userId`.
@@ -674,8 +698,8 @@ mod tests {
         let session = Session::parse(body.as_bytes()).unwrap();
         match map(&session, now(), options).unwrap() {
             Mapped::Events(e) => (
-                serde_json::from_slice(&e.identify).unwrap(),
-                serde_json::from_slice(&e.track).unwrap(),
+                serde_json::from_slice(e.identify()).unwrap(),
+                serde_json::from_slice(e.track()).unwrap(),
                 e.region,
             ),
             Mapped::Skipped(r) => panic!("skipped: {r:?}"),
@@ -738,8 +762,8 @@ mod tests {
         .unwrap();
         match map(&session, amqp_timestamp, options).unwrap() {
             Mapped::Events(e) => (
-                serde_json::from_slice(&e.identify).unwrap(),
-                serde_json::from_slice(&e.track).unwrap(),
+                serde_json::from_slice(e.identify()).unwrap(),
+                serde_json::from_slice(e.track()).unwrap(),
                 e.region,
                 want,
             ),
@@ -969,7 +993,7 @@ mod tests {
             let body = body(n);
             let s = Session::parse(body.as_bytes()).unwrap();
             match map(&s, now(), &Options::default()) {
-                Ok(Mapped::Events(e)) => Ok(e.identify.len().max(e.track.len())),
+                Ok(Mapped::Events(e)) => Ok(e.identify().len().max(e.track().len())),
                 Ok(Mapped::Skipped(_)) => unreachable!(),
                 Err(e) => Err(e),
             }
@@ -1085,16 +1109,16 @@ mod tests {
                             _ => panic!("{body}: skipped by one only"),
                         };
                         assert_eq!(
-                            String::from_utf8_lossy(&got.identify),
-                            String::from_utf8_lossy(&want.identify),
+                            String::from_utf8_lossy(got.identify()),
+                            String::from_utf8_lossy(want.identify()),
                             "{body}"
                         );
                         assert_eq!(
-                            String::from_utf8_lossy(&got.track),
-                            String::from_utf8_lossy(&want.track),
+                            String::from_utf8_lossy(got.track()),
+                            String::from_utf8_lossy(want.track()),
                             "{body}"
                         );
-                        assert_eq!((got.session, got.region), (want.session, want.region));
+                        assert_eq!(got, want);
                         compared += 1;
                     }
                 }

@@ -15,6 +15,7 @@
 //! - [`consumer`]: RabbitMQ connections, queues, tickets: ack / hand back / dead-letter.
 //! - [`worker`]: the wiring: deliveries → sessions → events → batches → send → settle.
 //! - [`health`]: the side port, `/healthz`, `/readyz`, `/metrics`.
+//! - [`runtime`]: the tokio runtime the binary runs on (one thread, measured).
 //! - [`metrics`]: metric names, help texts and handles.
 //! - [`tools`]: the operator commands `preview`, `publish`, `replay-dead` and `check`.
 //! - [`intake`]: the `intake` command: Jebbit and JotUrl webhooks onto the queue, with
@@ -31,6 +32,7 @@ pub mod headers;
 pub mod health;
 pub mod intake;
 pub mod metrics;
+pub mod runtime;
 pub mod segment;
 pub mod session;
 pub mod tools;

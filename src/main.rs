@@ -63,10 +63,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let runtime = match cli.command {
+        Command::Intake => segment_bridge::runtime::build_intake(),
+        _ => segment_bridge::runtime::build(),
+    }
+    .expect("a tokio runtime");
     let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command {
             Command::Run { dry_run } => run(config, dry_run).await,

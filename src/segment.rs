@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::Compression;
 
 /// What an attempt to post a batch came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +150,7 @@ pub struct HttpSink {
     endpoint: reqwest::Url,
     write_key: SecretString,
     max_retry_after: Duration,
+    compression: Compression,
 }
 
 impl HttpSink {
@@ -156,14 +159,34 @@ impl HttpSink {
         endpoint: reqwest::Url,
         write_key: SecretString,
         max_retry_after: Duration,
+        compression: Compression,
     ) -> Self {
         HttpSink {
             client,
             endpoint,
             write_key,
             max_retry_after,
+            compression,
         }
     }
+}
+
+/// The gzip level: the fastest. Higher levels cost several times the CPU for a few percent
+/// fewer bytes on these bodies (README, Performance).
+const GZIP_LEVEL: u32 = 1;
+
+/// `body` compressed as a gzip member, as `Content-Encoding: gzip` wants it.
+pub fn gzip(body: &[u8]) -> Vec<u8> {
+    use flate2::write::GzEncoder;
+    // Repeated keys and hashes: these bodies shrink about fivefold at this level.
+    let mut encoder = GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::new(GZIP_LEVEL),
+    );
+    encoder
+        .write_all(body)
+        .and_then(|()| encoder.finish())
+        .expect("compressing into a Vec cannot fail")
 }
 
 /// The HTTP client all regions share: rustls, one connection pool, the request timeout.
@@ -214,14 +237,16 @@ impl Sink {
 
 impl HttpSink {
     async fn send(&self, body: Vec<u8>) -> Response {
-        let sent = self
+        let request = self
             .client
             .post(self.endpoint.clone())
             .basic_auth(self.write_key.expose_secret(), Some(""))
-            .header(CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await;
+            .header(CONTENT_TYPE, "application/json");
+        let request = match self.compression {
+            Compression::None => request.body(body),
+            Compression::Gzip => request.header(CONTENT_ENCODING, "gzip").body(gzip(&body)),
+        };
+        let sent = request.send().await;
         let response = match sent {
             Ok(r) => r,
             Err(e) => {
@@ -376,6 +401,28 @@ mod tests {
             Duration::from_secs(9),
             "Retry-After wins over the computed delay"
         );
+    }
+
+    #[test]
+    fn a_gzip_body_decompresses_to_the_same_bytes() {
+        use std::io::Read;
+        let body = br#"{"batch":[{"type":"identify","userId":"ab"},{"type":"track","userId":"ab"}],"sentAt":"2021-03-12T00:00:00.000Z"}"#.repeat(50);
+        let compressed = gzip(&body);
+        assert!(
+            compressed.len() < body.len() / 4,
+            "{} bytes",
+            compressed.len()
+        );
+        assert_eq!(
+            &compressed[..2],
+            [0x1f, 0x8b],
+            "a gzip member, not zlib or raw deflate"
+        );
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&compressed[..])
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, body);
     }
 
     #[test]

@@ -73,7 +73,7 @@ pub fn preview(config: &Config, input: impl BufRead, mut out: impl Write) -> std
                             let mut report = json!({
                                 "session_id": id,
                                 "region": e.region.as_str(),
-                                "events": [raw(&e.identify), raw(&e.track)],
+                                "events": [raw(e.identify()), raw(e.track())],
                             });
                             if !config.has_write_key(e.region) {
                                 report["warning"] = json!(format!(

@@ -1,14 +1,16 @@
 //! The pipeline: deliveries → sessions → events → per-region batches → Segment → acks.
 //!
 //! One task consumes (and reconnects); it parses and maps each delivery as it arrives and
-//! hands its events to the region's batcher. Each batcher gathers a batch and sends it
-//! with at most `max_in_flight` requests under way; a batch's outcome settles every
-//! delivery in it. The consumer never waits on Segment: every delivery it holds is a
-//! ticket with the time it arrived, so wherever it waits (a batch gathering, a batch
-//! waiting for a request slot, a batch being retried) it is handed back once it has been held
-//! for `retry.max_hold_s`. What bounds memory is `prefetch`: when Segment is slow or down,
-//! the broker stops delivering once that many deliveries are unacknowledged, and nothing
-//! is acknowledged that Segment has not taken.
+//! adds its events to the region's batch, which it owns: no channel send and no task hop
+//! per delivery. A full batch, or one whose oldest event has waited `flush_interval`, goes
+//! to the region's sender task as one message, and the sender posts it with at most
+//! `max_in_flight` requests under way; a batch's outcome settles every delivery in it. The
+//! consumer never waits on Segment: every delivery it holds is a ticket with the time it
+//! arrived, so wherever it waits (a batch gathering, a batch waiting for a request slot, a
+//! batch being retried) it is handed back once it has been held for `retry.max_hold_s`.
+//! What bounds memory is `prefetch`: when Segment is slow or down, the broker stops
+//! delivering once that many deliveries are unacknowledged, and nothing is acknowledged
+//! that Segment has not taken.
 //!
 //! Every way a delivery goes back to the queue for a later attempt (the hold limit, a
 //! refused write key, shutdown) is a hand-back ([`Ticket::hand_back`]): a copy published
@@ -55,7 +57,7 @@ pub enum WorkerError {
 }
 
 /// Unbounded on purpose: the broker's prefetch bounds how many deliveries are held.
-type Sender = mpsc::UnboundedSender<Entry<Ticket>>;
+type Sender = mpsc::UnboundedSender<Batch<Ticket>>;
 
 /// Backoff between attempts to reach the broker.
 const RECONNECT: RetryPolicy = RetryPolicy {
@@ -115,6 +117,7 @@ impl Worker {
                     endpoint.endpoint.parse().expect("validated at start-up"),
                     endpoint.write_key.clone(),
                     self.config.max_retry_after(),
+                    self.config.segment.compression,
                 ))
             } else {
                 tracing::warn!(region = %region, "No write key for this region: its sessions will be dead-lettered.");
@@ -133,20 +136,20 @@ impl Worker {
                 shutdown: shutdown.clone(),
                 abandon: abandon.clone(),
             });
-            batchers.spawn(run_batcher(
-                rx,
-                deliverer,
-                self.config.batch_limits(),
-                self.config.flush_interval(),
-                self.config.segment.max_in_flight,
-            ));
+            batchers.spawn(run_sender(rx, deliverer, self.config.segment.max_in_flight));
         }
 
+        let mut gather = Gather::new(
+            senders,
+            self.config.batch_limits(),
+            self.config.flush_interval(),
+        );
         let link = self
-            .consume(&senders, &shutdown, &stop_consuming, &abandon)
+            .consume(&mut gather, &shutdown, &stop_consuming, &abandon)
             .await;
         tracing::info!("Stopped consuming; sending and acknowledging what is held.");
-        drop(senders);
+        gather.flush_all();
+        drop(gather);
         while batchers.join_next().await.is_some() {}
         if let Some(link) = link {
             link.close().await;
@@ -161,7 +164,7 @@ impl Worker {
     /// so that its acknowledgements can finish before it closes.
     async fn consume(
         &self,
-        senders: &[Option<Sender>; 2],
+        gather: &mut Gather,
         shutdown: &CancellationToken,
         stop_consuming: &CancellationToken,
         abandon: &CancellationToken,
@@ -169,6 +172,17 @@ impl Worker {
         let mut backoff = RECONNECT.backoff();
         let options = self.config.mapping_options();
         let max_hold = self.config.max_hold();
+        // One timer for the batches' flush deadlines, reset only when the earliest changes.
+        let flush = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(flush);
+        let mut armed: Option<Instant> = None;
+        // Made once, not once per delivery: each new one would register with its token.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let refused = stop_consuming.cancelled();
+        tokio::pin!(refused);
+        let given_up = abandon.cancelled();
+        tokio::pin!(given_up);
         loop {
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => return None,
@@ -195,38 +209,59 @@ impl Worker {
             // broker sent before are still read to the end of the stream and settled: left
             // to the closing connection, each would spend one of its deliveries on a quorum
             // queue.
-            let mut cancelled = false;
+            let mut stopped = shutdown.is_cancelled() || stop_consuming.is_cancelled();
+            if stopped {
+                let _ = link.cancel(Some(consumer.tag())).await;
+                self.health.set_consuming(false);
+            }
             let mut still_ours = false;
             let lost = loop {
+                let due = gather.next_deadline();
+                if due != armed {
+                    if let Some(at) = due {
+                        flush.as_mut().reset(at);
+                    }
+                    armed = due;
+                }
                 tokio::select! {
                     biased;
-                    _ = shutdown.cancelled(), if !cancelled => {
+                    () = &mut cancelled, if !stopped => {
                         let _ = link.cancel(Some(consumer.tag())).await;
-                        cancelled = true;
+                        stopped = true;
                         self.health.set_consuming(false);
                     }
-                    _ = stop_consuming.cancelled(), if !cancelled => {
+                    () = &mut refused, if !stopped => {
                         // A region's key was refused. Take no more work; the refused region's
                         // deliveries are handed back, the other region's still sent.
                         let _ = link.cancel(Some(consumer.tag())).await;
-                        cancelled = true;
+                        stopped = true;
                         self.health.set_consuming(false);
                     }
                     // A broker that never ends the cancelled stream must not hold up
                     // shutdown: what it has sent so far is taken (and handed back).
-                    _ = abandon.cancelled(), if cancelled => {
+                    () = &mut given_up, if stopped => {
                         while let Some(Some(Ok(delivery))) = consumer.next().now_or_never() {
-                            self.handle(link.ticket(delivery), senders, &options);
+                            self.handle(link.ticket(delivery), gather, &options);
                         }
                         return Some(link);
                     }
+                    () = &mut flush, if armed.is_some() => {
+                        armed = None;
+                        gather.flush_due(Instant::now());
+                    }
                     delivery = consumer.next() => match delivery {
-                        Some(Ok(delivery)) => self.handle(link.ticket(delivery), senders, &options),
+                        Some(Ok(delivery)) => self.handle(link.ticket(delivery), gather, &options),
                         Some(Err(e)) => break e.to_string(),
-                        None if cancelled => {
-                            // Read to the end. Until shutdown, watch the connection, so that
-                            // the probes and metrics tell when it is lost. A worker whose key
-                            // was refused does not consume again: it waits to be restarted.
+                        None if stopped => {
+                            // Read to the end. What the batches hold goes now rather than
+                            // at its flush deadline.
+                            gather.flush_all();
+                            if shutdown.is_cancelled() {
+                                return Some(link);
+                            }
+                            // A refused key: until shutdown, watch the connection, so that
+                            // the probes and metrics tell when it is lost. This worker does
+                            // not consume again: it waits to be restarted.
                             loop {
                                 tokio::select! {
                                     _ = shutdown.cancelled() => return Some(link),
@@ -258,6 +293,9 @@ impl Worker {
             if !still_ours {
                 link.mark_lost();
             }
+            // What the batches hold goes to the senders: a lost link's deliveries are let
+            // go there, a cancelled consumer's are sent as usual.
+            gather.flush_all();
             self.health.set_connected(false);
             self.metrics.amqp_connected(false);
             tracing::warn!(error = %lost, "Lost the RabbitMQ consumer; reconnecting. Deliveries of a lost connection or channel are redelivered by the broker.");
@@ -266,8 +304,8 @@ impl Worker {
         }
     }
 
-    /// Parses and maps one delivery, then settles it or hands it to its region.
-    fn handle(&self, ticket: Ticket, senders: &[Option<Sender>; 2], options: &events::Options) {
+    /// Parses and maps one delivery, then settles it or adds it to its region's batch.
+    fn handle(&self, ticket: Ticket, gather: &mut Gather, options: &events::Options) {
         self.metrics.delivery_received();
         let message = ticket.message();
         if let Some(count) = consumer::delivery_count(&message.properties) {
@@ -290,12 +328,15 @@ impl Worker {
                 return dead_letter(ticket, id.as_deref(), e.to_string(), e.code());
             }
         };
-        let fallback_time = message
-            .properties
-            .timestamp()
-            .and_then(|t| OffsetDateTime::from_unix_timestamp(t as i64).ok())
-            .or(session.lead_date)
-            .unwrap_or_else(OffsetDateTime::now_utc);
+        // Read only when the session has no `completed_at` (the clock is not free).
+        let fallback_time = match session.completed_at {
+            Some(at) => at,
+            None => message
+                .properties
+                .timestamp()
+                .and_then(|t| OffsetDateTime::from_unix_timestamp(t as i64).ok())
+                .unwrap_or_else(OffsetDateTime::now_utc),
+        };
         // Borrowed from the delivery, like most of the session.
         let id = &*session.identity;
         let events = match events::map(&session, fallback_time, options) {
@@ -311,19 +352,30 @@ impl Worker {
             }
         };
         let region = events.region;
-        let Some(sender) = &senders[region as usize] else {
+        if !gather.has_sender(region) {
             let reason = format!(
                 "no write key is configured for region {region} (set SEGMENT_BRIDGE__SEGMENT__{}__WRITE_KEY)",
                 region.as_str().to_uppercase()
             );
-            return dead_letter(ticket, Some(&events.session), reason, "no_write_key");
-        };
+            let id = id.to_owned();
+            return dead_letter(ticket, Some(&id), reason, "no_write_key");
+        }
         if self.health.is_misconfigured(region) {
             self.metrics.requeued("misconfigured", 1);
             return ticket.hand_back();
         }
-        // A batcher gone (shutting down) drops the entry, and its ticket is handed back.
-        let _ = sender.send(Entry { ticket, events });
+        gather.push(region, Entry { ticket, events });
+    }
+}
+
+/// The identity of a delivery's session, for a log line: read again from the body, which
+/// the batch does not keep a copy of (a string per session, for a rare line).
+fn session_id(ticket: &Ticket) -> String {
+    let message = ticket.message();
+    let body = &message.body;
+    match Session::parse_with(body, crate::headers::hints(&message.properties)) {
+        Ok(session) => session.identity.into_owned(),
+        Err(_) => peek_session_id(body).unwrap_or_else(|| "-".to_owned()),
     }
 }
 
@@ -333,45 +385,89 @@ fn dead_letter(ticket: Ticket, session_id: Option<&str>, reason: String, code: &
     ticket.dead_letter(reason, code);
 }
 
-/// Gathers one region's batches and sends them, `max_in_flight` at a time, until its
-/// channel closes; then sends what is left and waits for every request.
-async fn run_batcher(
-    mut rx: mpsc::UnboundedReceiver<Entry<Ticket>>,
-    deliverer: Arc<Deliverer>,
-    limits: Limits,
+/// The batches being gathered, one per region, owned by the consuming task. A batch goes
+/// to its region's sender when the next session would not fit, when it is full, or when
+/// its oldest event has waited `flush_interval`.
+struct Gather {
+    batches: [Batch<Ticket>; 2],
+    /// When each region's batch must go, if it holds anything.
+    deadlines: [Option<Instant>; 2],
+    senders: [Option<Sender>; 2],
     flush_interval: Duration,
+}
+
+impl Gather {
+    fn new(senders: [Option<Sender>; 2], limits: Limits, flush_interval: Duration) -> Self {
+        Gather {
+            batches: [Batch::new(limits), Batch::new(limits)],
+            deadlines: [None, None],
+            senders,
+            flush_interval,
+        }
+    }
+
+    fn has_sender(&self, region: Region) -> bool {
+        self.senders[region as usize].is_some()
+    }
+
+    fn push(&mut self, region: Region, entry: Entry<Ticket>) {
+        let i = region as usize;
+        if !self.batches[i].is_empty() && !self.batches[i].fits(&entry.events) {
+            self.send(i);
+        }
+        if self.batches[i].is_empty() {
+            self.deadlines[i] = Some(Instant::now() + self.flush_interval);
+        }
+        self.batches[i].push(entry);
+        if self.batches[i].is_full() {
+            self.send(i);
+        }
+    }
+
+    /// The earliest flush deadline.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.iter().flatten().min().copied()
+    }
+
+    /// Sends the batches whose deadline has come.
+    fn flush_due(&mut self, now: Instant) {
+        for i in 0..2 {
+            if self.deadlines[i].is_some_and(|d| d <= now) {
+                self.send(i);
+            }
+        }
+    }
+
+    fn flush_all(&mut self) {
+        for i in 0..2 {
+            if !self.batches[i].is_empty() {
+                self.send(i);
+            }
+        }
+    }
+
+    fn send(&mut self, i: usize) {
+        self.deadlines[i] = None;
+        let batch = self.batches[i].take();
+        if let Some(sender) = &self.senders[i] {
+            // A sender gone (shutting down) drops the batch, and its tickets are handed back.
+            let _ = sender.send(batch);
+        }
+    }
+}
+
+/// Sends one region's batches, `max_in_flight` at a time, until its channel closes; then
+/// waits for every request.
+async fn run_sender(
+    mut rx: mpsc::UnboundedReceiver<Batch<Ticket>>,
+    deliverer: Arc<Deliverer>,
     max_in_flight: usize,
 ) {
     let permits = Arc::new(Semaphore::new(max_in_flight));
     let mut in_flight = JoinSet::new();
-    let mut batch = Batch::new(limits);
-    let mut deadline = None;
-    loop {
-        let entry = tokio::select! {
-            entry = rx.recv() => entry,
-            _ = sleep_until(deadline), if deadline.is_some() => {
-                deadline = None;
-                dispatch(batch.take(), &mut in_flight, &permits, &deliverer).await;
-                continue;
-            }
-        };
-        let Some(entry) = entry else { break };
-        if !batch.is_empty() && !batch.fits(&entry.events) {
-            deadline = None;
-            dispatch(batch.take(), &mut in_flight, &permits, &deliverer).await;
-        }
-        if batch.is_empty() {
-            deadline = Some(Instant::now() + flush_interval);
-        }
-        batch.push(entry);
-        if batch.is_full() {
-            deadline = None;
-            dispatch(batch.take(), &mut in_flight, &permits, &deliverer).await;
-        }
+    while let Some(batch) = rx.recv().await {
+        dispatch(batch, &mut in_flight, &permits, &deliverer).await;
         while in_flight.try_join_next().is_some() {}
-    }
-    if !batch.is_empty() {
-        dispatch(batch.take(), &mut in_flight, &permits, &deliverer).await;
     }
     while in_flight.join_next().await.is_some() {}
 }
@@ -403,13 +499,6 @@ async fn dispatch(
         deliverer.deliver(batch).await;
         drop(permit);
     });
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Sends one region's batches and settles their deliveries by the outcome.
@@ -466,9 +555,7 @@ impl Deliverer {
                 Outcome::Accepted => {
                     self.metrics.events_sent(region, batch.events() as u64);
                     self.metrics.sessions("delivered", batch.len() as u64);
-                    for entry in batch.into_entries() {
-                        entry.ticket.ack();
-                    }
+                    Ticket::ack_all(batch.into_entries().into_iter().map(|e| e.ticket));
                     return;
                 }
                 Outcome::Retry { after, cause } => {
@@ -505,7 +592,8 @@ impl Deliverer {
                     let reason = format!(
                         "Segment rejected the session's events with HTTP {status}: {detail}"
                     );
-                    tracing::warn!(session_id = %entry.events.session, region = %region, reason = %reason, "Message dead-lettered.");
+                    let session_id = session_id(&entry.ticket);
+                    tracing::warn!(session_id = %session_id, region = %region, reason = %reason, "Message dead-lettered.");
                     return entry.ticket.dead_letter(reason, "rejected_by_segment");
                 }
                 Outcome::Misconfigured { status } => {

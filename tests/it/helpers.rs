@@ -314,6 +314,10 @@ pub struct Received {
     /// `user:password` of the Basic authorization.
     pub auth: Option<String>,
     pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    /// The body as it came, before any decompression.
+    pub wire_bytes: usize,
+    /// The JSON body, decompressed if it came gzipped.
     pub body: Value,
     /// The status the fake answered with.
     pub status: u16,
@@ -453,10 +457,22 @@ async fn receive(State(state): State<Arc<SinkState>>, headers: HeaderMap, body: 
             .ok()?;
         String::from_utf8(decoded).ok()
     });
+    let content_encoding = header("content-encoding");
+    let json = match content_encoding.as_deref() {
+        Some("gzip") => {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut out)
+                .map(|_| out)
+                .unwrap_or_default()
+        }
+        _ => body.to_vec(),
+    };
     let mut received = Received {
         auth,
         content_type: header("content-type"),
-        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        content_encoding,
+        wire_bytes: body.len(),
+        body: serde_json::from_slice(&json).unwrap_or(Value::Null),
         status: 0,
         at: Instant::now(),
     };
