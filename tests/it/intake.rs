@@ -652,6 +652,7 @@ async fn a_message_the_broker_returns_or_nacks_is_answered_503() {
     let queues = Queues::new("intake-refused").await;
     // A queue that takes one message and refuses the next (reject-publish: a nack).
     let limited = format!("{}.limited", queues.main);
+    let _cleanup = DeleteOnDrop(limited.clone());
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
         .await
         .unwrap();
@@ -1284,6 +1285,35 @@ async fn read_response(stream: &mut TcpStream) -> Option<(u16, String)> {
         status,
         String::from_utf8_lossy(&buf[header_end..]).into_owned(),
     ))
+}
+
+/// Deletes a queue of the test's own when dropped, even when the test panicked (as
+/// `Queues` does for its two).
+struct DeleteOnDrop(String);
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(conn) =
+                    Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                {
+                    if let Ok(channel) = conn.create_channel().await {
+                        let _ = channel
+                            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                    let _ = conn.close(200, "OK".into()).await;
+                }
+            });
+        })
+        .join();
+    }
 }
 
 /// A TCP proxy to the broker whose broker-to-client direction can be paused: publishes
