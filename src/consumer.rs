@@ -377,6 +377,13 @@ const HAND_BACK_ATTEMPTS: u32 = 3;
 /// The first delay after a refused publish; it doubles with each failure, up to the cap.
 const PUBLISH_RETRY_DELAY: Duration = Duration::from_secs(1);
 const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Once every ticket is settled (the link is closing), how long publishes still under way
+/// may take. Confirms come in milliseconds; one that does not (a broker blocking
+/// publishers) must not keep the acks of everything else from going out before the
+/// process exits. What is given up on is redelivered by the broker.
+const CLOSING_PATIENCE: Duration = Duration::from_secs(1);
+/// How long opening the publishing connection again may take.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Finished deliveries waiting behind an unfinished one are acknowledged one by one once
 /// they have waited two of these (so after 200 to 400 ms), unless a multiple ack covered
 /// them first.
@@ -453,6 +460,8 @@ impl Acker {
         let mut open = true;
         let mut tick = tokio::time::interval(STRAGGLER_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let patience = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(patience);
         loop {
             tokio::select! {
                 settle = rx.recv(), if open => match settle {
@@ -467,7 +476,15 @@ impl Acker {
                     None => {
                         open = false;
                         self.closing.cancel();
+                        patience.as_mut().reset(tokio::time::Instant::now() + CLOSING_PATIENCE);
                     }
+                },
+                () = &mut patience, if !open && !self.pending.is_empty() => {
+                    tracing::warn!(
+                        publishes = self.pending.len(),
+                        "The broker has not confirmed these copies in time; giving up on them before the link closes. Their deliveries go back to the queue with the channel."
+                    );
+                    self.pending.clear();
                 },
                 Some(published) = self.pending.next(), if !self.pending.is_empty() => {
                     match published {
@@ -483,7 +500,7 @@ impl Acker {
                         }
                     }
                 },
-                _ = tick.tick(), if open && self.tracker.waiting() > 0 => {
+                _ = tick.tick(), if open && self.tracker.waiting() > 0 && !self.tracker.is_in_order_only() => {
                     self.tracker.tick();
                     self.tracker.take_stale(2, &mut self.acks);
                 },
@@ -592,7 +609,18 @@ impl Acker {
     /// it was lost.
     async fn reopen(&mut self) -> lapin::Result<Channel> {
         if !self.publisher.status().connected() {
-            self.publisher = connect_as(&self.amqp, PUBLISHER_NAME).await?;
+            // lapin's connect has no timeout of its own.
+            self.publisher =
+                tokio::time::timeout(RECONNECT_TIMEOUT, connect_as(&self.amqp, PUBLISHER_NAME))
+                    .await
+                    .map_err(|_| {
+                        lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "no answer from the broker",
+                            ),
+                        )))
+                    })??;
         }
         confirm_channel(&self.publisher).await
     }

@@ -15,7 +15,7 @@
 //! - [`consumer`]: RabbitMQ connections, queues, tickets: ack / hand back / dead-letter.
 //! - [`worker`]: the wiring: deliveries → sessions → events → batches → send → settle.
 //! - [`health`]: the side port, `/healthz`, `/readyz`, `/metrics`.
-//! - [`runtime`]: the tokio runtime the binary runs on (one thread, measured).
+//! - [`runtime`]: the tokio runtimes: one thread for the worker (measured), one per core for the intake.
 //! - [`metrics`]: metric names, help texts and handles.
 //! - [`tools`]: the operator commands `preview`, `publish`, `replay-dead` and `check`.
 //! - [`intake`]: the `intake` command: Jebbit and JotUrl webhooks onto the queue, with

@@ -144,8 +144,17 @@ impl Worker {
             self.config.batch_limits(),
             self.config.flush_interval(),
         );
+        // Links given up on (lost, or cancelled by the broker) close once their tickets are
+        // settled; shutdown waits for them too, so that their last acks go out.
+        let mut closing = JoinSet::new();
         let link = self
-            .consume(&mut gather, &shutdown, &stop_consuming, &abandon)
+            .consume(
+                &mut gather,
+                &mut closing,
+                &shutdown,
+                &stop_consuming,
+                &abandon,
+            )
             .await;
         tracing::info!("Stopped consuming; sending and acknowledging what is held.");
         gather.flush_all();
@@ -154,6 +163,7 @@ impl Worker {
         if let Some(link) = link {
             link.close().await;
         }
+        while closing.join_next().await.is_some() {}
         self.health.set_connected(false);
         self.metrics.amqp_connected(false);
         tracing::info!("All held deliveries are settled.");
@@ -165,6 +175,7 @@ impl Worker {
     async fn consume(
         &self,
         gather: &mut Gather,
+        closing: &mut JoinSet<()>,
         shutdown: &CancellationToken,
         stop_consuming: &CancellationToken,
         abandon: &CancellationToken,
@@ -226,7 +237,10 @@ impl Worker {
                 tokio::select! {
                     biased;
                     () = &mut cancelled, if !stopped => {
-                        let _ = link.cancel(Some(consumer.tag())).await;
+                        tokio::select! {
+                            _ = link.cancel(Some(consumer.tag())) => {}
+                            _ = abandon.cancelled() => {}
+                        }
                         stopped = true;
                         self.health.set_consuming(false);
                     }
@@ -272,7 +286,7 @@ impl Worker {
                                     self.health.set_connected(false);
                                     self.metrics.amqp_connected(false);
                                     tracing::warn!("Lost the RabbitMQ connection while not consuming; waiting to be restarted or stopped.");
-                                    tokio::spawn(link.close());
+                                    closing.spawn(link.close());
                                     shutdown.cancelled().await;
                                     return None;
                                 }
@@ -300,7 +314,7 @@ impl Worker {
             self.metrics.amqp_connected(false);
             tracing::warn!(error = %lost, "Lost the RabbitMQ consumer; reconnecting. Deliveries of a lost connection or channel are redelivered by the broker.");
             // Its tickets may still be in flight; the link closes once they are settled.
-            tokio::spawn(link.close());
+            closing.spawn(link.close());
         }
     }
 
@@ -328,13 +342,15 @@ impl Worker {
                 return dead_letter(ticket, id.as_deref(), e.to_string(), e.code());
             }
         };
-        // Read only when the session has no `completed_at` (the clock is not free).
+        // Read only when the session has no `completed_at` (the clock is not free): the AMQP
+        // timestamp, else a JotUrl lead's `date`, else now.
         let fallback_time = match session.completed_at {
             Some(at) => at,
             None => message
                 .properties
                 .timestamp()
                 .and_then(|t| OffsetDateTime::from_unix_timestamp(t as i64).ok())
+                .or(session.lead_date)
                 .unwrap_or_else(OffsetDateTime::now_utc),
         };
         // Borrowed from the delivery, like most of the session.
@@ -450,7 +466,8 @@ impl Gather {
         self.deadlines[i] = None;
         let batch = self.batches[i].take();
         if let Some(sender) = &self.senders[i] {
-            // A sender gone (shutting down) drops the batch, and its tickets are handed back.
+            // The senders live as long as the batches; one that panicked would drop the
+            // batch, and its tickets would be handed back.
             let _ = sender.send(batch);
         }
     }
@@ -486,8 +503,9 @@ async fn dispatch(
     };
     let deadline = Instant::from_std(oldest) + deliverer.max_hold;
     let acquired = tokio::select! {
-        acquired = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()) => acquired,
+        biased;
         _ = deliverer.abandon.cancelled() => return deliverer.hand_back(batch, "shutdown"),
+        acquired = tokio::time::timeout_at(deadline, permits.clone().acquire_owned()) => acquired,
     };
     let Ok(permit) = acquired else {
         tracing::warn!(region = %deliverer.region, sessions = batch.len(), "No request slot came free within retry.max_hold_s; handing the batch back to the queue.");
@@ -541,12 +559,13 @@ impl Deliverer {
             self.metrics.in_flight(1.0);
             let started = std::time::Instant::now();
             let response = tokio::select! {
-                response = self.sink.send(body) => response,
+                biased;
                 _ = self.abandon.cancelled() => {
                     self.metrics.in_flight(-1.0);
                     tracing::warn!(region = %region, sessions = batch.len(), "The grace period is nearly over and Segment has not answered; handing the batch back to the queue.");
                     return self.hand_back(batch, "shutdown");
                 }
+                response = self.sink.send(body) => response,
             };
             self.metrics.in_flight(-1.0);
             self.metrics

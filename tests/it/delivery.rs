@@ -475,3 +475,34 @@ async fn with_gzip_each_request_is_gzipped_and_carries_the_same_batch() {
     };
     assert_eq!(strip(gzipped.accepted()), strip(plain.accepted()));
 }
+
+#[tokio::test]
+async fn a_joturl_lead_without_an_amqp_timestamp_is_timed_at_midnight_utc_of_its_date() {
+    let queues = Queues::new("joturl-date").await;
+    let us = FakeSegment::ok().await;
+    let body = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/joturl-form-lead.json"
+    ))
+    .unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-segment-bridge-kind".into(),
+        AMQPValue::LongString("joturl".into()),
+    );
+    // Queued by some other producer: no AMQP timestamp.
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    queues.publish_with(&body, properties).await;
+    let app = spawn_app(config(&queues, Some(&us), None)).await;
+    let events = us.wait_accepted(2, WITHIN).await;
+    app.stop().await;
+    for event in &events {
+        assert_eq!(
+            event["timestamp"], "2020-03-26T00:00:00.000Z",
+            "the lead's date at midnight UTC, not the time it was consumed: {event}"
+        );
+    }
+    assert_eq!(events[1]["event"], "Lead Captured");
+}
