@@ -7,6 +7,11 @@
 //! confirm in time is not known to be queued, so the request is answered 503 and its
 //! sender retries. While the connection is down, or the broker blocks publishers (a
 //! memory or disk alarm), requests are answered 503 at once instead of waiting.
+//!
+//! Requests publish concurrently on the one channel. lapin hands a message the broker
+//! returned to whichever confirmation completes next on the channel, which may be another
+//! request's; as every message goes to the same queue, either all are routed or all are
+//! returned, except in the moment that queue is deleted or declared again.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
