@@ -48,9 +48,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
@@ -242,27 +240,7 @@ impl Queues {
 
 impl Drop for Queues {
     fn drop(&mut self) {
-        let names = [self.main.clone(), self.dead.clone()];
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(conn) =
-                    Connection::connect(AMQP_URL, ConnectionProperties::default()).await
-                    && let Ok(channel) = conn.create_channel().await
-                {
-                    for name in names {
-                        let _ = channel
-                            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    let _ = conn.close(200, "OK".into()).await;
-                }
-            });
-        })
-        .join();
+        broker_lock::delete_queues(vec![self.main.clone(), self.dead.clone()]);
     }
 }
 

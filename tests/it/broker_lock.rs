@@ -1,8 +1,37 @@
-//! The broker lock, shared by the integration tests (`tests/it`, `tests/broker`) and the
-//! soak benchmark (`benches/soak.rs`), which include this file.
+//! What the integration tests (`tests/it`, `tests/broker`) and the soak benchmark
+//! (`benches/soak.rs`) share about the local broker: the lock that keeps tests that change
+//! it apart from the others, and deleting queues from a destructor. They include this file.
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Deletes `names` on the local broker, blocking, from a thread with a runtime and a
+/// connection of its own: it works from `Drop`, while the caller's runtime is busy or a
+/// test is panicking. Errors are ignored (the queue may already be gone).
+pub fn delete_queues(names: Vec<String>) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+            let properties = lapin::ConnectionProperties::default();
+            let Ok(conn) = lapin::Connection::connect(url, properties).await else {
+                return;
+            };
+            if let Ok(channel) = conn.create_channel().await {
+                for name in names {
+                    let _ = channel
+                        .queue_delete(name.as_str().into(), Default::default())
+                        .await;
+                }
+            }
+            let _ = conn.close(200, "OK".into()).await;
+        });
+    })
+    .join();
+}
 
 /// The local broker is shared by every test, by other test runs and by the benchmarks. A
 /// test that changes the broker itself (a restart, a broker-wide setting) holds this lock

@@ -67,7 +67,8 @@ pub use crate::broker_lock::BrokerLock;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-async fn open_confirm_channel() -> (Connection, Channel) {
+/// A connection to the local broker and a channel on it in confirm mode.
+pub async fn open_confirm_channel() -> (Connection, Channel) {
     let conn = connect().await;
     let channel = conn.create_channel().await.unwrap();
     channel
@@ -281,30 +282,7 @@ impl Queues {
 
 impl Drop for Queues {
     fn drop(&mut self) {
-        let names = [self.main.clone(), self.dead.clone()];
-        // Drop cannot await, and the test's runtime may be busy: a thread with a runtime and
-        // a connection of its own deletes the queues, even when the test panicked.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
-                else {
-                    return;
-                };
-                if let Ok(channel) = conn.create_channel().await {
-                    for name in names {
-                        let _ = channel
-                            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                }
-                let _ = conn.close(200, "OK".into()).await;
-            });
-        })
-        .join();
+        crate::broker_lock::delete_queues(vec![self.main.clone(), self.dead.clone()]);
     }
 }
 
@@ -867,30 +845,52 @@ pub struct Daemon {
     _dir: tempfile::TempDir,
 }
 
+/// Starts `segment-bridge <command>` as a child process in `dir`, with an empty config
+/// file, none of this process's `SEGMENT_BRIDGE*` variables, the given
+/// `SEGMENT_BRIDGE__<KEY>` settings (later ones win), `RUST_LOG=info`, and its standard
+/// error in `dir/stderr.log`, which is returned with it.
+pub fn spawn_bridge<'a>(
+    command: &str,
+    dir: &tempfile::TempDir,
+    settings: impl IntoIterator<Item = (&'a str, String)>,
+) -> (std::process::Child, PathBuf) {
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_segment-bridge"));
+    cmd.arg(command)
+        .arg("--config")
+        .arg(&empty)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SEGMENT_BRIDGE") {
+            cmd.env_remove(key);
+        }
+    }
+    for (key, value) in settings {
+        cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
+    }
+    cmd.env("RUST_LOG", "info");
+    let child = cmd.spawn().expect("the segment-bridge binary starts");
+    (child, log)
+}
+
+/// A free local port, for a child process to listen on.
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 impl Daemon {
     pub fn spawn(queues: &Queues, us: &FakeSegment, settings: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let empty = dir.path().join("empty.toml");
-        std::fs::write(&empty, "").unwrap();
-        let log = dir.path().join("stderr.log");
         // A free port for the side port, so that the test can read /readyz and /metrics.
-        let listen = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_segment-bridge"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&empty)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (key, _) in std::env::vars() {
-            if key.starts_with("SEGMENT_BRIDGE") {
-                cmd.env_remove(key);
-            }
-        }
+        let listen = free_port();
         let base = [
             ("AMQP__URL", AMQP_URL.to_owned()),
             ("AMQP__QUEUE", queues.main.clone()),
@@ -902,18 +902,13 @@ impl Daemon {
             ("RETRY__INITIAL_BACKOFF_MS", "10".to_owned()),
             ("RETRY__MAX_BACKOFF_MS", "200".to_owned()),
         ];
-        for (key, value) in base {
-            cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
-        }
-        for (key, value) in settings {
-            cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
-        }
-        cmd.env("RUST_LOG", "info");
         // Everything that may fail comes first: once spawned, the child is owned by a
         // `Daemon`, whose drop kills it.
         let http = segment_bridge::segment::http_client(Duration::from_secs(5)).unwrap();
+        let extra = settings.iter().map(|(k, v)| (*k, (*v).to_owned()));
+        let (child, log) = spawn_bridge("run", &dir, base.into_iter().chain(extra));
         Daemon {
-            child: cmd.spawn().expect("the segment-bridge binary starts"),
+            child,
             probes: format!("http://{listen}"),
             log,
             http,

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -887,33 +887,10 @@ struct IntakeDaemon {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 impl IntakeDaemon {
     fn spawn(queues: &Queues, settings: &[(&str, &str)]) -> IntakeDaemon {
         let dir = tempfile::tempdir().unwrap();
-        let empty = dir.path().join("empty.toml");
-        std::fs::write(&empty, "").unwrap();
-        let log = dir.path().join("stderr.log");
         let (addr, probes) = (free_port(), free_port());
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_segment-bridge"));
-        cmd.arg("intake")
-            .arg("--config")
-            .arg(&empty)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (key, _) in std::env::vars() {
-            if key.starts_with("SEGMENT_BRIDGE") {
-                cmd.env_remove(key);
-            }
-        }
         let base = [
             ("AMQP__URL", AMQP_URL.to_owned()),
             ("AMQP__QUEUE", queues.main.clone()),
@@ -927,15 +904,10 @@ impl IntakeDaemon {
             ("INTAKE__SOURCES__CTA__SECRET", JOTURL_TOKEN.into()),
             ("SHUTDOWN__GRACE_PERIOD_S", "5".into()),
         ];
-        for (key, value) in base {
-            cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
-        }
-        for (key, value) in settings {
-            cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
-        }
-        cmd.env("RUST_LOG", "info");
+        let extra = settings.iter().map(|(k, v)| (*k, (*v).to_owned()));
+        let (child, log) = spawn_bridge("intake", &dir, base.into_iter().chain(extra));
         IntakeDaemon {
-            child: cmd.spawn().expect("the segment-bridge binary starts"),
+            child,
             addr,
             probes: format!("http://{probes}"),
             log,
@@ -1293,26 +1265,7 @@ struct DeleteOnDrop(String);
 
 impl Drop for DeleteOnDrop {
     fn drop(&mut self) {
-        let name = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(conn) =
-                    Connection::connect(AMQP_URL, ConnectionProperties::default()).await
-                {
-                    if let Ok(channel) = conn.create_channel().await {
-                        let _ = channel
-                            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    let _ = conn.close(200, "OK".into()).await;
-                }
-            });
-        })
-        .join();
+        crate::broker_lock::delete_queues(vec![self.0.clone()]);
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -251,12 +251,7 @@ fn numbers(text: &str) -> Vec<u64> {
 
 /// Publishes straight onto a queue (the dead-letter queue, say), with a confirm.
 async fn put(queue: &str, messages: &[(Vec<u8>, BasicProperties)]) {
-    let conn = connect().await;
-    let channel = conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (conn, channel) = open_confirm_channel().await;
     for (body, properties) in messages {
         let confirm = channel
             .basic_publish(
