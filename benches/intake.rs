@@ -37,7 +37,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 
-use segment_bridge::consumer::{confirmed, publish_mandatory};
+use segment_bridge::amqp::{confirmed, publish_mandatory};
 use segment_bridge::intake::signature::sign;
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";

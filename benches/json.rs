@@ -29,8 +29,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use segment_bridge::domain::{Email, Region};
 use segment_bridge::events::{self, Mapped, Options};
-use segment_bridge::session::{Email, Region, Session, Shape};
+use segment_bridge::session::{Session, Shape};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;

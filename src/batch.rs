@@ -162,7 +162,7 @@ impl<T> Batch<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::Region;
+    use crate::domain::Region;
 
     const NOW: &str = "2021-03-12T00:00:00.000Z";
 

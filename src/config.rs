@@ -14,8 +14,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
 use crate::batch::{ENVELOPE_BYTES, SEGMENT_MAX_BATCH_BYTES, SEGMENT_MAX_BATCH_EVENTS};
+use crate::domain::Region;
 use crate::events::{self, MAX_EVENT_BYTES};
-use crate::session::Region;
 
 /// The prefix of environment overrides: `SEGMENT_BRIDGE__AMQP__URL` sets `amqp.url`.
 pub const ENV_PREFIX: &str = "SEGMENT_BRIDGE";
@@ -642,8 +642,8 @@ impl Config {
         grace - margin.min(grace / 2)
     }
 
-    pub fn retry_policy(&self) -> crate::segment::RetryPolicy {
-        crate::segment::RetryPolicy {
+    pub fn retry_policy(&self) -> crate::backoff::RetryPolicy {
+        crate::backoff::RetryPolicy {
             initial: Duration::from_millis(self.retry.initial_backoff_ms),
             max: Duration::from_millis(self.retry.max_backoff_ms),
         }

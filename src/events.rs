@@ -13,7 +13,8 @@ use time::OffsetDateTime;
 
 use serde_json::value::RawValue;
 
-use crate::session::{Email, Region, Session, Shape};
+use crate::domain::{Email, Region};
+use crate::session::{Session, Shape};
 
 /// Segment's per-message limit, counted on the serialised JSON of one event.
 pub const MAX_EVENT_BYTES: usize = 32_000;
@@ -444,7 +445,8 @@ mod tests {
             LIBRARY_NAME, LIBRARY_VERSION, MAX_EVENT_BYTES, MapError, Mapped, Options,
             SessionEvents, SkipReason,
         };
-        use crate::session::{Email, Session};
+        use crate::domain::Email;
+        use crate::session::Session;
 
         /// Maps one session. `fallback_time` is used when the session has no `completed_at`.
         pub(super) fn map(

@@ -16,8 +16,8 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::Region;
 use crate::metrics::Metrics;
-use crate::session::Region;
 
 /// What the probes report, written by the worker.
 #[derive(Debug, Default)]

@@ -5,30 +5,40 @@
 //! sessions there.
 //!
 //! # Layout
-//! - [`config`]: `config.toml` + `SEGMENT_BRIDGE__*` environment, validated into typed values.
+//! Two programs (the intake: HTTP → RabbitMQ; the worker: RabbitMQ → Segment) around a
+//! pure core.
+//!
+//! The pure core (no I/O, no clock):
+//! - [`domain`]: the types everyone shares: [`domain::Region`], [`domain::Email`].
 //! - [`session`]: the three input shapes (canonical, Jebbit webhook, JotUrl lead) → a
 //!   validated [`session::Session`].
-//! - [`events`]: session + mapping options → serialised Identify and Track (pure).
-//! - [`batch`]: one region's batch: fits / push / full / take / split (pure).
-//! - [`ack`]: which acknowledgements to send for deliveries finished out of order (pure).
-//! - [`segment`]: the HTTP client, classifying responses into outcomes, backoff.
-//! - [`consumer`]: RabbitMQ connections, queues, tickets: ack / hand back / dead-letter.
-//! - [`worker`]: the wiring: deliveries → sessions → events → batches → send → settle.
-//! - [`health`]: the side port, `/healthz`, `/readyz`, `/metrics`.
-//! - [`runtime`]: the tokio runtimes: one thread for the worker (measured), one per core for the intake.
-//! - [`metrics`]: metric names, help texts and handles.
+//! - [`events`]: session + mapping options → serialised Identify and Track.
+//! - [`batch`]: one region's batch: fits / push / full / take / split.
+//! - [`backoff`]: how long to wait before the next attempt, for every retry loop.
+//!
+//! The edges:
+//! - [`config`]: `config.toml` + `SEGMENT_BRIDGE__*` environment, validated into typed
+//!   values; the only judge of a configuration.
+//! - [`amqp`]: RabbitMQ primitives both programs share: connect, confirm channels,
+//!   publishing, headers.
+//! - [`segment`]: the HTTP sink, classifying Segment's answers into outcomes.
+//! - [`worker`]: the `run` program: consume loop, batching, senders, settlement (ack /
+//!   hand back / dead-letter).
+//! - [`intake`]: the `intake` program: Jebbit and JotUrl webhooks onto the queue, with
+//!   publisher confirms.
+//! - [`app`]: building and running each program; the one start-up path shared by the
+//!   binary, the tests and the benches.
+//! - [`health`], [`metrics`]: the side port (`/healthz`, `/readyz`, `/metrics`) and the
+//!   worker's metrics.
 //! - [`tools`]: the operator commands `preview`, `publish`, `replay-dead` and `check`.
-//! - [`intake`]: the `intake` command: Jebbit and JotUrl webhooks onto the queue, with
-//!   publisher confirms (signature, body, routes, publisher, metrics).
-//! - [`headers`]: the AMQP headers the intake writes and the worker reads.
 #![forbid(unsafe_code)]
 
-pub mod ack;
+pub mod amqp;
+pub mod backoff;
 pub mod batch;
 pub mod config;
-pub mod consumer;
+pub mod domain;
 pub mod events;
-pub mod headers;
 pub mod health;
 pub mod intake;
 pub mod metrics;

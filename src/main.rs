@@ -10,10 +10,10 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use segment_bridge::config::Config;
+use segment_bridge::domain::Region;
 use segment_bridge::health::{self, Health};
 use segment_bridge::intake::{self, IntakeHealth, IntakeProbes, metrics::IntakeMetrics};
 use segment_bridge::metrics::Metrics;
-use segment_bridge::session::Region;
 use segment_bridge::tools;
 use segment_bridge::worker::{Worker, WorkerError};
 

@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::session::Region;
+use crate::domain::Region;
 
 pub const SESSIONS: &str = "segment_bridge_sessions_total";
 pub const DELIVERIES: &str = "segment_bridge_deliveries_received_total";

@@ -18,10 +18,12 @@ use lapin::types::{FieldTable, ShortString};
 use serde_json::json;
 use time::OffsetDateTime;
 
+use crate::amqp::headers::without_error_header;
+use crate::amqp::{self, confirmed, publish_mandatory};
 use crate::config::Config;
-use crate::consumer::{self, confirmed, publish_mandatory, without_error_header};
+use crate::domain::Region;
 use crate::events::{self, Mapped};
-use crate::session::{Region, Session, peek_session_id};
+use crate::session::{Session, peek_session_id};
 
 /// Publishes with at most this many confirmations outstanding.
 const PUBLISH_WINDOW: usize = 1024;
@@ -107,8 +109,8 @@ pub async fn publish(config: &Config, file: &Path, mut out: impl Write) -> Resul
     let size = std::fs::metadata(file).map_err(read_err)?.len().max(1);
     let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(read_err)?);
 
-    let conn = consumer::connect(&config.amqp).await?;
-    consumer::ensure_queue(&conn, &config.amqp.queue, config.amqp.declare).await?;
+    let conn = amqp::connect(&config.amqp).await?;
+    amqp::ensure_queue(&conn, &config.amqp.queue, config.amqp.declare).await?;
     let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -174,8 +176,8 @@ pub async fn replay_dead(
     limit: Option<u64>,
     mut out: impl Write,
 ) -> Result<u64, ToolError> {
-    let conn = consumer::connect(&config.amqp).await?;
-    consumer::ensure_queue(&conn, &config.amqp.queue, config.amqp.declare).await?;
+    let conn = amqp::connect(&config.amqp).await?;
+    amqp::ensure_queue(&conn, &config.amqp.queue, config.amqp.declare).await?;
     let channel = conn.create_channel().await?;
     let passive = QueueDeclareOptions {
         passive: true,
@@ -208,7 +210,7 @@ pub async fn replay_dead(
             break;
         };
         let delivery = message.delivery;
-        let properties = without_error_header(consumer::for_copy(delivery.properties.clone()));
+        let properties = without_error_header(amqp::headers::for_copy(delivery.properties.clone()));
         let confirm = publish_mandatory(&channel, &queue, &delivery.data, properties).await?;
         if let Err(e) = confirmed(confirm).await {
             // Put it back where it was without spending a delivery of a quorum
@@ -218,7 +220,7 @@ pub async fn replay_dead(
                 &channel,
                 &dead_letter_queue,
                 &delivery.data,
-                consumer::for_copy(delivery.properties.clone()),
+                amqp::headers::for_copy(delivery.properties.clone()),
             )
             .await?;
             if confirmed(back).await.is_ok() {
@@ -268,12 +270,12 @@ pub async fn check(config: &Config, mut out: impl Write) -> Result<(), ToolError
     writeln!(out, "config: valid")?;
     let mut problems = Vec::new();
     let connected =
-        tokio::time::timeout(Duration::from_secs(10), consumer::connect(&config.amqp)).await;
+        tokio::time::timeout(Duration::from_secs(10), amqp::connect(&config.amqp)).await;
     match connected {
         Ok(Ok(conn)) => {
             writeln!(out, "broker: reachable")?;
             for queue in [&config.amqp.queue, &config.amqp.dead_letter_queue] {
-                match consumer::ensure_queue(&conn, queue, false).await {
+                match amqp::ensure_queue(&conn, queue, false).await {
                     Ok(()) => writeln!(out, "queue {queue}: exists")?,
                     Err(_) if config.amqp.declare => writeln!(
                         out,

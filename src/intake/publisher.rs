@@ -26,9 +26,9 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::{self, confirmed, publish_mandatory};
+use crate::backoff::RetryPolicy;
 use crate::config;
-use crate::consumer::{self, confirmed, publish_mandatory};
-use crate::segment::RetryPolicy;
 
 use super::IntakeHealth;
 use super::metrics::IntakeMetrics;
@@ -226,9 +226,9 @@ impl Publisher {
 /// Connects, makes sure the queue exists (declaring it when `amqp.declare`), and opens a
 /// channel in confirm mode.
 async fn open(amqp: &config::Amqp) -> lapin::Result<(Connection, Channel)> {
-    let connection = consumer::connect(amqp).await?;
+    let connection = amqp::connect(amqp).await?;
     let channel = async {
-        consumer::ensure_queue(&connection, &amqp.queue, amqp.declare).await?;
+        amqp::ensure_queue(&connection, &amqp.queue, amqp.declare).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

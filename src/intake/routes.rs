@@ -32,8 +32,8 @@ use subtle::ConstantTimeEq;
 use tower::{BoxError, ServiceBuilder};
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
+use crate::amqp::headers;
 use crate::config::{self, SourceKind};
-use crate::headers;
 
 use super::body::{self, BodyError};
 use super::metrics::{IntakeMetrics, NO_SOURCE, Outcome};

@@ -590,7 +590,8 @@ pub fn metric(text: &str, series: &str) -> f64 {
 
 /// The `x-segment-bridge-error` header of a dead-lettered message.
 pub fn error_header(properties: &BasicProperties) -> String {
-    segment_bridge::consumer::error_header(properties).expect("an x-segment-bridge-error header")
+    segment_bridge::amqp::headers::error_header(properties)
+        .expect("an x-segment-bridge-error header")
 }
 
 /// How long the helpers below wait for the broker or a daemon.

@@ -23,11 +23,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use segment_bridge::config::{Config, Source, SourceKind};
+use segment_bridge::domain::Region;
 use segment_bridge::health;
 use segment_bridge::intake::metrics::IntakeMetrics;
 use segment_bridge::intake::signature::sign;
 use segment_bridge::intake::{self, IntakeError, IntakeHealth, IntakeProbes};
-use segment_bridge::session::Region;
 
 use crate::helpers::*;
 

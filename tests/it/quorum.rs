@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 
-use segment_bridge::session::Region;
+use segment_bridge::domain::Region;
 
 use crate::helpers::*;
 
@@ -278,7 +278,7 @@ async fn shutting_down_while_the_dead_letter_queue_is_missing_hands_the_dead_let
     );
     assert_eq!(back[0].0, b"not json");
     assert_eq!(
-        segment_bridge::consumer::delivery_count(&back[0].1),
+        segment_bridge::amqp::headers::delivery_count(&back[0].1),
         Some(0),
         "it is a fresh copy: no delivery spent"
     );

@@ -435,7 +435,7 @@ async fn replay_dead_moves_dead_letters_back_unchanged_but_for_the_error_header(
         assert_eq!(got_rest, want_rest, "properties unchanged");
         assert_eq!(got_headers, want_headers, "only the error header is gone");
         assert!(
-            segment_bridge::consumer::error_header(got).is_none(),
+            segment_bridge::amqp::headers::error_header(got).is_none(),
             "{got:?}"
         );
     }

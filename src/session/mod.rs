@@ -11,92 +11,19 @@
 //! clocks or Segment.
 
 use std::borrow::Cow;
-use std::fmt;
-use std::marker::PhantomData;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-/// The two Segment regions a session can be routed to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Region {
-    Us,
-    Eu,
-}
+use crate::domain::{Email, InvalidEmail, Region};
 
-impl Region {
-    pub const ALL: [Region; 2] = [Region::Us, Region::Eu];
+mod wire;
 
-    /// The lowercase name used in config sections, logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Region::Us => "us",
-            Region::Eu => "eu",
-        }
-    }
-
-    /// Reads `eu`, `us` or `non-eu` (meaning `us`), in any case.
-    pub fn parse(s: &str) -> Option<Region> {
-        if s.eq_ignore_ascii_case("eu") {
-            Some(Region::Eu)
-        } else if s.eq_ignore_ascii_case("us") || s.eq_ignore_ascii_case("non-eu") {
-            Some(Region::Us)
-        } else {
-            None
-        }
-    }
-}
-
-impl fmt::Display for Region {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A normalised email address: trimmed, lowercased, with exactly one `@` between two
-/// non-empty parts and no white space inside.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Email(String);
-
-impl Email {
-    /// Normalises `raw`; `Ok(None)` when nothing is left after trimming.
-    pub fn parse(raw: &str) -> Result<Option<Email>, InputError> {
-        let trimmed = raw.trim();
-        if trimmed.is_empty() {
-            return Ok(None);
-        }
-        let email = trimmed.to_lowercase();
-        let valid = match email.split_once('@') {
-            Some((local, domain)) => {
-                !local.is_empty()
-                    && !domain.is_empty()
-                    && !domain.contains('@')
-                    && !email.chars().any(char::is_whitespace)
-            }
-            None => false,
-        };
-        if valid {
-            Ok(Some(Email(email)))
-        } else {
-            Err(InputError::InvalidEmail)
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-// Emails are personal data: they never reach a log through `{:?}`.
-impl fmt::Debug for Email {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Email(<redacted>)")
-    }
-}
+use wire::{JotUrlWire, Loose, Object, Wire};
 
 /// A mapped attribute: its id (borrowed from the message body unless it held escapes) and
 /// its raw JSON value, borrowed from the body.
@@ -193,6 +120,12 @@ pub enum InputError {
     UnknownKind(String),
     #[error("the header x-segment-bridge-region must be \"eu\" or \"us\", found {0:?}")]
     InvalidRegionHeader(String),
+}
+
+impl From<InvalidEmail> for InputError {
+    fn from(_: InvalidEmail) -> Self {
+        InputError::InvalidEmail
+    }
 }
 
 impl InputError {
@@ -579,349 +512,6 @@ pub fn peek_session_id(body: &[u8]) -> Option<String> {
     serde_json::from_slice::<Peek>(body).ok()?.session_id
 }
 
-// ---- wire types: what serde reads, before any rule is checked ----
-
-#[derive(Deserialize)]
-struct Wire<'a> {
-    /// `null` stays `Some(Loose::Null)` here: a present `session_id` must be a string.
-    #[serde(default, borrow, deserialize_with = "present")]
-    session_id: Option<Loose<'a>>,
-    #[serde(borrow)]
-    campaign_id: Option<Loose<'a>>,
-    #[serde(borrow)]
-    campaign_name: Option<Loose<'a>>,
-    #[serde(borrow)]
-    traffic_source: Option<Loose<'a>>,
-    #[serde(borrow)]
-    completed_at: Option<Loose<'a>>,
-    #[serde(borrow)]
-    region: Option<Loose<'a>>,
-    #[serde(borrow)]
-    email: Option<Loose<'a>>,
-    #[serde(borrow)]
-    opt_in: Option<Loose<'a>>,
-    #[serde(borrow)]
-    attributes: Option<Object<Attributes<'a>>>,
-    #[serde(borrow)]
-    data: Option<Object<Data<'a>>>,
-}
-
-fn present<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Option<Loose<'a>>, D::Error> {
-    Loose::deserialize(d).map(Some)
-}
-
-/// Any JSON value, keeping strings and booleans and only the kind of anything else, so
-/// that a wrong type becomes an error naming the field instead of a serde message.
-/// Strings are borrowed from the body unless they hold escapes.
-enum Loose<'a> {
-    Null,
-    Bool(bool),
-    Str(Cow<'a, str>),
-    Other(&'static str),
-}
-
-impl Loose<'_> {
-    fn kind(&self) -> &'static str {
-        match self {
-            Loose::Null => "null",
-            Loose::Bool(_) => "a boolean",
-            Loose::Str(_) => "a string",
-            Loose::Other(kind) => kind,
-        }
-    }
-}
-
-struct LooseVisitor<'a>(PhantomData<&'a ()>);
-
-const LOOSE: LooseVisitor<'static> = LooseVisitor(PhantomData);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(LooseVisitor(PhantomData))
-    }
-}
-
-impl<'de: 'a, 'a> Visitor<'de> for LooseVisitor<'a> {
-    type Value = Loose<'a>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_unit<E>(self) -> Result<Loose<'a>, E> {
-        Ok(Loose::Null)
-    }
-    fn visit_none<E>(self) -> Result<Loose<'a>, E> {
-        Ok(Loose::Null)
-    }
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Loose<'a>, D::Error> {
-        Loose::deserialize(d)
-    }
-    fn visit_bool<E>(self, v: bool) -> Result<Loose<'a>, E> {
-        Ok(Loose::Bool(v))
-    }
-    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Loose<'a>, E> {
-        Ok(Loose::Str(Cow::Borrowed(v)))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Loose<'a>, E> {
-        Ok(Loose::Str(Cow::Owned(v.to_owned())))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Loose<'a>, E> {
-        Ok(Loose::Str(Cow::Owned(v)))
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Loose<'a>, E> {
-        Ok(Loose::Other("a number"))
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Loose<'a>, E> {
-        Ok(Loose::Other("a number"))
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Loose<'a>, E> {
-        Ok(Loose::Other("a number"))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose<'a>, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Loose::Other("an array"))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Loose<'a>, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Loose::Other("an object"))
-    }
-}
-
-/// A field that must be a JSON object: its contents, or the kind of what stood there.
-enum Object<T> {
-    Map(T),
-    Other(&'static str),
-}
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
-            type Value = Object<T>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
-                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Object::Map)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Object<T>, A::Error> {
-                Ok(Object::Other(LOOSE.visit_seq(seq)?.kind()))
-            }
-            fn visit_unit<E>(self) -> Result<Object<T>, E> {
-                Ok(Object::Other("null"))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Object<T>, E> {
-                Ok(Object::Other("a boolean"))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Object<T>, E> {
-                Ok(Object::Other("a string"))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Object<T>, E> {
-                Ok(Object::Other("a number"))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Object<T>, E> {
-                Ok(Object::Other("a number"))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Object<T>, E> {
-                Ok(Object::Other("a number"))
-            }
-        }
-        d.deserialize_any(V(PhantomData))
-    }
-}
-
-/// The `attributes` object, in order, duplicates resolved.
-struct Attributes<'a>(Vec<Attribute<'a>>);
-
-/// A key, borrowed from the body unless it holds escapes.
-struct Key<'a>(Cow<'a, str>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Key<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'a>, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Key<'a>, E> {
-                Ok(Key(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Key<'a>, E> {
-                Ok(Key(Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(V(PhantomData))
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Attributes<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Attributes<'a>, A::Error> {
-                let mut attributes = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some((Key(key), value)) = map.next_entry::<Key, &'a RawValue>()? {
-                    attributes.push((key, value));
-                }
-                dedupe(&mut attributes);
-                Ok(Attributes(attributes))
-            }
-        }
-        d.deserialize_map(V(PhantomData))
-    }
-}
-
-/// The webhook's `data` object: email and opt-in taken out, every other key an attribute.
-struct Data<'a> {
-    email: Option<Loose<'a>>,
-    opt_in: Option<Loose<'a>>,
-    attributes: Vec<Attribute<'a>>,
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Data<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Data<'a>, A::Error> {
-                let mut data = Data {
-                    email: None,
-                    opt_in: None,
-                    attributes: Vec::with_capacity(map.size_hint().unwrap_or(16)),
-                };
-                while let Some(Key(key)) = map.next_key::<Key>()? {
-                    match &*key {
-                        "email" => data.email = Some(map.next_value()?),
-                        "opt_in" => data.opt_in = Some(map.next_value()?),
-                        _ => data
-                            .attributes
-                            .push((key, map.next_value::<&'a RawValue>()?)),
-                    }
-                }
-                dedupe(&mut data.attributes);
-                Ok(data)
-            }
-        }
-        d.deserialize_map(V(PhantomData))
-    }
-}
-
-/// A JotUrl message's top-level keys: `data`, `type` and `date` taken out, every other key
-/// an attribute, `extended_info` opened when it holds a JSON object.
-struct JotUrlWire<'a> {
-    data: Option<Loose<'a>>,
-    kind: Option<Loose<'a>>,
-    date: Option<Loose<'a>>,
-    /// A `short_url` or `long_url` was seen.
-    link: bool,
-    /// Borrowed from the body, but for the keys of an `extended_info` string.
-    attributes: Vec<(Cow<'a, str>, Cow<'a, RawValue>)>,
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for JotUrlWire<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = JotUrlWire<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JotUrlWire<'a>, A::Error> {
-                let mut wire = JotUrlWire {
-                    data: None,
-                    kind: None,
-                    date: None,
-                    link: false,
-                    attributes: Vec::with_capacity(map.size_hint().unwrap_or(8)),
-                };
-                while let Some(Key(key)) = map.next_key::<Key>()? {
-                    let slot = match &*key {
-                        "data" => &mut wire.data,
-                        "type" => &mut wire.kind,
-                        "date" => &mut wire.date,
-                        "extended_info" => {
-                            let raw: &'a RawValue = map.next_value()?;
-                            extended_info(raw, &mut wire.attributes);
-                            continue;
-                        }
-                        other => {
-                            wire.link |= other == "short_url" || other == "long_url";
-                            let value: &'a RawValue = map.next_value()?;
-                            wire.attributes.push((key, Cow::Borrowed(value)));
-                            continue;
-                        }
-                    };
-                    if slot.is_some() {
-                        return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
-                    }
-                    *slot = Some(map.next_value()?);
-                }
-                Ok(wire)
-            }
-        }
-        d.deserialize_map(V(PhantomData))
-    }
-}
-
-/// `extended_info`'s keys as attributes when it is a JSON object, or a string holding one
-/// (as JotUrl sends it); anything else stays as it came, under `extended_info`.
-fn extended_info<'a>(raw: &'a RawValue, attributes: &mut Vec<(Cow<'a, str>, Cow<'a, RawValue>)>) {
-    let text = raw.get();
-    if text.starts_with('{')
-        && let Ok(Attributes(inner)) = serde_json::from_str::<Attributes<'a>>(text)
-    {
-        attributes.extend(inner.into_iter().map(|(k, v)| (k, Cow::Borrowed(v))));
-        return;
-    }
-    if text.starts_with('"')
-        && let Ok(inner) = serde_json::from_str::<String>(text)
-            .map_err(drop)
-            .and_then(|s| serde_json::from_str::<OwnedObject>(&s).map_err(drop))
-    {
-        attributes.extend(
-            inner
-                .0
-                .into_iter()
-                .map(|(k, v)| (Cow::Owned(k), Cow::Owned(v))),
-        );
-        return;
-    }
-    attributes.push((Cow::Borrowed("extended_info"), Cow::Borrowed(raw)));
-}
-
-/// A JSON object read from a text that does not outlive it, in order.
-struct OwnedObject(Vec<(String, Box<RawValue>)>);
-
-impl<'de> Deserialize<'de> for OwnedObject {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = OwnedObject;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OwnedObject, A::Error> {
-                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(entry) = map.next_entry::<String, Box<RawValue>>()? {
-                    entries.push(entry);
-                }
-                Ok(OwnedObject(entries))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -961,7 +551,7 @@ mod tests {
 
     #[test]
     fn the_jebbit_webhook_body_is_a_session_identified_by_its_hash() {
-        let body = include_str!("../tests/fixtures/jebbit-webhook-test-submission.json");
+        let body = include_str!("../../tests/fixtures/jebbit-webhook-test-submission.json");
         let s = Session::parse(body.as_bytes()).unwrap();
         assert_eq!(s.identity, hex::encode(Sha256::digest(body.as_bytes())));
         assert_eq!(s.session_id, None);
@@ -1155,7 +745,7 @@ mod tests {
 
     #[test]
     fn a_joturl_form_lead_is_its_email_name_and_day_identified_by_its_hash() {
-        let body = include_str!("../tests/fixtures/joturl-form-lead.json");
+        let body = include_str!("../../tests/fixtures/joturl-form-lead.json");
         for s in [joturl(body).unwrap(), parse(body).unwrap()] {
             assert_eq!(s.shape, Shape::JotUrlLead);
             assert_eq!(s.identity, hex::encode(Sha256::digest(body.as_bytes())));
@@ -1173,7 +763,7 @@ mod tests {
 
     #[test]
     fn extended_info_holding_an_object_becomes_attributes_else_stays_as_it_came() {
-        let body = include_str!("../tests/fixtures/joturl-social-optin-lead.json");
+        let body = include_str!("../../tests/fixtures/joturl-social-optin-lead.json");
         let s = joturl(body).unwrap();
         assert_eq!(s.email.as_ref().unwrap().as_str(), "jane.roe@example.com");
         // The keys out of extended_info's string come after the others.
@@ -1223,7 +813,7 @@ mod tests {
                 "{body}"
             );
         }
-        let link = include_str!("../tests/fixtures/joturl-tracking-link.json");
+        let link = include_str!("../../tests/fixtures/joturl-tracking-link.json");
         assert_eq!(joturl(link).unwrap().shape, Shape::JotUrlLink);
         assert_eq!(parse(link).unwrap().shape, Shape::JotUrlLink, "by its keys");
     }
@@ -1283,7 +873,7 @@ mod tests {
             Session::parse_with(lead.as_bytes(), jebbit),
             Err(InputError::WrongType { field: "data", .. })
         ));
-        let body = include_str!("../tests/fixtures/jebbit-webhook-test-submission.json");
+        let body = include_str!("../../tests/fixtures/jebbit-webhook-test-submission.json");
         let s = Session::parse_with(body.as_bytes(), jebbit).unwrap();
         assert_eq!((s.shape, s.region), (Shape::Jebbit, Some(Region::Eu)));
         // The body's own region wins.

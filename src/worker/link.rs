@@ -1,4 +1,4 @@
-//! RabbitMQ: connecting, declaring, consuming, and settling deliveries.
+//! The worker's link to RabbitMQ: consuming, and settling each delivery exactly once.
 //!
 //! A [`Link`] is a connection that consumes (its channel carries every ack for its
 //! deliveries) and a connection that publishes, in confirm mode: dead letters, and the
@@ -20,7 +20,7 @@
 //! original returned with `nack(requeue)`, logged as an error.
 //!
 //! Settlements go to the link's acker task, which owns the consume channel's
-//! acknowledgements and coalesces them (see [`crate::ack`]). A ticket only ever settles on
+//! acknowledgements and coalesces them (see [`super::ack`]). A ticket only ever settles on
 //! the channel it came from: after a lost connection or channel, the broker has already
 //! taken that channel's deliveries back, so nothing is published or acknowledged for them.
 
@@ -32,72 +32,22 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use lapin::{Confirmation, PublisherConfirm};
-use secrecy::ExposeSecret;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::ack::{Ack, AckTracker};
+use super::ack::{Ack, AckTracker};
+use crate::amqp::headers::{for_copy, with_error_header};
+use crate::amqp::{
+    confirm_channel, confirmed, connect, connect_as, ensure_queue, publish_mandatory,
+};
 use crate::config;
 use crate::metrics::Metrics;
 
 /// The header that carries why a message was dead-lettered.
-pub const ERROR_HEADER: &str = "x-segment-bridge-error";
-/// The header in which quorum queues count a message's earlier deliveries.
-pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
-
-/// Connects to the broker named by `amqp.url`. lapin does not recover connections by
-/// itself (its default): the worker notices a lost one and opens a new link, and the ack
-/// bookkeeping relies on each channel's delivery tags starting at 1.
-pub async fn connect(amqp: &config::Amqp) -> lapin::Result<Connection> {
-    connect_as(amqp, concat!("segment-bridge/", env!("CARGO_PKG_VERSION"))).await
-}
-
-/// [`connect`], with the name the broker shows for the connection.
-pub async fn connect_as(amqp: &config::Amqp, name: &str) -> lapin::Result<Connection> {
-    let properties =
-        ConnectionProperties::default().with_connection_name(LongString::from(name.as_bytes()));
-    Connection::connect(amqp.url.expose_secret(), properties).await
-}
-
-/// Makes sure `queue` exists. An existing queue is used as it is, whatever its arguments
-/// (quorum, limits); a missing one is declared durable with no arguments when `declare`
-/// is set, and is an error otherwise.
-pub async fn ensure_queue(conn: &Connection, queue: &str, declare: bool) -> lapin::Result<()> {
-    // A passive declare that fails closes its channel, so it gets one of its own.
-    let probe = conn.create_channel().await?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let found = probe
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await;
-    if found.is_ok() {
-        let _ = probe.close(200, "OK".into()).await;
-        return Ok(());
-    }
-    if !declare {
-        return found.map(drop);
-    }
-    let channel = conn.create_channel().await?;
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await?;
-    let _ = channel.close(200, "OK".into()).await;
-    Ok(())
-}
 
 /// A message as it came: what dead-lettering and handing back republish unchanged.
 #[derive(Debug, Clone)]
@@ -114,7 +64,7 @@ enum Settle {
     Acks(Vec<u64>),
     Publish(Box<Job>),
     /// No more deliveries will come: from here on acks go in order only (see
-    /// [`crate::ack`]). With a consumer tag, the acker then cancels that consumer itself,
+    /// [`super::ack`]). With a consumer tag, the acker then cancels that consumer itself,
     /// so that no single ack it computed before can follow the cancel on the wire.
     Cancel(Option<ShortString>, oneshot::Sender<lapin::Result<()>>),
 }
@@ -362,14 +312,6 @@ const PUBLISHER_NAME: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (publishing)"
 );
-
-async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok(channel)
-}
 
 /// How often the broker may refuse a hand-back's copy before the original is returned
 /// with a plain `nack(requeue)`, which spends one of its deliveries on a quorum queue.
@@ -715,213 +657,13 @@ async fn requeue(consume: &Channel, tag: u64, tracker: &mut AckTracker) {
     tracker.settle(tag, false);
 }
 
-/// Publishes to `queue` through the default exchange, as mandatory: a queue that does not
-/// exist makes the confirmation fail instead of the message vanishing.
-pub async fn publish_mandatory(
-    channel: &Channel,
-    queue: &ShortString,
-    body: &[u8],
-    properties: BasicProperties,
-) -> lapin::Result<PublisherConfirm> {
-    channel
-        .basic_publish(
-            "".into(),
-            queue.clone(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            properties,
-        )
-        .await
-}
-
-/// Waits for the broker's confirmation of one publish.
-pub async fn confirmed(confirm: PublisherConfirm) -> Result<(), String> {
-    match confirm.await {
-        Ok(Confirmation::Ack(None)) => Ok(()),
-        Ok(Confirmation::Ack(Some(_))) => {
-            Err("the broker returned the message: no such queue".into())
-        }
-        Ok(Confirmation::Nack(_)) => Err("the broker refused the message (nack)".into()),
-        Ok(Confirmation::NotRequested) => Err("the channel is not in confirm mode".into()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// The message's properties with the reason for dead-lettering added as a header.
-pub fn with_error_header(properties: BasicProperties, reason: &str) -> BasicProperties {
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ERROR_HEADER.into(),
-        AMQPValue::LongString(LongString::from(reason.as_bytes().to_vec())),
-    );
-    properties.with_headers(headers)
-}
-
-/// The message's properties without the dead-letter reason, as before it was dead-lettered:
-/// a message that had no headers gets none back.
-pub fn without_error_header(properties: BasicProperties) -> BasicProperties {
-    without_header(properties, ERROR_HEADER)
-}
-
-/// The properties of a copy (handed back, dead-lettered or replayed): the message's own,
-/// unchanged, without the count of deliveries a quorum queue added to this delivery (the
-/// copy is a new message).
-pub fn for_copy(properties: BasicProperties) -> BasicProperties {
-    without_header(properties, DELIVERY_COUNT_HEADER)
-}
-
-/// How many times the broker delivered this message before (a quorum queue's
-/// `x-delivery-count`), if it says.
-pub fn delivery_count(properties: &BasicProperties) -> Option<u64> {
-    match properties
-        .headers()
-        .as_ref()?
-        .inner()
-        .get(DELIVERY_COUNT_HEADER)?
-    {
-        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
-        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
-        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
-        _ => None,
-    }
-}
-
-/// The properties without the header `name`; without any header table if it was the only one.
-fn without_header(properties: BasicProperties, name: &str) -> BasicProperties {
-    let Some(headers) = properties.headers() else {
-        return properties;
-    };
-    if !headers.contains_key(name) {
-        return properties;
-    }
-    let rest: std::collections::BTreeMap<_, _> = headers
-        .inner()
-        .iter()
-        .filter(|(k, _)| k.as_str() != name)
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    if !rest.is_empty() {
-        return properties.with_headers(FieldTable::from(rest));
-    }
-    // The properties type can set a header table but not unset it: copy the rest over.
-    let p = &properties;
-    let mut out = BasicProperties::default();
-    macro_rules! copy {
-        ($($get:ident => $set:ident),* $(,)?) => {
-            $(if let Some(v) = p.$get().clone() { out = out.$set(v); })*
-        };
-    }
-    copy!(
-        content_type => with_content_type,
-        content_encoding => with_content_encoding,
-        delivery_mode => with_delivery_mode,
-        priority => with_priority,
-        correlation_id => with_correlation_id,
-        reply_to => with_reply_to,
-        expiration => with_expiration,
-        message_id => with_message_id,
-        timestamp => with_timestamp,
-        kind => with_type,
-        user_id => with_user_id,
-        app_id => with_app_id,
-        cluster_id => with_cluster_id,
-    );
-    out
-}
-
-/// The reason header of a dead-lettered message, if any.
-pub fn error_header(properties: &BasicProperties) -> Option<String> {
-    match properties.headers().as_ref()?.inner().get(ERROR_HEADER)? {
-        AMQPValue::LongString(s) => Some(s.to_string()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn the_error_header_is_added_beside_existing_headers_and_removed_again() {
-        let mut headers = FieldTable::default();
-        headers.insert("trace".into(), AMQPValue::LongString("t-1".into()));
-        let original = BasicProperties::default()
-            .with_message_id("m-1".into())
-            .with_delivery_mode(2)
-            .with_headers(headers);
-
-        let dead = with_error_header(original.clone(), "`email` is not an email address");
-        assert_eq!(
-            error_header(&dead).as_deref(),
-            Some("`email` is not an email address")
-        );
-        assert!(dead.headers().as_ref().unwrap().contains_key("trace"));
-        assert_eq!(dead.message_id(), original.message_id());
-
-        assert_eq!(without_error_header(dead), original);
-    }
-
-    #[test]
-    fn a_hand_back_copy_keeps_every_property_and_header_but_the_delivery_count() {
-        let mut headers = FieldTable::default();
-        headers.insert("trace".into(), AMQPValue::LongString("t-1".into()));
-        let published = BasicProperties::default()
-            .with_message_id("m-1".into())
-            .with_delivery_mode(2)
-            .with_timestamp(1_615_507_200)
-            .with_headers(headers.clone());
-        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(4));
-        let delivered = published.clone().with_headers(headers);
-        assert_eq!(delivery_count(&delivered), Some(4));
-        assert_eq!(for_copy(delivered), published);
-        assert_eq!(delivery_count(&published), None);
-
-        // A quorum queue adds the header to a message published without any.
-        let bare = BasicProperties::default().with_delivery_mode(2);
-        let mut only_count = FieldTable::default();
-        only_count.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongUInt(0));
-        assert_eq!(for_copy(bare.clone().with_headers(only_count)), bare);
-        assert_eq!(for_copy(bare.clone()), bare);
-    }
-
-    #[test]
-    fn delivery_counts_are_read_from_any_integer_type_and_nothing_else() {
-        let with = |v: AMQPValue| {
-            let mut h = FieldTable::default();
-            h.insert(DELIVERY_COUNT_HEADER.into(), v);
-            delivery_count(&BasicProperties::default().with_headers(h))
-        };
-        assert_eq!(with(AMQPValue::LongLongInt(7)), Some(7));
-        assert_eq!(with(AMQPValue::LongInt(7)), Some(7));
-        assert_eq!(with(AMQPValue::ShortUInt(7)), Some(7));
-        assert_eq!(with(AMQPValue::ShortShortInt(7)), Some(7));
-        assert_eq!(with(AMQPValue::LongLongInt(-1)), None);
-        assert_eq!(with(AMQPValue::LongString("7".into())), None);
-    }
-
-    #[test]
     fn refused_publishes_are_retried_after_doubling_delays_up_to_a_cap() {
         let delays: Vec<u64> = (1..=8).map(|n| retry_delay(n).as_secs()).collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
-    }
-
-    #[test]
-    fn properties_without_headers_stay_without_the_error_header() {
-        let p = BasicProperties::default().with_delivery_mode(2);
-        assert_eq!(error_header(&p), None);
-        assert_eq!(without_error_header(with_error_header(p.clone(), "x")), p);
-        let p = p
-            .with_content_type("application/json".into())
-            .with_timestamp(1_615_507_200)
-            .with_app_id("upstream".into());
-        assert_eq!(without_error_header(with_error_header(p.clone(), "x")), p);
     }
 }
