@@ -60,12 +60,10 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use segment_bridge::app::WorkerApp;
 use segment_bridge::config::Config;
 use segment_bridge::events::{self, Mapped};
-use segment_bridge::health::Health;
-use segment_bridge::metrics::Metrics;
 use segment_bridge::session::Session;
-use segment_bridge::worker::Worker;
 
 mod common;
 
@@ -210,7 +208,7 @@ fn child_worker() -> Result<()> {
     let env: HashMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("SEGMENT_BRIDGE__"))
         .collect();
-    let config = Arc::new(Config::load(None, Some(env))?);
+    let config = Config::load(None, Some(env))?;
     // `SB_BENCH_RUNTIME=multi` measures tokio's multi-thread runtime instead (worker
     // threads: TOKIO_WORKER_THREADS, else one per core).
     let runtime = if std::env::var("SB_BENCH_RUNTIME").as_deref() == Ok("multi") {
@@ -218,7 +216,7 @@ fn child_worker() -> Result<()> {
             .enable_all()
             .build()?
     } else {
-        segment_bridge::runtime::build()?
+        segment_bridge::app::worker_runtime()?
     };
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -226,14 +224,8 @@ fn child_worker() -> Result<()> {
         let _ = std::io::stdin().read_to_end(&mut Vec::new());
         stop.cancel();
     });
-    let worker = Worker::new(
-        config,
-        Arc::new(Health::default()),
-        Arc::new(Metrics::new()),
-        false,
-    );
-    // Spawned, as `segment-bridge run` does, so that it runs on the runtime's workers.
-    runtime.block_on(async { tokio::spawn(worker.run(shutdown)).await })??;
+    // Built and run as `segment-bridge run` does.
+    runtime.block_on(async { WorkerApp::build(config, false).await?.run(shutdown).await })?;
     runtime.shutdown_timeout(Duration::from_millis(100));
     Ok(())
 }
@@ -696,6 +688,8 @@ impl Bench {
             ("SEGMENT__EU__ENDPOINT", url("eu")),
             ("SEGMENT__US__WRITE_KEY", "bench-us-key".to_owned()),
             ("SEGMENT__EU__WRITE_KEY", "bench-eu-key".to_owned()),
+            // The side port the worker serves, on a port of its own.
+            ("SERVER__LISTEN", "127.0.0.1:0".to_owned()),
         ] {
             env.insert(format!("SEGMENT_BRIDGE__{k}"), v);
         }

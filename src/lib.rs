@@ -34,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amqp;
+pub mod app;
 pub mod backoff;
 pub mod batch;
 pub mod config;
@@ -42,7 +43,6 @@ pub mod events;
 pub mod health;
 pub mod intake;
 pub mod metrics;
-pub mod runtime;
 pub mod segment;
 pub mod session;
 pub mod tools;

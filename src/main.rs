@@ -3,19 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use segment_bridge::app::{self, IntakeApp, WorkerApp};
 use segment_bridge::config::Config;
-use segment_bridge::domain::Region;
-use segment_bridge::health::{self, Health};
-use segment_bridge::intake::{self, IntakeHealth, IntakeProbes, metrics::IntakeMetrics};
-use segment_bridge::metrics::Metrics;
 use segment_bridge::tools;
-use segment_bridge::worker::{Worker, WorkerError};
 
 /// Forwards quiz and survey sessions from RabbitMQ to Segment.
 #[derive(Parser)]
@@ -64,14 +58,20 @@ fn main() -> ExitCode {
         }
     };
     let runtime = match cli.command {
-        Command::Intake => segment_bridge::runtime::build_intake(),
-        _ => segment_bridge::runtime::build(),
+        Command::Intake => app::intake_runtime(),
+        _ => app::worker_runtime(),
     }
     .expect("a tokio runtime");
     let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command {
-            Command::Run { dry_run } => run(config, dry_run).await,
-            Command::Intake => run_intake(config).await,
+            Command::Run { dry_run } => {
+                let app = WorkerApp::build(config, dry_run).await?;
+                app.run(until_signal()).await.map(drop).map_err(Into::into)
+            }
+            Command::Intake => {
+                let app = IntakeApp::build(config).await?;
+                app.run(until_signal()).await.map(drop).map_err(Into::into)
+            }
             Command::Preview => Ok(tools::preview(
                 &config,
                 std::io::stdin().lock(),
@@ -101,134 +101,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// The daemon: the side port, the worker, and shutdown on SIGTERM/SIGINT within the grace
-/// period. Exits 0 after a signal, whether or not everything held could be sent in time:
-/// what was not is unacknowledged and the broker redelivers it.
-async fn run(config: Config, dry_run: bool) -> anyhow::Result<()> {
-    if !dry_run && !Region::ALL.iter().any(|r| config.has_write_key(*r)) {
-        return Err(WorkerError::NoWriteKey.into());
-    }
-    let config = Arc::new(config);
-    let health = Arc::new(Health::default());
-    let metrics = Arc::new(Metrics::new());
+/// A token cancelled on the first SIGTERM or SIGINT: the program then drains within its
+/// grace period and the process exits 0, whether or not everything held could be
+/// finished in time (what was not is redelivered by the broker, or sent again by the
+/// webhook's sender).
+fn until_signal() -> CancellationToken {
     let shutdown = CancellationToken::new();
-
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on server.listen = {}: {e}",
-                config.server.listen
-            )
-        })?;
-    tracing::info!(listen = %config.server.listen, dry_run, "Serving /healthz, /readyz and /metrics.");
-    let server = tokio::spawn(health::serve(
-        listener,
-        health.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-
-    let grace = config.grace_period();
-    let mut worker =
-        tokio::spawn(Worker::new(config, health, metrics, dry_run).run(shutdown.clone()));
-    let signal = tokio::select! {
-        signal = shutdown_signal() => signal,
-        ended = &mut worker => {
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let signal = shutdown_signal().await;
+            tracing::info!(
+                signal,
+                "Shutting down: taking no new work; finishing what is under way."
+            );
             shutdown.cancel();
-            return Ok(ended??);
         }
-    };
-    let started = Instant::now();
-    tracing::info!(
-        signal,
-        grace_period_s = grace.as_secs(),
-        "Shutting down: no new deliveries; sending what is held."
-    );
-    shutdown.cancel();
-    match tokio::time::timeout(grace, worker).await {
-        Ok(ended) => {
-            ended??;
-            tracing::info!(
-                took_ms = started.elapsed().as_millis() as u64,
-                "Shut down cleanly: everything held was sent and acknowledged."
-            );
-        }
-        Err(_) => tracing::warn!(
-            "The grace period ran out; deliveries not yet acknowledged stay with the broker and will be redelivered."
-        ),
-    }
-    let _ = server.await;
-    Ok(())
-}
-
-/// The intake: the webhook routes, the side port, and shutdown on SIGTERM/SIGINT: not
-/// ready at once, then the drain delay, then the requests under way get the grace period.
-/// Exits 0 after a signal either way: a request cut off was never answered 2xx, so its
-/// sender retries it.
-async fn run_intake(config: Config) -> anyhow::Result<()> {
-    config.check_intake_sources()?;
-    let config = Arc::new(config);
-    let health = Arc::new(IntakeHealth::default());
-    let metrics = Arc::new(IntakeMetrics::new(
-        config.intake.sources.keys().map(String::as_str),
-    ));
-    let shutdown = CancellationToken::new();
-    let bind = |key: &'static str, addr: std::net::SocketAddr| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {key} = {addr}: {e}"))
-    };
-    let probes = bind("server.listen", config.server.listen).await?;
-    let webhooks = bind("intake.listen", config.intake.listen).await?;
-    let sources: Vec<&str> = config.intake.sources.keys().map(String::as_str).collect();
-    let shown = |l: &tokio::net::TcpListener, configured| l.local_addr().unwrap_or(configured);
-    tracing::info!(
-        listen = %shown(&webhooks, config.intake.listen),
-        probes = %shown(&probes, config.server.listen),
-        sources = ?sources,
-        "Serving webhooks."
-    );
-    let probes_stop = CancellationToken::new();
-    let server = tokio::spawn(health::serve_probes(
-        probes,
-        Arc::new(IntakeProbes {
-            health: health.clone(),
-            metrics: metrics.clone(),
-        }),
-        probes_stop.clone(),
-    ));
-    let bound = config.intake.drain_delay() + config.grace_period() + Duration::from_secs(5);
-    let mut intake = tokio::spawn(intake::run(
-        config.clone(),
-        webhooks,
-        health,
-        metrics,
-        shutdown.clone(),
-    ));
-    let signal = tokio::select! {
-        signal = shutdown_signal() => signal,
-        ended = &mut intake => {
-            probes_stop.cancel();
-            return Ok(ended??);
-        }
-    };
-    let started = Instant::now();
-    tracing::info!(signal, "Shutting down the intake.");
-    shutdown.cancel();
-    match tokio::time::timeout(bound, intake).await {
-        Ok(ended) => {
-            ended??;
-            tracing::info!(
-                took_ms = started.elapsed().as_millis() as u64,
-                "Intake shut down."
-            );
-        }
-        Err(_) => tracing::warn!("The intake did not stop in time; exiting anyway."),
-    }
-    probes_stop.cancel();
-    let _ = server.await;
-    Ok(())
+    });
+    shutdown
 }
 
 async fn shutdown_signal() -> &'static str {

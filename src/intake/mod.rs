@@ -85,23 +85,16 @@ impl Probes for IntakeProbes {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum IntakeError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-}
-
 /// Serves the webhook routes on `listener` until `shutdown` is cancelled, then drains:
 /// requests under way get `shutdown.grace_period_s` to finish. Returns once the broker
-/// connection is closed.
+/// connection is closed. The caller has checked the sources ([`crate::app::IntakeApp`]).
 pub async fn run(
     config: Arc<Config>,
     listener: TcpListener,
     health: Arc<IntakeHealth>,
     metrics: Arc<IntakeMetrics>,
     shutdown: CancellationToken,
-) -> Result<(), IntakeError> {
-    config.check_intake_sources()?;
+) {
     let intake = &config.intake;
     let publisher = Arc::new(Publisher::new(
         &config.amqp.queue,
@@ -181,5 +174,4 @@ pub async fn run(
     }
     stop_publishing.cancel();
     let _ = supervisor.await;
-    Ok(())
 }

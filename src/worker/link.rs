@@ -47,8 +47,6 @@ use crate::amqp::{
 use crate::config;
 use crate::metrics::Metrics;
 
-/// The header that carries why a message was dead-lettered.
-
 /// A message as it came: what dead-lettering and handing back republish unchanged.
 #[derive(Debug, Clone)]
 pub struct Message {

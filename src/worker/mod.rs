@@ -60,10 +60,6 @@ pub struct Worker {
 pub enum WorkerError {
     #[error("cannot build the HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
-    #[error(
-        "no write key is configured for either region: set SEGMENT_BRIDGE__SEGMENT__US__WRITE_KEY and/or SEGMENT_BRIDGE__SEGMENT__EU__WRITE_KEY (or segment.us/eu.write_key in the config file), or try the mapping with `run --dry-run`"
-    )]
-    NoWriteKey,
 }
 
 /// Unbounded on purpose: the broker's prefetch bounds how many deliveries are held.
@@ -93,9 +89,6 @@ impl Worker {
     /// Runs until `shutdown` is cancelled, then stops consuming, sends and acknowledges
     /// what it holds, and returns. The caller bounds that drain with the grace period.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        if !self.dry_run && !Region::ALL.iter().any(|r| self.config.has_write_key(*r)) {
-            return Err(WorkerError::NoWriteKey);
-        }
         let client = segment::http_client(self.config.request_timeout())?;
         let stop_consuming = CancellationToken::new();
         // Cancelled shortly before the grace period ends: what Segment has not taken by then

@@ -28,10 +28,10 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use segment_bridge::app::{AppError, Stopped, WorkerApp};
 use segment_bridge::config::Config;
-use segment_bridge::health::{self, Health};
+use segment_bridge::health::Health;
 use segment_bridge::metrics::Metrics;
-use segment_bridge::worker::{Worker, WorkerError};
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const US_KEY: &str = "us-write-key";
@@ -500,13 +500,14 @@ fn write_empty(dir: &tempfile::TempDir) -> std::path::PathBuf {
     path
 }
 
-/// A worker running in this process, with its side port.
+/// A worker running in this process, with its side port, built and run as the binary
+/// does ([`WorkerApp`]).
 pub struct App {
     /// `shutdown.grace_period_s`: `stop` fails if the worker takes longer, as the binary
     /// would exit then, leaving its deliveries to the broker.
     pub grace: Duration,
     pub shutdown: CancellationToken,
-    pub worker: JoinHandle<Result<(), WorkerError>>,
+    pub worker: JoinHandle<Result<Stopped, AppError>>,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     pub probes: String,
@@ -514,21 +515,11 @@ pub struct App {
 
 pub async fn spawn_app(config: Config) -> App {
     let grace = config.grace_period();
-    let config = Arc::new(config);
+    let app = WorkerApp::build(config, false).await.unwrap();
+    let probes = format!("http://{}", app.probes_addr());
+    let (health, metrics) = (app.health(), app.metrics());
     let shutdown = CancellationToken::new();
-    let health = Arc::new(Health::default());
-    let metrics = Arc::new(Metrics::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let probes = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(health::serve(
-        listener,
-        health.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    let worker = tokio::spawn(
-        Worker::new(config, health.clone(), metrics.clone(), false).run(shutdown.clone()),
-    );
+    let worker = tokio::spawn(app.run(shutdown.clone()));
     App {
         grace,
         shutdown,
@@ -540,18 +531,22 @@ pub async fn spawn_app(config: Config) -> App {
 }
 
 impl App {
-    /// Shuts the worker down as SIGTERM would, and waits for it: at most the grace period
-    /// (and a little for a loaded machine).
+    /// Shuts the worker down as SIGTERM would, and waits for it: it must have settled
+    /// everything within the grace period.
     pub async fn stop(self) {
         self.shutdown.cancel();
         let within = self.grace + Duration::from_millis(500);
-        tokio::time::timeout(within, self.worker)
+        let stopped = tokio::time::timeout(within, self.worker)
             .await
-            .unwrap_or_else(|_| {
-                panic!("the worker did not stop within its grace period ({within:?})")
-            })
+            .unwrap_or_else(|_| panic!("the worker did not stop within {within:?}"))
             .unwrap()
             .unwrap();
+        assert_eq!(
+            stopped,
+            Stopped::Drained,
+            "the worker did not settle everything within its grace period ({:?})",
+            self.grace
+        );
     }
 
     /// GETs a probe path; returns the status and body.

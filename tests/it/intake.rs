@@ -22,12 +22,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use segment_bridge::app::{AppError, IntakeApp, Stopped};
 use segment_bridge::config::{Config, Source, SourceKind};
 use segment_bridge::domain::Region;
-use segment_bridge::health;
 use segment_bridge::intake::metrics::IntakeMetrics;
 use segment_bridge::intake::signature::sign;
-use segment_bridge::intake::{self, IntakeError, IntakeHealth, IntakeProbes};
 
 use crate::helpers::*;
 
@@ -115,7 +114,7 @@ struct Intake {
     addr: SocketAddr,
     probes: String,
     shutdown: CancellationToken,
-    task: JoinHandle<Result<(), IntakeError>>,
+    task: JoinHandle<Result<Stopped, AppError>>,
     metrics: Arc<IntakeMetrics>,
     http: reqwest::Client,
 }
@@ -128,35 +127,17 @@ struct Answer {
     body: Value,
 }
 
-async fn spawn_intake(config: Config) -> Intake {
-    let config = Arc::new(config);
-    let health = Arc::new(IntakeHealth::default());
-    let metrics = Arc::new(IntakeMetrics::new(
-        config.intake.sources.keys().map(String::as_str),
-    ));
+async fn spawn_intake(mut config: Config) -> Intake {
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.intake.listen = "127.0.0.1:0".parse().unwrap();
+    let app = IntakeApp::build(config).await.unwrap();
+    let (addr, probes) = (app.addr(), format!("http://{}", app.probes_addr()));
+    let metrics = app.metrics();
     let shutdown = CancellationToken::new();
-    let probes = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let probes_url = format!("http://{}", probes.local_addr().unwrap());
-    tokio::spawn(health::serve_probes(
-        probes,
-        Arc::new(IntakeProbes {
-            health: health.clone(),
-            metrics: metrics.clone(),
-        }),
-        shutdown.clone(),
-    ));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(intake::run(
-        config,
-        listener,
-        health,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let task = tokio::spawn(app.run(shutdown.clone()));
     Intake {
         addr,
-        probes: probes_url,
+        probes,
         shutdown,
         task,
         metrics,

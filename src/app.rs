@@ -1,0 +1,301 @@
+//! Building and running each program: [`WorkerApp`] (`segment-bridge run`) and
+//! [`IntakeApp`] (`segment-bridge intake`).
+//!
+//! This is the one start-up path. `main.rs`, the integration tests and the benchmarks all
+//! build a program here and run it with a shutdown token, so that what they test and
+//! measure is wired exactly as what runs in production. `build` does every check that
+//! must pass before anything is served (a write key, the intake's sources, the ports), so
+//! that a program that cannot work refuses to start instead of running half-way; `run`
+//! serves until the token is cancelled, then drains within the grace period and says how
+//! that ended.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+use crate::domain::Region;
+use crate::health::{self, Health};
+use crate::intake::{self, IntakeHealth, IntakeProbes, metrics::IntakeMetrics};
+use crate::metrics::Metrics;
+use crate::worker::{Worker, WorkerError};
+
+/// Why a program could not start or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(
+        "no write key is configured for either region: set SEGMENT_BRIDGE__SEGMENT__US__WRITE_KEY and/or SEGMENT_BRIDGE__SEGMENT__EU__WRITE_KEY (or segment.us/eu.write_key in the config file), or try the mapping with `run --dry-run`"
+    )]
+    NoWriteKey,
+    #[error("cannot listen on {key} = {addr}: {source}")]
+    Listen {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("the program's task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// How a program's shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Everything under way finished within the grace period.
+    Drained,
+    /// The grace period ran out first; what was not finished is left to the broker (the
+    /// worker's unacknowledged deliveries are redelivered) or to the senders (a webhook
+    /// not answered 2xx is sent again).
+    GraceRanOut,
+}
+
+/// The tokio runtime of the worker and of the operator commands: one thread (tokio's
+/// current-thread scheduler).
+///
+/// Measured on the 2-core development machine with the broker beside it (docs,
+/// Performance): lapin reads and parses frames on an I/O thread of its own whatever the
+/// runtime, and the pipeline's own work is one consuming task (parse, map, batch) with a
+/// sender task per region and the acker, all of it short. With worker threads, each
+/// hand-over between those tasks was a cross-thread wake-up (futex, epoll), and the worker
+/// spent a sixth of its CPU parking and unparking threads; on one thread the hops are
+/// local, parking fell from 2.8 to 1.1 µs per session, and the CPU per session by about
+/// 15% at the same throughput. A pod that has more cores runs more replicas (KEDA scales
+/// on the queue length) rather than more threads in one.
+pub fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// The tokio runtime of the intake: the multi-thread scheduler, one thread per core (or
+/// `TOKIO_WORKER_THREADS`). Its requests are independent of each other and each verifies
+/// an HMAC; they spread over the cores, unlike the worker's one pipeline.
+pub fn intake_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Listen { key, addr, source })
+}
+
+/// The worker, built and checked, with its side port bound.
+pub struct WorkerApp {
+    config: Arc<Config>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    probes: TcpListener,
+    dry_run: bool,
+}
+
+impl WorkerApp {
+    /// Checks that the worker can do its job (a write key for at least one region, unless
+    /// `dry_run`) and binds `server.listen`.
+    pub async fn build(config: Config, dry_run: bool) -> Result<WorkerApp, AppError> {
+        if !dry_run && !Region::ALL.iter().any(|r| config.has_write_key(*r)) {
+            return Err(AppError::NoWriteKey);
+        }
+        let probes = bind("server.listen", config.server.listen).await?;
+        Ok(WorkerApp {
+            config: Arc::new(config),
+            health: Arc::new(Health::default()),
+            metrics: Arc::new(Metrics::new()),
+            probes,
+            dry_run,
+        })
+    }
+
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (the bound port, when
+    /// `server.listen` asked for port 0).
+    pub fn probes_addr(&self) -> SocketAddr {
+        self.probes
+            .local_addr()
+            .unwrap_or(self.config.server.listen)
+    }
+
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves the side port and runs the worker until `shutdown` is cancelled, then stops
+    /// consuming, sends and acknowledges what it holds within the grace period, and
+    /// returns how that ended. Returns early with an error if the worker stops by itself.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<Stopped, AppError> {
+        let WorkerApp {
+            config,
+            health,
+            metrics,
+            probes,
+            dry_run,
+        } = self;
+        tracing::info!(
+            listen = %probes.local_addr().unwrap_or(config.server.listen),
+            dry_run,
+            "Serving /healthz, /readyz and /metrics."
+        );
+        let server = tokio::spawn(health::serve(
+            probes,
+            health.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        let grace = config.grace_period();
+        // Spawned rather than awaited here, so that it runs as the runtime's own task.
+        let mut worker =
+            tokio::spawn(Worker::new(config, health, metrics, dry_run).run(shutdown.clone()));
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            ended = &mut worker => {
+                shutdown.cancel();
+                let _ = server.await;
+                ended??;
+                return Ok(Stopped::Drained);
+            }
+        }
+        let started = Instant::now();
+        let stopped = match tokio::time::timeout(grace, worker).await {
+            Ok(ended) => {
+                ended??;
+                tracing::info!(
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "Shut down: every held delivery was settled."
+                );
+                Stopped::Drained
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "The grace period ran out; deliveries not yet acknowledged stay with the broker and will be redelivered."
+                );
+                Stopped::GraceRanOut
+            }
+        };
+        let _ = server.await;
+        Ok(stopped)
+    }
+}
+
+/// The intake, built and checked, with its two ports bound.
+pub struct IntakeApp {
+    config: Arc<Config>,
+    health: Arc<IntakeHealth>,
+    metrics: Arc<IntakeMetrics>,
+    probes: TcpListener,
+    webhooks: TcpListener,
+}
+
+impl IntakeApp {
+    /// Checks the intake's sources (at least one, each with a secret) and binds
+    /// `server.listen` and `intake.listen`.
+    pub async fn build(config: Config) -> Result<IntakeApp, AppError> {
+        config.check_intake_sources()?;
+        let probes = bind("server.listen", config.server.listen).await?;
+        let webhooks = bind("intake.listen", config.intake.listen).await?;
+        let metrics = Arc::new(IntakeMetrics::new(
+            config.intake.sources.keys().map(String::as_str),
+        ));
+        Ok(IntakeApp {
+            config: Arc::new(config),
+            health: Arc::new(IntakeHealth::default()),
+            metrics,
+            probes,
+            webhooks,
+        })
+    }
+
+    /// Where the webhook routes are served.
+    pub fn addr(&self) -> SocketAddr {
+        self.webhooks
+            .local_addr()
+            .unwrap_or(self.config.intake.listen)
+    }
+
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub fn probes_addr(&self) -> SocketAddr {
+        self.probes
+            .local_addr()
+            .unwrap_or(self.config.server.listen)
+    }
+
+    pub fn metrics(&self) -> Arc<IntakeMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves the webhook routes and the side port until `shutdown` is cancelled; then
+    /// the intake is not ready at once, answers for the drain delay, and lets the requests
+    /// under way finish within the grace period. A request cut off was never answered
+    /// 2xx, so its sender retries it.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<Stopped, AppError> {
+        let IntakeApp {
+            config,
+            health,
+            metrics,
+            probes,
+            webhooks,
+        } = self;
+        let sources: Vec<&str> = config.intake.sources.keys().map(String::as_str).collect();
+        tracing::info!(
+            listen = %webhooks.local_addr().unwrap_or(config.intake.listen),
+            probes = %probes.local_addr().unwrap_or(config.server.listen),
+            sources = ?sources,
+            "Serving webhooks."
+        );
+        // The probes outlive the webhook routes: `/readyz` says 503 while draining.
+        let probes_stop = CancellationToken::new();
+        let server = tokio::spawn(health::serve_probes(
+            probes,
+            Arc::new(IntakeProbes {
+                health: health.clone(),
+                metrics: metrics.clone(),
+            }),
+            probes_stop.clone(),
+        ));
+        let bound = config.intake.drain_delay() + config.grace_period() + Duration::from_secs(5);
+        let mut intake = tokio::spawn(intake::run(
+            config,
+            webhooks,
+            health,
+            metrics,
+            shutdown.clone(),
+        ));
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            ended = &mut intake => {
+                probes_stop.cancel();
+                let _ = server.await;
+                ended?;
+                return Ok(Stopped::Drained);
+            }
+        }
+        let started = Instant::now();
+        let stopped = match tokio::time::timeout(bound, intake).await {
+            Ok(ended) => {
+                ended?;
+                tracing::info!(
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "Intake shut down."
+                );
+                Stopped::Drained
+            }
+            Err(_) => {
+                tracing::warn!("The intake did not stop in time; exiting anyway.");
+                Stopped::GraceRanOut
+            }
+        };
+        probes_stop.cancel();
+        let _ = server.await;
+        Ok(stopped)
+    }
+}
