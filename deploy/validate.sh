@@ -22,9 +22,9 @@
 #     parts, plus the rabbitmq scaler's metadata rules;
 #   - kustomization.yaml: known fields, every resource exists and is
 #     validated, no manifest is left out by accident;
-#   - the config.toml inside the ConfigMap: TOML syntax, keys and types of
-#     SPEC sections 7 and 9 (the intake's sources included), and that it holds
-#     no credentials;
+#   - the config.toml inside the ConfigMap: TOML syntax, the keys and types
+#     of docs/configuration.md (the intake's sources included), and that it
+#     holds no credentials;
 #   - cross-references between the manifests, for the worker and the intake
 #     alike (Secret keys, ConfigMap keys, selectors vs. pod labels, probe and
 #     listen ports, KEDA target/auth/queue, grace periods), and the intake's
@@ -319,7 +319,7 @@ def keda_semantics(doc):
     return errs
 
 
-# ---------------------------------------------------------------- config.toml (SPEC section 7)
+# ---------------------------------------------------------------- config.toml (docs/configuration.md)
 CONFIG_KEYS = {
     "amqp": {"url": str, "queue": str, "dead_letter_queue": str, "prefetch": int,
              "declare": bool, "delivery_limit": int},
@@ -334,7 +334,7 @@ CONFIG_KEYS = {
                 "track_event": str, "lead_event": str},
     "server": {"listen": str},
     "shutdown": {"grace_period_s": int},
-    # SPEC section 9.
+    # The webhook intake's keys.
     "intake": {"listen": str, "max_body_bytes": int, "signature_tolerance_s": int,
                "publish_timeout_ms": int, "retry_after_s": int, "header_read_timeout_ms": int,
                "body_read_timeout_ms": int, "request_timeout_ms": int,
@@ -380,7 +380,7 @@ def check_config_toml(text):
             typ = allowed.get(key)
             if typ is None:
                 errs.append(f"config.toml: [{section}] unknown key {key!r} "
-                            "(SPEC sections 7, 9; extend CONFIG_KEYS in validate.sh if it is new)")
+                            "(see docs/configuration.md; extend CONFIG_KEYS in validate.sh if it is new)")
             elif typ is dict:
                 if isinstance(value, dict):
                     walk(value, f"{section}.{key}")
@@ -586,7 +586,7 @@ def validate_manifest_file(path):
                 cfg, cerrs = check_config_toml(doc["data"]["config.toml"])
                 errs += cerrs
                 if cfg is not None:
-                    labels.append("+ config.toml (SPEC sections 7, 9)")
+                    labels.append("+ config.toml (its keys and types)")
                     CONFIGS.append(cfg)
     report(rel(path), errs, "; ".join(labels))
 
