@@ -177,7 +177,7 @@ fn map_events<'s>(
     fallback_time: OffsetDateTime,
     options: &Options,
 ) -> Result<Mapped, MapError> {
-    let hash = hex32(&Sha256::digest(email.as_str().as_bytes()).into());
+    let hash = sha256_hex(email);
 
     // The mapped attributes that travel. With `hash_pii`, an attribute named `email` does
     // not: it would carry the address in plain text. Traits leave out the attributes named
@@ -213,9 +213,9 @@ fn map_events<'s>(
     json.push(b'}');
     let shared = shared_start..json.len();
     json.extend_from_slice(br#","traits":{"#);
-    if !options.hash_pii {
+    if let (false, Some(plain)) = (options.hash_pii, email.plain()) {
         json.extend_from_slice(br#""email":"#);
-        write_str(&mut json, email.as_str());
+        write_str(&mut json, plain);
         json.push(b',');
     }
     json.extend_from_slice(br#""emailSha256Hash":""#);
@@ -291,8 +291,16 @@ pub fn track_event<'o>(session: &Session, options: &'o Options) -> &'o str {
 
 /// Lowercase hex SHA-256 of the normalised email: the `userId`.
 pub fn email_hash(email: &Email) -> String {
-    let hex = hex32(&Sha256::digest(email.as_str().as_bytes()).into());
-    String::from_utf8(hex.to_vec()).expect("hex is ASCII")
+    String::from_utf8(sha256_hex(email).to_vec()).expect("hex is ASCII")
+}
+
+/// Lowercase hex SHA-256 of the normalised email, or the hash it arrived as (see
+/// [`Email`]: 64 hex digits where an email is expected are the hash itself).
+fn sha256_hex(email: &Email) -> [u8; 64] {
+    match email.prehashed_sha256() {
+        Some(hash) => hash.as_bytes().try_into().expect("64 hex digits"),
+        None => hex32(&Sha256::digest(email.as_str().as_bytes()).into()),
+    }
 }
 
 /// A messageId for one event of one session, a pure function of both:
@@ -481,7 +489,7 @@ mod tests {
             let attributes = Attributes {
                 session,
                 options,
-                plain_email: (!options.hash_pii).then_some(email),
+                plain_email: email.plain().filter(|_| !options.hash_pii),
                 hash: &hash,
             };
 
@@ -529,7 +537,10 @@ mod tests {
 
         /// Lowercase hex SHA-256 of the normalised email: the `userId`.
         fn email_hash(email: &Email) -> String {
-            hex::encode(Sha256::digest(email.as_str().as_bytes()))
+            match email.prehashed_sha256() {
+                Some(hash) => hash.to_owned(),
+                None => hex::encode(Sha256::digest(email.as_str().as_bytes())),
+            }
         }
 
         /// A messageId for one event of one session, a pure function of both:
@@ -630,7 +641,7 @@ mod tests {
         struct Attributes<'a> {
             session: &'a Session<'a>,
             options: &'a Options,
-            plain_email: Option<&'a Email>,
+            plain_email: Option<&'a str>,
             hash: &'a str,
         }
 
@@ -656,7 +667,7 @@ mod tests {
                 let a = self.0;
                 let mut map = s.serialize_map(None)?;
                 if let Some(email) = a.plain_email {
-                    map.serialize_entry("email", email.as_str())?;
+                    map.serialize_entry("email", email)?;
                 }
                 map.serialize_entry("emailSha256Hash", a.hash)?;
                 for (k, v) in a.mapped() {
@@ -919,6 +930,27 @@ mod tests {
         assert!(!identify.to_string().contains("a@b.c"));
         assert!(!track.to_string().contains("a@b.c"));
         assert_eq!(identify["traits"]["q"], 1);
+    }
+
+    #[test]
+    fn a_pre_hashed_email_is_the_user_id_itself_and_no_plain_email_travels() {
+        // A Jebbit webhook of an integration with `hash_pii`: `data.email` is the hash.
+        let upper = JANE.to_uppercase();
+        let body =
+            format!(r#"{{"session_id":"s","data":{{"email":" {upper} ","q":1}},"event":{{}}}}"#);
+        for hash_pii in [false, true] {
+            let options = Options {
+                hash_pii,
+                ..Options::default()
+            };
+            let (identify, track, _) = events(&body, &options);
+            assert_eq!(identify["userId"], JANE);
+            assert_eq!(track["userId"], JANE);
+            assert_eq!(identify["traits"]["emailSha256Hash"], JANE);
+            assert_eq!(identify["context"]["externalIds"][0]["id"], JANE);
+            assert!(identify["traits"].get("email").is_none(), "{identify}");
+            assert_eq!(identify["traits"]["q"], 1);
+        }
     }
 
     #[test]
