@@ -3,8 +3,10 @@
 
 mod broker_lock;
 mod delivery;
+mod fake_jebbit;
 mod helpers;
 mod intake;
 mod lifecycle;
+mod onboard;
 mod quorum;
 mod tools;
