@@ -7,8 +7,8 @@
 //! - [`secret_out`]: the 0600 file and the Kubernetes Secret manifest.
 //!
 //! This module owns the commands' flow and what they tell the operator: results on
-//! standard output (a manifest, when asked for, alone there), explanations and next steps
-//! on standard error. It never prints a client secret, a token or a `shared_secret`; the
+//! standard output (a manifest, when asked for, alone there; the JotUrl URL alone there),
+//! explanations and next steps on standard error when standard output carries data. It never prints a client secret, a token or a `shared_secret`; the
 //! JotUrl webhook URL is the one exception, because the operator must paste it.
 
 pub mod jebbit;
@@ -582,21 +582,21 @@ pub fn joturl_token(
     let base = public_url(public)?;
     let token = joturl::new_token()
         .map_err(|e| usage(format!("no random bytes from the operating system: {e}")))?;
-    let mut report = Vec::new();
     let line = hand_over(name, &token, handover, io)?;
-    writeln!(report, "A new URL token for JotUrl source `{name}`. {line}")?;
+    writeln!(io.err, "A new URL token for JotUrl source `{name}`. {line}")?;
     writeln!(
-        report,
-        "Paste this URL into the CTA's \"Set webhook\" dialog in JotUrl. It holds the token, which is the source's secret: it is shown only because it must be pasted there; keep it out of tickets and chats."
+        io.err,
+        "Paste the URL below into the CTA's \"Set webhook\" dialog in JotUrl. It holds the token, which is the source's secret: it is shown only because it must be pasted there; keep it out of tickets and chats."
     )?;
-    let notes: &mut dyn Write = if handover.k8s_secret.is_some() {
+    // The URL alone on standard output (`URL=$(…)` keeps it off the screen), unless a
+    // manifest is there.
+    let url: &mut dyn Write = if handover.k8s_secret.is_some() {
         &mut *io.err
     } else {
         &mut *io.out
     };
-    notes.write_all(&report)?;
     writeln!(
-        notes,
+        url,
         "{}",
         joturl::webhook_url(&base, name, &token).expose_secret()
     )?;

@@ -340,7 +340,7 @@ async fn connect_test_and_backfill_deliver_every_session_and_print_no_secret() {
     assert_eq!(token.len(), 43);
     assert_eq!(mode(&token_file), 0o600);
     let lead_url = format!("{public}/webhooks/cta/{token}");
-    assert!(joturl.stdout.contains(&lead_url), "{}", joturl.text());
+    assert_eq!(joturl.stdout, format!("{lead_url}\n"), "the URL alone");
     assert!(joturl.text().contains("Set webhook"), "{}", joturl.text());
     let joturl_run = o.outputs.len() - 1;
 
@@ -624,4 +624,87 @@ async fn a_kubernetes_secret_is_printed_only_when_asked_and_integrations_can_be_
         gone.text()
     );
     o.assert_no_secret(&[], &[]);
+}
+
+/// The README's onboarding block, pasted into bash as it stands, with the fake standing in
+/// for Jebbit: only the placeholders (credentials, public URL), the ports (free ones
+/// instead of the defaults) and `cargo run` (the binary under test) are replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_onboarding_works_when_pasted_against_the_fake_api() {
+    let fake = FakeJebbit::start(fake_jebbit::Options::default()).await;
+    let queues = Queues::new("onboard_readme").await;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("\n## Onboarding\n")
+        .nth(1)
+        .and_then(|s| s.split("```sh\n").nth(1))
+        .and_then(|s| s.split("\n```").next())
+        .expect("a sh block in the README's Onboarding section");
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples"),
+        dir.path().join("examples"),
+    )
+    .unwrap();
+    let (intake, probes, worker) = (free_port(), free_port(), free_port());
+    let o = fake.options();
+    let script = block
+        .replace("cargo run --release -q --", BIN)
+        .replace("'your client id'", &o.client_id)
+        .replace("'your client secret'", &o.client_secret)
+        .replace("https://intake.example.com", &format!("http://{intake}"))
+        .replace("127.0.0.1:9464", &probes.to_string())
+        .replace("127.0.0.1:9465", &worker.to_string())
+        .replace("/tmp/", &format!("{}/", dir.path().display()));
+    // A failing step must not leave the background intake holding the output pipe open.
+    let script = format!("trap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n{script}");
+    let mut cmd = std::process::Command::new("bash");
+    cmd.args(["-euo", "pipefail", "-c", &script])
+        .current_dir(dir.path());
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("SEGMENT_BRIDGE") || k.starts_with("JEBBIT_") || k == "RUST_LOG" {
+            cmd.env_remove(&key);
+        }
+    }
+    for (k, v) in [
+        ("JEBBIT_API_URL", fake.url()),
+        ("JEBBIT_AUTH_URL", fake.url()),
+        ("SEGMENT_BRIDGE__AMQP__URL", AMQP_URL.to_owned()),
+        ("SEGMENT_BRIDGE__AMQP__QUEUE", queues.main.clone()),
+        (
+            "SEGMENT_BRIDGE__AMQP__DEAD_LETTER_QUEUE",
+            queues.dead.clone(),
+        ),
+        ("SEGMENT_BRIDGE__INTAKE__LISTEN", intake.to_string()),
+        ("SEGMENT_BRIDGE__SERVER__LISTEN", probes.to_string()),
+    ] {
+        cmd.env(k, v);
+    }
+    let output = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("\nverified: "), "{text}");
+    let batches = std::fs::read_to_string(dir.path().join("onboarding-batches.jsonl")).unwrap();
+    assert!(batches.contains("Lead Captured"), "{batches}");
+    let token = std::fs::read_to_string(dir.path().join("cta.secret")).unwrap();
+    let mut secrets = fake.secrets();
+    secrets.extend(fake.tokens());
+    secrets.extend([o.client_secret.clone(), token]);
+    assert_eq!(
+        secrets.len(),
+        5,
+        "a shared secret, two Jebbit tokens (connect, test), two more"
+    );
+    for s in secrets {
+        assert!(!text.contains(&s), "a secret on the terminal:\n{text}");
+    }
 }
