@@ -270,18 +270,16 @@ async fn connect_test_and_backfill_deliver_every_session_and_print_no_secret() {
 
     // Connect: the integration posts to the source's URL, with its region; the secret is
     // in a 0600 file, and the output says what to do next.
-    let connect = o
-        .run(&[
-            "jebbit",
-            "connect",
-            "--source",
-            "jebbit_eu",
-            "--public-url",
-            &public,
-        ])
-        .await
-        .ok();
-    let text = connect.text();
+    let connect = [
+        "jebbit",
+        "connect",
+        "--source",
+        "jebbit_eu",
+        "--public-url",
+        &public,
+    ];
+    let connected = o.run(&connect).await.ok();
+    let text = connected.text();
     let endpoint = format!("{public}/webhooks/jebbit_eu");
     for want in [
         "created for intake source `jebbit_eu`",
@@ -308,17 +306,7 @@ async fn connect_test_and_backfill_deliver_every_session_and_print_no_secret() {
     assert_eq!(mode(&secret_file), 0o600);
 
     // Connecting again updates the same integration and keeps the secret.
-    let again = o
-        .run(&[
-            "jebbit",
-            "connect",
-            "--source",
-            "jebbit_eu",
-            "--public-url",
-            &public,
-        ])
-        .await
-        .ok();
+    let again = o.run(&connect).await.ok();
     assert!(again.text().contains("updated"), "{}", again.text());
     assert_eq!(o.fake.integrations().len(), 1);
     assert_eq!(std::fs::read_to_string(&secret_file).unwrap(), secret);
