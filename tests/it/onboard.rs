@@ -696,3 +696,32 @@ async fn the_readmes_onboarding_works_when_pasted_against_the_fake_api() {
         assert!(!text.contains(&s), "a secret on the terminal:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_token_is_reused_until_shortly_before_it_expires() {
+    let fake = FakeJebbit::start(fake_jebbit::Options {
+        expires_in: 2,
+        ..Default::default()
+    })
+    .await;
+    let o = fake.options();
+    let config = Config::default();
+    let settings = segment_bridge::onboard::settings(&config, |name| match name {
+        "JEBBIT_CLIENT_ID" => Some(o.client_id.clone()),
+        "JEBBIT_CLIENT_SECRET" => Some(o.client_secret.clone()),
+        "JEBBIT_API_URL" | "JEBBIT_AUTH_URL" => Some(fake.url()),
+        _ => None,
+    })
+    .unwrap();
+    let client = segment_bridge::onboard::jebbit::Client::new(settings).unwrap();
+    for _ in 0..3 {
+        client.business().await.unwrap();
+    }
+    client.integrations().await.unwrap();
+    assert_eq!(fake.token_requests(), 1, "one token for four calls");
+    // 90% of its 2 s life.
+    tokio::time::sleep(Duration::from_millis(1850)).await;
+    client.business().await.unwrap();
+    assert_eq!(fake.token_requests(), 2, "renewed before it ran out");
+    assert_eq!(fake.api_requests(), 5);
+}
