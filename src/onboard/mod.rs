@@ -142,6 +142,31 @@ fn public_url(raw: &str) -> Result<String, OnboardError> {
     Ok(raw.trim_end_matches('/').to_owned())
 }
 
+impl Handover {
+    /// The file the secret goes to: the one named, else the default unless only a
+    /// manifest is asked for.
+    fn file(&self, source: &str) -> Option<PathBuf> {
+        match (&self.secret_file, &self.k8s_secret) {
+            (Some(path), _) => Some(path.clone()),
+            (None, None) => Some(secret_out::default_file(source)),
+            (None, Some(_)) => None,
+        }
+    }
+
+    /// Fails before anything is created when the file cannot be written.
+    fn check(&self, source: &str) -> Result<(), OnboardError> {
+        match self.file(source) {
+            Some(path) => {
+                secret_out::check_writable(&path).map_err(|error| OnboardError::SecretFile {
+                    path: path.display().to_string(),
+                    error,
+                })
+            }
+            None => Ok(()),
+        }
+    }
+}
+
 /// Writes `secret` where `handover` says; returns one line that says where (no secret).
 fn hand_over(
     source: &str,
@@ -150,11 +175,7 @@ fn hand_over(
     io: &mut Io<'_>,
 ) -> Result<String, OnboardError> {
     let mut said = Vec::new();
-    let file = match (&handover.secret_file, &handover.k8s_secret) {
-        (Some(path), _) => Some(path.clone()),
-        (None, None) => Some(secret_out::default_file(source)),
-        (None, Some(_)) => None,
-    };
+    let file = handover.file(source);
     if let Some(path) = &file {
         secret_out::write_file(path, secret).map_err(|error| OnboardError::SecretFile {
             path: path.display().to_string(),
@@ -241,6 +262,7 @@ pub async fn connect(
         require_opt_in: config.mapping.require_opt_in,
         include_mapped_attributes: config.mapping.include_mapped_attributes,
     };
+    args.handover.check(&args.source)?;
     let existing = client
         .integrations()
         .await?
@@ -275,7 +297,12 @@ pub async fn connect(
     }
     match secret {
         Some(secret) => {
-            let line = hand_over(&args.source, &secret, &args.handover, io)?;
+            let line = hand_over(&args.source, &secret, &args.handover, io).map_err(|e| {
+                usage(format!(
+                    "Jebbit integration {} was {verb}, but its secret could not be handed over ({e}); delete it (segment-bridge jebbit delete --id {}) and connect again.",
+                    integration.id, integration.id
+                ))
+            })?;
             writeln!(report, "{line}")?;
             writeln!(
                 report,
@@ -580,6 +607,7 @@ pub fn joturl_token(
 ) -> Result<(), OnboardError> {
     source(config, name, SourceKind::Joturl)?;
     let base = public_url(public)?;
+    handover.check(name)?;
     let token = joturl::new_token()
         .map_err(|e| usage(format!("no random bytes from the operating system: {e}")))?;
     let line = hand_over(name, &token, handover, io)?;

@@ -21,6 +21,24 @@ pub fn default_file(source: &str) -> PathBuf {
     PathBuf::from(format!("{source}.secret"))
 }
 
+/// Checks that `path` can be written, before a secret exists that would be lost if it
+/// could not: opens an existing file for writing without changing it, or creates the
+/// file and removes it again.
+pub fn check_writable(path: &Path) -> std::io::Result<()> {
+    if path.exists() {
+        return std::fs::OpenOptions::new().write(true).open(path).map(drop);
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)?;
+    std::fs::remove_file(path)
+}
+
 /// Writes `secret` (no newline) to `path`, readable and writable by its owner only (0600),
 /// also when the file already existed with wider permissions.
 pub fn write_file(path: &Path, secret: &SecretString) -> std::io::Result<()> {

@@ -490,6 +490,19 @@ async fn a_wrong_client_secret_a_missing_scope_and_a_refused_region_are_each_one
     );
     assert!(!full.path("jebbit_eu.secret").exists());
 
+    // A secret file that cannot be written: refused before Jebbit creates anything.
+    let nowhere = full.path("no-such-directory/jebbit_eu.secret");
+    let unwritable = full
+        .run(&[&connect[..], &["--secret-file", nowhere.to_str().unwrap()]].concat())
+        .await
+        .failed();
+    assert!(
+        unwritable.stderr.contains("cannot write the secret to"),
+        "{}",
+        unwritable.text()
+    );
+    assert!(full.fake.integrations().is_empty());
+
     // 5xx answers are retried with backoff.
     full.fake.fail_next(2);
     full.run(&["jebbit", "list"]).await.ok();
