@@ -70,7 +70,8 @@ cd "$here"
 # binary), the Dockerfile; then the unit tests of those checks.
 "$PYTHON" checks/crossrefs.py --bridge "$bridge" "$deploy" || rc=1
 if [[ -z "${DEPLOY_VALIDATE_NO_UNITTESTS:-}" ]]; then
-  if out="$(SEGMENT_BRIDGE_BIN="$bridge" "$PYTHON" -m unittest discover -s checks -t checks -q 2>&1)"
+  if out="$(SEGMENT_BRIDGE_BIN="$bridge" DEPLOY_VALIDATE_CACHE="$(dirname "$libdir")" \
+    "$PYTHON" -m unittest discover -s checks -t checks -q 2>&1)"
   then echo "OK    deploy/checks unit tests: $(grep -o 'Ran [0-9]* tests' <<<"$out")"
   else rc=1; echo "FAIL  deploy/checks unit tests:"; echo "$out"; fi
 fi
