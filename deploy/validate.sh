@@ -42,8 +42,10 @@ export PYTHONPATH="$libdir" PYTHONNOUSERSITE=1 PYTHONDONTWRITEBYTECODE=1
 bridge="${SEGMENT_BRIDGE_BIN:-}"
 if [[ -z "$bridge" ]]; then
   (cd "$repo" && cargo build --quiet --locked --bin segment-bridge)
-  bridge="${CARGO_TARGET_DIR:-$repo/target}/debug/segment-bridge"
+  bridge="$(cd "$repo" && cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/segment-bridge"
 fi
+[[ -x "$bridge" ]] || { echo "FATAL: no segment-bridge binary at $bridge" >&2; exit 2; }
+bridge="$(cd "$(dirname "$bridge")" && pwd)/$(basename "$bridge")"
 
 rc=0
 cd "$deploy/kubernetes"
