@@ -15,6 +15,7 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
+use secrecy::ExposeSecret;
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -265,10 +266,87 @@ pub async fn replay_dead(
 }
 
 /// `check`: the configuration is valid (it was loaded), the broker answers, the queues are
-/// there or will be declared, and which regions have a write key. Never prints a key.
-pub async fn check(config: &Config, mut out: impl Write) -> Result<(), ToolError> {
+/// there or will be declared, which regions have a write key, and the intake's sources.
+/// `offline` leaves the broker alone (no network at all), for checking a file before it
+/// is deployed. Never prints a key or a secret.
+pub async fn check(config: &Config, offline: bool, mut out: impl Write) -> Result<(), ToolError> {
     writeln!(out, "config: valid")?;
+    // The settings that deployment manifests must agree with, as the binary reads them
+    // (defaults included), so that a deploy check need not know the defaults.
+    writeln!(out, "amqp.queue = {}", config.amqp.queue)?;
+    writeln!(
+        out,
+        "amqp.dead_letter_queue = {}",
+        config.amqp.dead_letter_queue
+    )?;
+    writeln!(out, "server.listen = {}", config.server.listen)?;
+    writeln!(
+        out,
+        "shutdown.grace_period_s = {}",
+        config.shutdown.grace_period_s
+    )?;
+    writeln!(out, "intake.listen = {}", config.intake.listen)?;
+    writeln!(
+        out,
+        "intake.max_body_bytes = {}",
+        config.intake.max_body_bytes
+    )?;
+    writeln!(
+        out,
+        "intake.drain_delay_ms = {}",
+        config.intake.drain_delay_ms
+    )?;
     let mut problems = Vec::new();
+    if offline {
+        writeln!(out, "broker: not contacted (--offline)")?;
+    } else {
+        check_broker(config, &mut out, &mut problems).await?;
+    }
+    for region in Region::ALL {
+        let endpoint = &config.endpoint(region).endpoint;
+        if config.has_write_key(region) {
+            writeln!(out, "region {region}: write key set, endpoint {endpoint}")?;
+        } else {
+            writeln!(
+                out,
+                "region {region}: no write key ({region} sessions would be dead-lettered)"
+            )?;
+        }
+    }
+    if !Region::ALL.iter().any(|r| config.has_write_key(*r)) {
+        problems.push(
+            "no write key is configured for either region: `run` would refuse to start without --dry-run".into(),
+        );
+    }
+    for (name, source) in &config.intake.sources {
+        let region = source.region.unwrap_or(config.segment.default_region);
+        let secret = if source.secret.expose_secret().trim().is_empty() {
+            "no secret"
+        } else {
+            "secret set"
+        };
+        let kind = source.kind.as_str();
+        writeln!(out, "source {name}: {kind}, region {region}, {secret}")?;
+    }
+    if !config.intake.sources.is_empty()
+        && let Err(e) = config.check_intake_sources()
+    {
+        problems.push(format!("`intake` would refuse to start: {e}"));
+    }
+    if problems.is_empty() {
+        writeln!(out, "ok")?;
+        Ok(())
+    } else {
+        Err(ToolError::Check(problems.join("; ")))
+    }
+}
+
+/// The broker half of `check`: reachable, and the queues there or declared by `run`.
+async fn check_broker(
+    config: &Config,
+    out: &mut impl Write,
+    problems: &mut Vec<String>,
+) -> Result<(), ToolError> {
     let connected =
         tokio::time::timeout(Duration::from_secs(10), amqp::connect(&config.amqp)).await;
     match connected {
@@ -298,28 +376,7 @@ pub async fn check(config: &Config, mut out: impl Write) -> Result<(), ToolError
             problems.push("cannot connect to the broker at amqp.url: no answer in 10 s".into());
         }
     }
-    for region in Region::ALL {
-        let endpoint = &config.endpoint(region).endpoint;
-        if config.has_write_key(region) {
-            writeln!(out, "region {region}: write key set, endpoint {endpoint}")?;
-        } else {
-            writeln!(
-                out,
-                "region {region}: no write key ({region} sessions would be dead-lettered)"
-            )?;
-        }
-    }
-    if !Region::ALL.iter().any(|r| config.has_write_key(*r)) {
-        problems.push(
-            "no write key is configured for either region: `run` would refuse to start without --dry-run".into(),
-        );
-    }
-    if problems.is_empty() {
-        writeln!(out, "ok")?;
-        Ok(())
-    } else {
-        Err(ToolError::Check(problems.join("; ")))
-    }
+    Ok(())
 }
 
 /// A line on standard error at most once a second, for long runs.
