@@ -48,8 +48,11 @@ promtool --version 2>&1 | head -1
 
 # ------------------------------------------------------------------ static checks
 say "rules: source of truth, syntax, unit tests"
-python3 "$here/gen-prometheusrule.py" --check
-promtool check rules "$here/alerts.yaml"
+# The static checks go on after a failure, so that one run reports every problem; the
+# script fails at the end.
+failed=()
+python3 "$here/gen-prometheusrule.py" --check || failed+=("prometheusrule.yaml is out of date")
+promtool check rules "$here/alerts.yaml" || { echo "alerts.yaml is invalid" >&2; exit 1; }
 tmp="$(mktemp -d)"
 queue="segment-bridge.monitoring-check.$$.$RANDOM"
 pids=()
@@ -82,8 +85,8 @@ trap 'exit 130' INT TERM
 
 # PrometheusRule's spec, back out of the manifest, is valid rules too.
 sed -n '/^spec:$/,$p' "$here/prometheusrule.yaml" | tail -n +2 | sed 's/^  //' >"$tmp/from-prometheusrule.yaml"
-promtool check rules "$tmp/from-prometheusrule.yaml"
-promtool test rules "$here/alerts.test.yaml"
+promtool check rules "$tmp/from-prometheusrule.yaml" || failed+=("promtool check rules prometheusrule.yaml")
+promtool test rules "$here/alerts.test.yaml" || failed+=("promtool test rules alerts.test.yaml")
 
 # ------------------------------------------------------------------ the binary
 say "building"
@@ -261,6 +264,11 @@ sleep 12
 say "dashboard and alert queries against Prometheus"
 curl -fsS "http://127.0.0.1:$worker_port/metrics" >"$tmp/worker.metrics"
 curl -fsS "http://127.0.0.1:$intake_side/metrics" >"$tmp/intake.metrics"
-python3 "$here/check_queries.py" "http://127.0.0.1:$prom_port" "$tmp/worker.metrics" "$tmp/intake.metrics"
+python3 "$here/check_queries.py" "http://127.0.0.1:$prom_port" "$tmp/worker.metrics" "$tmp/intake.metrics" ||
+  failed+=("check_queries.py")
 
+if ((${#failed[@]})); then
+  printf 'FAILED: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
 say "OK in $(($(date +%s) - start)) s"
