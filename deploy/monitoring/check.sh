@@ -96,7 +96,7 @@ bin="${CARGO_TARGET_DIR:-$repo/target}/debug/segment-bridge"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { # url seconds
-  for _ in $(seq 1 $(($2 * 10))); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
+  for _ in $(seq 1 $(($2 * 10))); do curl -fsS --max-time 5 -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
   echo "$1 did not answer 200 within $2 s" >&2
   return 1
 }
@@ -226,7 +226,7 @@ PY
 send_webhooks 1
 
 metric_value() { # url metric-line-prefix -> the sum of matching samples
-  curl -fsS "$1" | python3 -c '
+  curl -fsS --max-time 5 "$1" | python3 -c '
 import sys
 prefix = sys.argv[1]
 print(sum(float(l.rsplit(" ", 1)[1]) for l in sys.stdin if l.startswith(prefix)))' "$2"
@@ -252,7 +252,7 @@ wait_metric "$w" 'segment_bridge_sessions_total{outcome="delivered"}' 10 30
 # Let Prometheus scrape the second round and fill a few rate windows.
 say "waiting for scrapes"
 for _ in $(seq 1 100); do
-  n=$(curl -fsS "http://127.0.0.1:$prom_port/api/v1/query" \
+  n=$(curl -fsS --max-time 5 "http://127.0.0.1:$prom_port/api/v1/query" \
     --data-urlencode 'query=sum(segment_bridge_sessions_total{outcome="delivered"})' |
     python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else 0)')
   python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) >= 10 else 1)' "$n" && break
@@ -262,8 +262,8 @@ sleep 12
 
 # ------------------------------------------------------------------ queries
 say "dashboard and alert queries against Prometheus"
-curl -fsS "http://127.0.0.1:$worker_port/metrics" >"$tmp/worker.metrics"
-curl -fsS "http://127.0.0.1:$intake_side/metrics" >"$tmp/intake.metrics"
+curl -fsS --max-time 5 "http://127.0.0.1:$worker_port/metrics" >"$tmp/worker.metrics"
+curl -fsS --max-time 5 "http://127.0.0.1:$intake_side/metrics" >"$tmp/intake.metrics"
 python3 "$here/check_queries.py" "http://127.0.0.1:$prom_port" "$tmp/worker.metrics" "$tmp/intake.metrics" ||
   failed+=("check_queries.py")
 
