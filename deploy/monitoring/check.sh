@@ -40,9 +40,12 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
     made_policy=1
   fi
   export DEBIAN_FRONTEND=noninteractive
+  installed=0
   apt-get install -y --no-install-recommends prometheus >/dev/null ||
-    { apt-get update >/dev/null && apt-get install -y --no-install-recommends prometheus >/dev/null; }
-  [[ -n "$made_policy" ]] && rm -f /usr/sbin/policy-rc.d
+    { apt-get update >/dev/null && apt-get install -y --no-install-recommends prometheus >/dev/null; } ||
+    installed=$?
+  if [[ -n "$made_policy" ]]; then rm -f /usr/sbin/policy-rc.d; fi
+  if [[ $installed != 0 ]]; then echo "apt-get install prometheus failed" >&2; exit 2; fi
 fi
 promtool --version 2>&1 | head -1
 
