@@ -1,0 +1,346 @@
+//! Tests against a RabbitMQ cluster of the test's own (three nodes on this machine, see
+//! `harness.rs`), opt-in: without `SEGMENT_BRIDGE_TEST_CLUSTER=1` every test says it is
+//! skipped and passes. They take minutes and two cores, and one cluster runs at a time.
+//!
+//! Today they measure (and print) what a node loss costs the intake: how long, and how
+//! many, webhooks are refused after the kill of the quorum queue leader's node.
+
+mod harness;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::block_in_place;
+
+use harness::{Cluster, Options};
+
+const SECRET: &str = "cluster-test-jebbit-secret-5b1f0e";
+const FIXTURE: &[u8] = include_bytes!("../fixtures/jebbit-webhook-test-submission.json");
+/// Webhooks per second, as in the issue's measurement.
+const RATE: u32 = 25;
+/// How long after a kill the node is started again (as in the issue).
+const RESTART_AFTER: Duration = Duration::from_secs(15);
+
+#[test]
+fn a_node_with_a_tls_listener_presents_a_certificate_of_the_test_ca() {
+    if !harness::enabled("tls") {
+        return;
+    }
+    let cluster = Cluster::start(Options {
+        nodes: 1,
+        tls: true,
+    });
+    let tls = cluster.tls.clone().unwrap();
+    let port = cluster.nodes[0].tls_port.unwrap();
+    let verify = harness::s_client_verify(port, &tls.ca);
+    println!(
+        "TLS node {} up in {:.1} s; amqps on {port}; {verify}; CA {}",
+        cluster.nodes[0].name,
+        cluster.formed_in.as_secs_f64(),
+        tls.ca.display()
+    );
+    assert_eq!(verify, "Verify return code: 0 (ok)");
+}
+
+/// The "before" measurement of issue 15: a 3-node cluster, a quorum queue led by node 1,
+/// the intake binary publishing to it at 25 webhooks/s; node 1 killed (-9) and started
+/// again 15 s later. Twice: with the intake on a follower's node (node 2), then with the
+/// intake on the (new) leader's node, which is the one killed. Prints how long and how
+/// many webhooks were refused, and checks that every webhook answered 2xx is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intake_refusals_after_the_queue_leaders_node_is_killed() {
+    if !harness::enabled("leader kill") {
+        return;
+    }
+    let queue = format!("sb-cluster.sessions.{}", std::process::id());
+    let mut cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start(Options {
+            nodes: 3,
+            tls: false,
+        })
+    })
+    .await
+    .unwrap();
+    println!(
+        "cluster of {:?} formed in {:.1} s; {}",
+        cluster.nodes.iter().map(|n| &n.name).collect::<Vec<_>>(),
+        cluster.formed_in.as_secs_f64(),
+        cluster.ctl_ok(0, &["version"]).trim()
+    );
+    cluster.declare_quorum(0, &queue, 20).await;
+    let leader = block_in_place(|| cluster.await_settled(&queue, Duration::from_secs(30)));
+    assert_eq!(leader, 0, "the declaring node leads the queue");
+
+    let mut accepted = 0;
+    // The issue's case: the intake on a follower's node, the leader's node killed.
+    let run = measure(&mut cluster, &queue, 1, leader, "intake on a follower").await;
+    accepted += run.accepted;
+    // The intake on the leader's node, which is killed: it knows no other node.
+    let leader = block_in_place(|| cluster.await_settled(&queue, Duration::from_secs(60)));
+    let run = measure(&mut cluster, &queue, leader, leader, "intake on the leader").await;
+    accepted += run.accepted;
+
+    block_in_place(|| cluster.await_settled(&queue, Duration::from_secs(60)));
+    let mut queued = 0;
+    for _ in 0..20 {
+        queued = cluster.message_count(0, &queue).await;
+        if queued as usize >= accepted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("answered 2xx: {accepted}; on the queue: {queued}");
+    assert!(
+        queued as usize >= accepted,
+        "lost: {accepted} webhooks answered 2xx, {queued} on the queue"
+    );
+}
+
+/// What one kill cost.
+struct Run {
+    accepted: usize,
+}
+
+/// One answer of the intake, or `None` for no answer (connection refused, timeout).
+struct Outcome {
+    sent: Instant,
+    status: Option<u16>,
+}
+
+/// Starts the intake on node `intake_on`, sends webhooks, kills node `kill`, starts it
+/// again after [`RESTART_AFTER`], sends until answers have been 2xx for 5 s, and prints
+/// the refusals after the kill.
+async fn measure(
+    cluster: &mut Cluster,
+    queue: &str,
+    intake_on: usize,
+    kill: usize,
+    label: &str,
+) -> Run {
+    let intake = Intake::start(cluster, intake_on, queue);
+    intake.wait_ready(Duration::from_secs(30)).await;
+    let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
+    let sender = tokio::spawn(send(intake.addr, outcomes.clone()));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let killed_node = cluster.nodes[kill].name.clone();
+    block_in_place(|| cluster.kill9(kill));
+    let killed = Instant::now();
+    tokio::time::sleep(RESTART_AFTER).await;
+    let restart_began = killed.elapsed();
+    block_in_place(|| cluster.restart(kill));
+    let restarted = killed.elapsed();
+    // Until 5 s of 2xx answers in a row (at most 60 s after the restart).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let recent_ok = {
+            let o = outcomes.lock().unwrap();
+            let since = Instant::now() - Duration::from_secs(5);
+            let recent: Vec<_> = o.iter().filter(|o| o.sent > since).collect();
+            recent.len() > 50 && recent.iter().all(|o| ok(o.status))
+        };
+        if recent_ok || Instant::now() > deadline {
+            break;
+        }
+    }
+    sender.abort();
+    // Requests under way end within the client's timeout.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    intake.stop();
+
+    let o = outcomes.lock().unwrap();
+    let before: Vec<_> = o.iter().filter(|o| o.sent < killed).collect();
+    let after: Vec<_> = o.iter().filter(|o| o.sent >= killed).collect();
+    let refused: Vec<_> = after.iter().filter(|o| !ok(o.status)).collect();
+    let first = refused.first().map(|o| (o.sent - killed).as_secs_f64());
+    let last = refused.last().map(|o| (o.sent - killed).as_secs_f64());
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    for o in &refused {
+        let key = o.status.map_or("no answer".into(), |s| s.to_string());
+        *statuses.entry(key).or_default() += 1;
+    }
+    println!(
+        "[{label}] intake on {}, killed {killed_node} (-9), restart began at +{:.1} s, \
+         node up at +{:.1} s; before the kill: {} sent, {} refused; after: {} sent, {} \
+         refused {statuses:?}, first refusal at +{:.1} s, last at +{:.1} s (window {:.1} s)",
+        cluster.nodes[intake_on].name,
+        restart_began.as_secs_f64(),
+        restarted.as_secs_f64(),
+        before.len(),
+        before.iter().filter(|o| !ok(o.status)).count(),
+        after.len(),
+        refused.len(),
+        first.unwrap_or(0.0),
+        last.unwrap_or(0.0),
+        last.unwrap_or(0.0) - first.unwrap_or(0.0),
+    );
+    Run {
+        accepted: o.iter().filter(|o| ok(o.status)).count(),
+    }
+}
+
+fn ok(status: Option<u16>) -> bool {
+    status.is_some_and(|s| (200..300).contains(&s))
+}
+
+/// Sends a signed Jebbit webhook every 1/[`RATE`] s, each on a connection of its own,
+/// without waiting for answers, until aborted.
+async fn send(addr: SocketAddr, outcomes: Arc<Mutex<Vec<Outcome>>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / RATE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let outcomes = outcomes.clone();
+        tokio::spawn(async move {
+            let sent = Instant::now();
+            let status = tokio::time::timeout(Duration::from_secs(20), post_webhook(addr))
+                .await
+                .ok()
+                .and_then(Result::ok);
+            outcomes.lock().unwrap().push(Outcome { sent, status });
+        });
+    }
+}
+
+/// The `x-jebbit-signature` of `body` at time `t`: base64 (standard, padded) of the
+/// HMAC-SHA256 of `<t>.<body>`.
+fn signature(secret: &str, t: u64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    format!("t={t},v1={sig}")
+}
+
+/// POSTs the fixture, signed now, to `/webhooks/jebbit_eu`; the answer's status.
+async fn post_webhook(addr: SocketAddr) -> std::io::Result<u16> {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let head = format!(
+        "POST /webhooks/jebbit_eu HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nx-jebbit-signature: {}\r\nConnection: close\r\n\r\n",
+        FIXTURE.len(),
+        signature(SECRET, t, FIXTURE)
+    );
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(FIXTURE).await?;
+    status_of(&mut stream).await
+}
+
+async fn status_of(stream: &mut TcpStream) -> std::io::Result<u16> {
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    let line = String::from_utf8_lossy(&answer);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {line:.80}")))
+}
+
+/// The `segment-bridge intake` binary on one node's AMQP URL, with one Jebbit source.
+struct Intake {
+    child: Child,
+    addr: SocketAddr,
+    probes: SocketAddr,
+}
+
+impl Intake {
+    fn start(cluster: &Cluster, node: usize, queue: &str) -> Intake {
+        let addr: SocketAddr = format!("127.0.0.1:{}", harness::free_port())
+            .parse()
+            .unwrap();
+        let probes: SocketAddr = format!("127.0.0.1:{}", harness::free_port())
+            .parse()
+            .unwrap();
+        let config = cluster.root.join("empty.toml");
+        std::fs::write(&config, "").unwrap();
+        let log = cluster.root.join(format!("intake-{}.log", addr.port()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_segment-bridge"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("SEGMENT_BRIDGE__") {
+                cmd.env_remove(key);
+            }
+        }
+        let settings = [
+            ("AMQP__URL", cluster.nodes[node].amqp_url()),
+            ("AMQP__QUEUE", queue.to_owned()),
+            ("AMQP__DEAD_LETTER_QUEUE", format!("{queue}.dead")),
+            ("SERVER__LISTEN", probes.to_string()),
+            ("INTAKE__LISTEN", addr.to_string()),
+            ("INTAKE__SOURCES__JEBBIT_EU__KIND", "jebbit".into()),
+            ("INTAKE__SOURCES__JEBBIT_EU__SECRET", SECRET.into()),
+            ("INTAKE__SOURCES__JEBBIT_EU__REGION", "eu".into()),
+        ];
+        for (key, value) in settings {
+            cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
+        }
+        let child = cmd
+            .arg("intake")
+            .arg("--config")
+            .arg(&config)
+            .current_dir(&cluster.root)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("the segment-bridge binary starts");
+        Intake {
+            child,
+            addr,
+            probes,
+        }
+    }
+
+    async fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if get_status(self.probes, "/readyz").await.ok() == Some(200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the intake did not become ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 10 s.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Intake {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn get_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    status_of(&mut stream).await
+}
