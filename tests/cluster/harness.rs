@@ -1,8 +1,8 @@
 //! RabbitMQ nodes of the test's own on this machine: a cluster of N nodes (or one node,
 //! with a TLS listener), started as the current user from the package's own scripts,
 //! with node names, ports, data, logs, configuration and Erlang cookie of their own. The
-//! machine's broker (`rabbit@localhost` on 5672) is never touched. Plain std (and lapin
-//! for the few AMQP helpers), no project code: it can move into a shared test kit.
+//! machine's broker (`rabbit@localhost` on 5672) is never touched. Plain std (lapin for the
+//! few AMQP helpers, serde_json to read `cluster_status`), no project code: it can move into a shared test kit.
 //!
 //! [`Cluster`] owns everything it started: dropping it (also while a test panics) stops
 //! every node, kills what is left of them and removes the temporary directory. One
@@ -70,6 +70,7 @@ pub struct Node {
     /// With `Options::tls`, on the first node only.
     pub tls_port: Option<u16>,
     dir: PathBuf,
+    /// The `rabbitmq-server` script, whose child is the node's beam process.
     child: Option<Child>,
 }
 
@@ -264,7 +265,6 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
-        // The script ends in `exec erl`: the child is the node's beam process.
         node.child = Some(cmd.spawn().expect("rabbitmq-server starts"));
     }
 
@@ -295,6 +295,7 @@ impl Cluster {
         }
     }
 
+    /// Whether node `i`'s script (and so its beam process) still runs.
     fn beam_alive(&self, i: usize) -> bool {
         match &self.nodes[i].child {
             Some(child) => {
@@ -350,17 +351,18 @@ impl Cluster {
 
     /// The nodes node `i` sees running in its cluster.
     pub fn running_nodes(&self, i: usize) -> Vec<String> {
-        let status = self.ctl_ok(i, &["cluster_status", "--formatter", "erlang"]);
-        // `{running_nodes,['a@h','b@h']}` in Erlang term format.
-        let Some(start) = status.find("{running_nodes,[") else {
-            return Vec::new();
-        };
-        let rest = &status[start + "{running_nodes,[".len()..];
-        let list = &rest[..rest.find(']').unwrap_or(0)];
-        list.split(',')
-            .map(|n| n.trim().trim_matches('\'').to_owned())
-            .filter(|n| !n.is_empty())
-            .collect()
+        let status = self.ctl_ok(i, &["cluster_status", "--formatter", "json"]);
+        let status: serde_json::Value = serde_json::from_str(&status)
+            .unwrap_or_else(|e| panic!("cluster_status: {e}: {status}"));
+        status["running_nodes"]
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .filter_map(|n| n.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The index of the node holding `queue`'s leader, asked of node `via`.
@@ -395,19 +397,17 @@ impl Cluster {
             .status()
             .unwrap();
         assert!(status.success(), "kill -9 {pid}");
-        if let Some(mut child) = self.nodes[i].child.take() {
-            if child.id() != pid {
-                let _ = child.kill();
-            }
-            let _ = child.wait();
+        if let Some(child) = self.nodes[i].child.take() {
+            // The script waiting for the beam process exits with it (and reaps it).
+            reap(child, Duration::from_secs(10));
         }
     }
 
     /// A graceful stop of node `i` (`rabbitmqctl stop`: the whole node, not the app).
     pub fn stop(&mut self, i: usize) {
         self.ctl_ok(i, &["stop"]);
-        if let Some(mut child) = self.nodes[i].child.take() {
-            let _ = child.wait();
+        if let Some(child) = self.nodes[i].child.take() {
+            reap(child, Duration::from_secs(30));
         }
     }
 
@@ -507,10 +507,8 @@ impl Drop for Cluster {
             }
         });
         for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                // Gone already after a stop; a node that would not stop is killed.
-                let _ = child.kill();
-                let _ = child.wait();
+            if let Some(child) = node.child.take() {
+                reap(child, Duration::from_secs(15));
             }
         }
         kill_marked(Some(&self.root));
@@ -518,6 +516,22 @@ impl Drop for Cluster {
             eprintln!("cannot remove {}: {e}", self.root.display());
         }
     }
+}
+
+/// Waits for a node's `rabbitmq-server` script to exit, which it does when its beam
+/// process has exited (the script starts the beam process in the background and waits
+/// for it, to relay signals); kills the script after `within`. Killing it earlier would
+/// leave the beam process's zombie to init.
+fn reap(mut child: Child, within: Duration) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// The environment of a node or a CLI tool: no inherited RabbitMQ or Erlang setting,
