@@ -389,18 +389,21 @@ impl Cluster {
             .map_err(|e| format!("os:getpid() answered {out:?}: {e}"))
     }
 
-    /// `kill -9` of node `i`'s beam process (its pid asked of the node first).
-    pub fn kill9(&mut self, i: usize) {
+    /// `kill -9` of node `i`'s beam process (its pid asked of the node first); when the
+    /// signal was sent.
+    pub fn kill9(&mut self, i: usize) -> Instant {
         let pid = self.os_pid(i).unwrap_or_else(|e| panic!("{e}"));
         let status = Command::new("kill")
             .args(["-9", &pid.to_string()])
             .status()
             .unwrap();
+        let killed = Instant::now();
         assert!(status.success(), "kill -9 {pid}");
         if let Some(child) = self.nodes[i].child.take() {
             // The script waiting for the beam process exits with it (and reaps it).
             reap(child, Duration::from_secs(10));
         }
+        killed
     }
 
     /// A graceful stop of node `i` (`rabbitmqctl stop`: the whole node, not the app).
@@ -696,4 +699,50 @@ pub fn s_client_verify(port: u16, ca: &Path) -> String {
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+}
+
+/// A TCP forwarder standing in for a load balancer in front of the cluster: each client
+/// connection goes to the first of `backends` that accepts one, and is closed when its
+/// backend's is (a killed node), so that the client reconnects, and lands on the next
+/// node. Stops when dropped.
+pub struct Forwarder {
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    pub async fn start(backends: Vec<u16>) -> Forwarder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            // Dropped with this task: the connections end with the forwarder.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                let backends = backends.clone();
+                connections.spawn(async move {
+                    for port in backends {
+                        let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+                        if let Ok(Ok(mut backend)) =
+                            tokio::time::timeout(Duration::from_secs(1), connect).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Forwarder { addr, task }
+    }
+
+    /// The AMQP URL of the forwarder.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

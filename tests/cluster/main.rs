@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::block_in_place;
 
-use harness::{Cluster, Options};
+use harness::{Cluster, Forwarder, Options};
 
 const SECRET: &str = "cluster-test-jebbit-secret-5b1f0e";
 const FIXTURE: &[u8] = include_bytes!("../fixtures/jebbit-webhook-test-submission.json");
@@ -50,10 +50,12 @@ fn a_node_with_a_tls_listener_presents_a_certificate_of_the_test_ca() {
 }
 
 /// The "before" measurement of issue 15: a 3-node cluster, a quorum queue led by node 1,
-/// the intake binary publishing to it at 25 webhooks/s; node 1 killed (-9) and started
-/// again 15 s later. Twice: with the intake on a follower's node (node 2), then with the
-/// intake on the (new) leader's node, which is the one killed. Prints how long and how
-/// many webhooks were refused, and checks that every webhook answered 2xx is queued.
+/// the intake binary publishing to it at 25 webhooks/s, the leader's node killed (-9) and
+/// started again 15 s later, three times: the intake behind a TCP forwarder (a load
+/// balancer: its connection was on the killed node, it reconnects to another), the intake
+/// on a follower's node, the intake on the leader's node (one URL: it has nowhere else to
+/// go). Prints how long and how many webhooks were refused after each kill, and checks
+/// that every webhook answered 2xx is on the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intake_refusals_after_the_queue_leaders_node_is_killed() {
     if !harness::enabled("leader kill") {
@@ -69,7 +71,7 @@ async fn intake_refusals_after_the_queue_leaders_node_is_killed() {
     .await
     .unwrap();
     println!(
-        "cluster of {:?} formed in {:.1} s; {}",
+        "cluster of {:?} formed in {:.1} s; RabbitMQ {}",
         cluster.nodes.iter().map(|n| &n.name).collect::<Vec<_>>(),
         cluster.formed_in.as_secs_f64(),
         cluster.ctl_ok(0, &["version"]).trim()
@@ -77,15 +79,26 @@ async fn intake_refusals_after_the_queue_leaders_node_is_killed() {
     cluster.declare_quorum(0, &queue, 20).await;
     let leader = block_in_place(|| cluster.await_settled(&queue, Duration::from_secs(30)));
     assert_eq!(leader, 0, "the declaring node leads the queue");
-
     let mut accepted = 0;
-    // The issue's case: the intake on a follower's node, the leader's node killed.
-    let run = measure(&mut cluster, &queue, 1, leader, "intake on a follower").await;
-    accepted += run.accepted;
-    // The intake on the leader's node, which is killed: it knows no other node.
+
+    // The issue's case: through a load balancer, on the leader's node first.
+    let mut ports: Vec<u16> = cluster.nodes.iter().map(|n| n.amqp_port).collect();
+    ports.rotate_left(leader);
+    let forwarder = Forwarder::start(ports).await;
+    let label = "intake behind a forwarder, connected to the leader's node";
+    accepted += measure(&mut cluster, &queue, &forwarder.amqp_url(), leader, label).await;
+    drop(forwarder);
+
     let leader = block_in_place(|| cluster.await_settled(&queue, Duration::from_secs(60)));
-    let run = measure(&mut cluster, &queue, leader, leader, "intake on the leader").await;
-    accepted += run.accepted;
+    let follower = (leader + 1) % cluster.nodes.len();
+    let url = cluster.nodes[follower].amqp_url();
+    let label = "intake on a follower's node";
+    accepted += measure(&mut cluster, &queue, &url, leader, label).await;
+
+    let leader = block_in_place(|| cluster.await_settled(&queue, Duration::from_secs(60)));
+    let url = cluster.nodes[leader].amqp_url();
+    let label = "intake on the leader's node only";
+    accepted += measure(&mut cluster, &queue, &url, leader, label).await;
 
     block_in_place(|| cluster.await_settled(&queue, Duration::from_secs(60)));
     let mut queued = 0;
@@ -103,36 +116,25 @@ async fn intake_refusals_after_the_queue_leaders_node_is_killed() {
     );
 }
 
-/// What one kill cost.
-struct Run {
-    accepted: usize,
-}
-
 /// One answer of the intake, or `None` for no answer (connection refused, timeout).
 struct Outcome {
     sent: Instant,
+    answered: Instant,
     status: Option<u16>,
 }
 
-/// Starts the intake on node `intake_on`, sends webhooks, kills node `kill`, starts it
-/// again after [`RESTART_AFTER`], sends until answers have been 2xx for 5 s, and prints
-/// the refusals after the kill.
-async fn measure(
-    cluster: &mut Cluster,
-    queue: &str,
-    intake_on: usize,
-    kill: usize,
-    label: &str,
-) -> Run {
-    let intake = Intake::start(cluster, intake_on, queue);
+/// Starts the intake on `url`, sends webhooks, kills node `kill`, starts it again after
+/// [`RESTART_AFTER`], sends until answers have been 2xx for 5 s, and prints the
+/// refusals after the kill. The number of webhooks answered 2xx.
+async fn measure(cluster: &mut Cluster, queue: &str, url: &str, kill: usize, label: &str) -> usize {
+    let intake = Intake::start(cluster, url, queue);
     intake.wait_ready(Duration::from_secs(30)).await;
     let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
     let sender = tokio::spawn(send(intake.addr, outcomes.clone()));
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     let killed_node = cluster.nodes[kill].name.clone();
-    block_in_place(|| cluster.kill9(kill));
-    let killed = Instant::now();
+    let killed = block_in_place(|| cluster.kill9(kill));
     tokio::time::sleep(RESTART_AFTER).await;
     let restart_began = killed.elapsed();
     block_in_place(|| cluster.restart(kill));
@@ -157,34 +159,33 @@ async fn measure(
     intake.stop();
 
     let o = outcomes.lock().unwrap();
-    let before: Vec<_> = o.iter().filter(|o| o.sent < killed).collect();
-    let after: Vec<_> = o.iter().filter(|o| o.sent >= killed).collect();
+    // Refusals answered before the kill: the steady state was not clean.
+    let early = o
+        .iter()
+        .filter(|o| o.answered < killed && !ok(o.status))
+        .count();
+    // Answered after the kill (in flight at it, or sent after it).
+    let after: Vec<_> = o.iter().filter(|o| o.answered >= killed).collect();
     let refused: Vec<_> = after.iter().filter(|o| !ok(o.status)).collect();
-    let first = refused.first().map(|o| (o.sent - killed).as_secs_f64());
-    let last = refused.last().map(|o| (o.sent - killed).as_secs_f64());
+    let secs = |t: Instant| t.saturating_duration_since(killed).as_secs_f64();
+    let first = refused.iter().map(|o| o.answered).min().map_or(0.0, secs);
+    let last = refused.iter().map(|o| o.answered).max().map_or(0.0, secs);
     let mut statuses = std::collections::BTreeMap::<String, usize>::new();
     for o in &refused {
         let key = o.status.map_or("no answer".into(), |s| s.to_string());
         *statuses.entry(key).or_default() += 1;
     }
     println!(
-        "[{label}] intake on {}, killed {killed_node} (-9), restart began at +{:.1} s, \
-         node up at +{:.1} s; before the kill: {} sent, {} refused; after: {} sent, {} \
-         refused {statuses:?}, first refusal at +{:.1} s, last at +{:.1} s (window {:.1} s)",
-        cluster.nodes[intake_on].name,
+        "[{label}] killed {killed_node} (-9); its restart began at +{:.1} s, it was up at \
+         +{:.1} s. Answered before the kill: {}, refused {early}. Answered after: {}, refused \
+         {} {statuses:?}, the first at +{first:.1} s, the last at +{last:.1} s.",
         restart_began.as_secs_f64(),
         restarted.as_secs_f64(),
-        before.len(),
-        before.iter().filter(|o| !ok(o.status)).count(),
+        o.len() - after.len(),
         after.len(),
         refused.len(),
-        first.unwrap_or(0.0),
-        last.unwrap_or(0.0),
-        last.unwrap_or(0.0) - first.unwrap_or(0.0),
     );
-    Run {
-        accepted: o.iter().filter(|o| ok(o.status)).count(),
-    }
+    o.iter().filter(|o| ok(o.status)).count()
 }
 
 fn ok(status: Option<u16>) -> bool {
@@ -205,7 +206,12 @@ async fn send(addr: SocketAddr, outcomes: Arc<Mutex<Vec<Outcome>>>) {
                 .await
                 .ok()
                 .and_then(Result::ok);
-            outcomes.lock().unwrap().push(Outcome { sent, status });
+            let answered = Instant::now();
+            outcomes.lock().unwrap().push(Outcome {
+                sent,
+                answered,
+                status,
+            });
         });
     }
 }
@@ -248,7 +254,7 @@ async fn status_of(stream: &mut TcpStream) -> std::io::Result<u16> {
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {line:.80}")))
 }
 
-/// The `segment-bridge intake` binary on one node's AMQP URL, with one Jebbit source.
+/// The `segment-bridge intake` binary on one AMQP URL, with one Jebbit source.
 struct Intake {
     child: Child,
     addr: SocketAddr,
@@ -256,7 +262,7 @@ struct Intake {
 }
 
 impl Intake {
-    fn start(cluster: &Cluster, node: usize, queue: &str) -> Intake {
+    fn start(cluster: &Cluster, url: &str, queue: &str) -> Intake {
         let addr: SocketAddr = format!("127.0.0.1:{}", harness::free_port())
             .parse()
             .unwrap();
@@ -273,7 +279,7 @@ impl Intake {
             }
         }
         let settings = [
-            ("AMQP__URL", cluster.nodes[node].amqp_url()),
+            ("AMQP__URL", url.to_owned()),
             ("AMQP__QUEUE", queue.to_owned()),
             ("AMQP__DEAD_LETTER_QUEUE", format!("{queue}.dead")),
             ("SERVER__LISTEN", probes.to_string()),
