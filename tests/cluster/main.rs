@@ -28,18 +28,24 @@ const RATE: u32 = 25;
 /// How long after a kill the node is started again (as in the issue).
 const RESTART_AFTER: Duration = Duration::from_secs(15);
 
-#[test]
-fn a_node_with_a_tls_listener_presents_a_certificate_of_the_test_ca() {
+/// The TLS listener works with the test CA (`openssl s_client`, then lapin with the CA
+/// given as its `cert_chain`), and lapin without the CA refuses the certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_tls_listener_presents_a_certificate_of_the_test_ca() {
     if !harness::enabled("tls") {
         return;
     }
-    let cluster = Cluster::start(Options {
-        nodes: 1,
-        tls: true,
-    });
+    let cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start(Options {
+            nodes: 1,
+            tls: true,
+        })
+    })
+    .await
+    .unwrap();
     let tls = cluster.tls.clone().unwrap();
     let port = cluster.nodes[0].tls_port.unwrap();
-    let verify = harness::s_client_verify(port, &tls.ca);
+    let verify = block_in_place(|| harness::s_client_verify(port, &tls.ca));
     println!(
         "TLS node {} up in {:.1} s; amqps on {port}; {verify}; CA {}",
         cluster.nodes[0].name,
@@ -47,6 +53,31 @@ fn a_node_with_a_tls_listener_presents_a_certificate_of_the_test_ca() {
         tls.ca.display()
     );
     assert_eq!(verify, "Verify return code: 0 (ok)");
+
+    let url = cluster.nodes[0].amqps_url().unwrap();
+    let amqps = |ca: Option<String>| {
+        let url = url.clone();
+        async move {
+            lapin::DefaultConnectionBuilder::new()
+                .unwrap()
+                .with_uri_str(url)
+                .with_tls_config(lapin::tcp::OwnedTLSConfig {
+                    identity: None,
+                    cert_chain: ca,
+                })
+                .connect()
+                .await
+        }
+    };
+    let ca = std::fs::read_to_string(&tls.ca).unwrap();
+    let conn = amqps(Some(ca)).await.expect("amqps with the test CA");
+    conn.create_channel().await.expect("a channel over TLS");
+    let _ = conn.close(200, "OK".into()).await;
+    let refused = amqps(None)
+        .await
+        .err()
+        .expect("no amqps without the test CA");
+    println!("amqps without the test CA: {refused}");
 }
 
 /// The "before" measurement of issue 15: a 3-node cluster, a quorum queue led by node 1,
