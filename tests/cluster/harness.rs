@@ -426,7 +426,7 @@ impl Cluster {
     pub fn close_all_connections(&self) {
         for i in 0..self.nodes.len() {
             if self.beam_alive(i) {
-                let _ = self.ctl(i, &["close_all_connections", "closed by the test"]);
+                self.ctl_ok(i, &["close_all_connections", "closed by the test"]);
             }
         }
     }
