@@ -173,30 +173,31 @@ struct Outcome {
 }
 
 /// Starts the intake on `url`, sends webhooks, kills node `kill`, starts it again after
-/// [`restart_after`], sends until answers have been 2xx for 5 s, and prints the
+/// [`restart_after`], sends until answers have been 2xx for 3 s, and prints the
 /// refusals after the kill. The number of webhooks answered 2xx.
 async fn measure(cluster: &mut Cluster, queue: &str, url: &str, kill: usize, label: &str) -> usize {
     let intake = Intake::start(cluster, url, queue);
     intake.wait_ready(Duration::from_secs(30)).await;
     let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
     let sender = tokio::spawn(send(intake.addr, outcomes.clone()));
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
 
     let killed_node = cluster.nodes[kill].name.clone();
     let killed = block_in_place(|| cluster.kill9(kill));
+    let killed_at = time::OffsetDateTime::now_utc();
     tokio::time::sleep(restart_after()).await;
     let restart_began = killed.elapsed();
     block_in_place(|| cluster.restart(kill));
     let restarted = killed.elapsed();
-    // Until 5 s of 2xx answers in a row (at most 60 s after the restart).
+    // Until 3 s of 2xx answers in a row (at most 60 s after the restart).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let recent_ok = {
             let o = outcomes.lock().unwrap();
-            let since = Instant::now() - Duration::from_secs(5);
+            let since = Instant::now() - Duration::from_secs(3);
             let recent: Vec<_> = o.iter().filter(|o| o.sent > since).collect();
-            recent.len() > 50 && recent.iter().all(|o| ok(o.status))
+            recent.len() > 30 && recent.iter().all(|o| ok(o.status))
         };
         if recent_ok || Instant::now() > deadline {
             break;
@@ -204,8 +205,23 @@ async fn measure(cluster: &mut Cluster, queue: &str, url: &str, kill: usize, lab
     }
     sender.abort();
     // Requests under way end within the client's timeout.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = intake.log.clone();
     intake.stop();
+    // When the intake lost and regained its connection, against the kill's time.
+    let lines = std::fs::read_to_string(&log).unwrap_or_default();
+    let rabbit: Vec<_> = lines
+        .lines()
+        .filter(|l| l.contains("intake::publisher"))
+        .map(strip_colours)
+        .collect();
+    println!(
+        "[{label}] killed at {}; the intake's log about RabbitMQ:\n  {}",
+        killed_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap(),
+        rabbit[rabbit.len().saturating_sub(6)..].join("\n  ")
+    );
 
     let o = outcomes.lock().unwrap();
     // Refusals answered before the kill: the steady state was not clean.
@@ -235,6 +251,25 @@ async fn measure(cluster: &mut Cluster, queue: &str, url: &str, kill: usize, lab
         refused.len(),
     );
     o.iter().filter(|o| ok(o.status)).count()
+}
+
+/// A log line without its terminal colours.
+fn strip_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // `ESC [ ... m`
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn ok(status: Option<u16>) -> bool {
@@ -306,6 +341,7 @@ async fn status_of(stream: &mut TcpStream) -> std::io::Result<u16> {
 /// The `segment-bridge intake` binary on one AMQP URL, with one Jebbit source.
 struct Intake {
     child: Child,
+    log: std::path::PathBuf,
     addr: SocketAddr,
     probes: SocketAddr,
 }
@@ -353,6 +389,7 @@ impl Intake {
             .expect("the segment-bridge binary starts");
         Intake {
             child,
+            log,
             addr,
             probes,
         }
