@@ -1,8 +1,16 @@
 //! RabbitMQ nodes of the test's own on this machine: a cluster of N nodes (or one node,
 //! with a TLS listener), started as the current user from the package's own scripts,
 //! with node names, ports, data, logs, configuration and Erlang cookie of their own. The
-//! machine's broker (`rabbit@localhost` on 5672) is never touched. Plain std (lapin for the
-//! few AMQP helpers, serde_json to read `cluster_status`), no project code: it can move into a shared test kit.
+//! machine's broker (`rabbit@localhost` on 5672) is never touched. Plain std, tokio
+//! (a TCP forwarder), lapin (a few AMQP helpers) and serde_json (`cluster_status`), no
+//! project code: it can move into a shared test kit.
+//!
+//! Found on RabbitMQ 3.10.8 (Debian): `/etc/rabbitmq/rabbitmq-env.conf` (the machine
+//! broker's node name) is kept out with `RABBITMQ_CONF_ENV_FILE`; the default distribution
+//! port (AMQP port + 20000) could collide, so it is set; the node name is not on the beam
+//! process's command line (nodes are found by an environment marker instead); the
+//! `rabbitmq-server` script runs the beam process as its child and waits for it;
+//! `rabbitmqctl await_startup` fails at once until the node has registered with epmd.
 //!
 //! [`Cluster`] owns everything it started: dropping it (also while a test panics) stops
 //! every node, kills what is left of them and removes the temporary directory. One

@@ -92,10 +92,10 @@ async fn a_node_with_a_tls_listener_presents_a_certificate_of_the_test_ca() {
 
 /// The "before" measurement of issue 15: a 3-node cluster, a quorum queue led by node 1,
 /// the intake binary publishing to it at 25 webhooks/s, the leader's node killed (-9) and
-/// started again 15 s later (see [`restart_after`]), three times: the intake behind a TCP forwarder (a load
-/// balancer: its connection was on the killed node, it reconnects to another), the intake
-/// on a follower's node, the intake on the leader's node (one URL: it has nowhere else to
-/// go). Prints how long and how many webhooks were refused after each kill, and checks
+/// started again 15 s later (see [`restart_after`]), three times: the intake behind a TCP
+/// forwarder (a load balancer: its connection was on the killed node, it reconnects to
+/// another), the intake on a follower's node, the intake on the leader's node (one URL:
+/// it has nowhere else to go). Prints how long and how many webhooks were refused after each kill, and checks
 /// that every webhook answered 2xx is on the queue.
 ///
 /// Measured before channel replacement and host lists (RabbitMQ 3.10.8, 2 shared cores,
