@@ -95,8 +95,8 @@ async fn a_node_with_a_tls_listener_presents_a_certificate_of_the_test_ca() {
 /// started again 15 s later (see [`restart_after`]), three times: the intake behind a TCP
 /// forwarder (a load balancer: its connection was on the killed node, it reconnects to
 /// another), the intake on a follower's node, the intake on the leader's node (one URL:
-/// it has nowhere else to go). Prints how long and how many webhooks were refused after each kill, and checks
-/// that every webhook answered 2xx is on the queue.
+/// it has nowhere else to go). Prints how long and how many webhooks were refused after
+/// each kill, and checks that every webhook answered 2xx is on the queue.
 ///
 /// Measured before channel replacement and host lists (RabbitMQ 3.10.8, 2 shared cores,
 /// 7 runs): behind the forwarder, the intake reconnects to another node within 0.3 s,
