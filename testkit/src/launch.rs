@@ -55,6 +55,12 @@ impl Bridge {
         self
     }
 
+    /// Removes an environment variable set before (a default of a test's helper).
+    pub fn env_remove(&mut self, key: &str) -> &mut Bridge {
+        self.cmd.env_remove(key);
+        self
+    }
+
     /// Sets any environment variable.
     pub fn env(&mut self, key: &str, value: &str) -> &mut Bridge {
         self.cmd.env(key, value);

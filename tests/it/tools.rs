@@ -420,7 +420,7 @@ async fn check_offline_refuses_batch_limits_that_run_refuses_naming_the_key() {
     // Both are below what one session (two events) needs; a copy of the rules elsewhere
     // once accepted them.
     for key in ["max_batch_events", "max_batch_bytes"] {
-        let mut bridge = Bridge::new(&["check", "--offline", "--config", "bridge.toml"]);
+        let mut bridge = tool(&["check", "--offline", "--config", "bridge.toml"]);
         std::fs::write(
             bridge.path("bridge.toml"),
             format!("[segment]\n{key} = 1\n\n[segment.us]\nwrite_key = \"wk-offline-bad\"\n"),
@@ -428,7 +428,7 @@ async fn check_offline_refuses_batch_limits_that_run_refuses_naming_the_key() {
         .unwrap();
         bridge.set("AMQP__URL", UNREACHABLE);
 
-        let out = bridge.output(b"").await;
+        let out = bridge.output(b"", WITHIN).await;
 
         assert!(!out.status.success(), "{key} = 1 is refused: {out:?}");
         assert!(
@@ -441,7 +441,7 @@ async fn check_offline_refuses_batch_limits_that_run_refuses_naming_the_key() {
 
 #[tokio::test]
 async fn check_offline_passes_a_good_file_without_a_broker_and_reports_regions_and_sources() {
-    let mut bridge = Bridge::new(&["check", "--offline", "--config", "bridge.toml"]);
+    let mut bridge = tool(&["check", "--offline", "--config", "bridge.toml"]);
     std::fs::write(
         bridge.path("bridge.toml"),
         format!(
@@ -452,12 +452,12 @@ async fn check_offline_passes_a_good_file_without_a_broker_and_reports_regions_a
     )
     .unwrap();
     // The file's URL, whose port nothing listens on, not the harness's broker.
-    bridge.cmd.env_remove("SEGMENT_BRIDGE__AMQP__URL");
+    bridge.env_remove("SEGMENT_BRIDGE__AMQP__URL");
     bridge
         .set("INTAKE__SOURCES__JEBBIT_EU__SECRET", "sec-offline-71d2")
         .set("INTAKE__SOURCES__CTA__SECRET", "tok-offline-88a0");
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
     assert!(out.status.success(), "{out:?}");
     assert!(out.took < Duration::from_secs(5), "no broker wait: {out:?}");
@@ -481,13 +481,13 @@ async fn check_offline_passes_a_good_file_without_a_broker_and_reports_regions_a
 
 #[tokio::test]
 async fn check_offline_refuses_a_source_without_its_secret_naming_the_source() {
-    let mut bridge = Bridge::new(&["check", "--offline"]);
+    let mut bridge = tool(&["check", "--offline"]);
     bridge
         .set("AMQP__URL", UNREACHABLE)
         .set("SEGMENT__US__WRITE_KEY", "wk-offline-src")
         .set("INTAKE__SOURCES__JEBBIT_US__KIND", "jebbit");
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
     assert!(!out.status.success(), "{out:?}");
     assert!(
