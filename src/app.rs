@@ -23,6 +23,24 @@ use crate::intake::{self, IntakeHealth, IntakeProbes, metrics::IntakeMetrics};
 use crate::metrics::Metrics;
 use crate::worker::{Worker, WorkerError};
 
+/// The process's exit codes: one per class of failure, so that a script or an init
+/// system can tell "fix what you gave it" from "try again later" (docs/operating.md).
+pub mod exit {
+    /// Done; for `run` and `intake`, stopped by a signal (whether or not the grace
+    /// period was enough).
+    pub const OK: u8 = 0;
+    /// Something failed while running: messages the broker did not confirm, an error
+    /// from the broker after connecting, a program that stopped by itself.
+    pub const FAILED: u8 = 1;
+    /// What the program was given is wrong: the command line, the configuration (an
+    /// invalid value, no write key, no intake source, a port it cannot listen on), or the
+    /// input file of `publish`; `check` when it finds such a problem.
+    pub const USAGE: u8 = 2;
+    /// RabbitMQ cannot be reached, or refused the login (`publish`, `replay-dead`,
+    /// `check`).
+    pub const BROKER: u8 = 3;
+}
+
 /// Why a program could not start or stopped on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -42,6 +60,16 @@ pub enum AppError {
     Worker(#[from] WorkerError),
     #[error("the program's task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl AppError {
+    /// The process's exit code for this failure (see [`exit`]).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Config(_) | AppError::NoWriteKey | AppError::Listen { .. } => exit::USAGE,
+            AppError::Worker(_) | AppError::Task(_) => exit::FAILED,
+        }
+    }
 }
 
 /// How a program's shutdown ended.

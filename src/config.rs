@@ -69,6 +69,16 @@ impl Default for Amqp {
     }
 }
 
+impl Amqp {
+    /// The broker's `host:port`, for messages: never the user or the password.
+    pub fn address(&self) -> String {
+        match self.url.expose_secret().parse::<lapin::uri::AMQPUri>() {
+            Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+            Err(_) => "amqp.url".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Segment {

@@ -323,7 +323,8 @@ async fn publish_puts_every_non_blank_line_on_the_queue_byte_for_byte_as_a_persi
     file.extend_from_slice(&lines[2]);
     file.extend_from_slice(b"\n\n");
     file.extend_from_slice(&lines[3]); // the last line has no newline
-    let mut bridge = Bridge::new(&["publish", "sessions.jsonl"]);
+    // A line that is not JSON is published only when asked for.
+    let mut bridge = Bridge::new(&["publish", "--allow-invalid", "sessions.jsonl"]);
     bridge.queues(&queues);
     std::fs::write(bridge.path("sessions.jsonl"), &file).unwrap();
 
@@ -368,6 +369,61 @@ async fn publish_of_a_missing_file_fails_naming_the_file_and_publishes_nothing()
         "the message names the file: {out:?}"
     );
     assert_eq!(queues.ready().await, (0, 0));
+}
+
+#[tokio::test]
+async fn publish_refuses_a_file_with_a_line_that_is_not_a_json_object_naming_the_line_and_publishes_nothing()
+ {
+    let queues = Queues::new("tools-publish-invalid").await;
+    // A pretty-printed session, as a newcomer might paste it: valid JSON, but not one
+    // object per line.
+    let file = format!(
+        "{}\n\n{{\n  \"session_id\": \"pretty\",\n  \"email\": \"a@b.c\"\n}}\n",
+        session("inv-1", "us")
+    );
+    let mut bridge = Bridge::new(&["publish", "sessions.jsonl"]);
+    bridge.queues(&queues);
+    std::fs::write(bridge.path("sessions.jsonl"), &file).unwrap();
+
+    let out = bridge.output(b"").await;
+
+    assert_eq!(out.status.code(), Some(2), "a usage error: {out:?}");
+    assert!(
+        out.stderr
+            .contains("sessions.jsonl line 3 is not a JSON object"),
+        "names the first bad line, counting blank ones: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("3 later lines are not either")
+            && out.stderr.contains("--allow-invalid"),
+        "{out:?}"
+    );
+    assert_eq!(queues.ready().await, (0, 0), "not even the good first line");
+}
+
+#[tokio::test]
+async fn publish_to_an_unreachable_broker_says_host_and_port_once_and_exits_3() {
+    let mut bridge = Bridge::new(&["publish", "sessions.jsonl"]);
+    bridge.set("AMQP__URL", "amqp://guest:pw-3c9e1f@127.0.0.1:1/%2f");
+    std::fs::write(bridge.path("sessions.jsonl"), session("unr-1", "us")).unwrap();
+
+    let out = bridge.output(b"").await;
+
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        out.stderr.contains("cannot reach RabbitMQ at 127.0.0.1:1"),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.stderr.matches("Connection refused").count(),
+        1,
+        "the cause once, not once per error in its chain: {out:?}"
+    );
+    assert!(!out.both().contains("pw-3c9e1f"), "{out:?}");
+    assert!(
+        !out.stderr.contains('\x1b'),
+        "no colour codes when standard error is not a terminal: {out:?}"
+    );
 }
 
 // replay-dead --------------------------------------------------------------------------
@@ -585,7 +641,7 @@ async fn check_fails_on_an_invalid_value_naming_the_key() {
 
     let out = bridge.output(b"").await;
 
-    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(2), "a configuration error: {out:?}");
     assert!(
         out.both().contains("segment.max_batch_events"),
         "the message names the key: {out:?}"
@@ -602,13 +658,84 @@ async fn check_fails_when_the_broker_is_unreachable_without_printing_its_passwor
 
     let out = bridge.output(b"").await;
 
-    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(out.took < Duration::from_secs(12), "{out:?}");
-    assert!(out.both().contains("broker"), "says what failed: {out:?}");
+    assert!(
+        out.stdout.contains("broker: unreachable at 127.0.0.1:1"),
+        "says what failed, and where: {out:?}"
+    );
     assert!(
         !out.both().contains("pw-5e1d0a") && !out.both().contains("wk-unreachable"),
         "{out:?}"
     );
+}
+
+#[tokio::test]
+async fn check_tells_a_refused_login_from_an_unreachable_broker() {
+    let mut bridge = Bridge::new(&["check"]);
+    let wrong = AMQP_URL.replacen("guest:guest@", "guest:wrong-pw-8d2b@", 1);
+    assert_ne!(wrong, AMQP_URL, "the test broker's URL names guest:guest");
+    bridge
+        .set("AMQP__URL", &wrong)
+        .region("us", "http://127.0.0.1:9/v1/batch", "wk-refused");
+
+    let out = bridge.output(b"").await;
+
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("broker: login refused at 127.0.0.1:5672"),
+        "{out:?}"
+    );
+    assert!(!out.stdout.contains("unreachable"), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("check the user, password and vhost in amqp.url"),
+        "says what to do: {out:?}"
+    );
+    assert!(
+        !out.both().contains("wrong-pw-8d2b") && !out.both().contains("wk-refused"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_write_key_with_a_trailing_newline_is_refused_naming_the_key_not_the_value() {
+    let mut bridge = Bridge::new(&["check"]);
+    bridge.region("eu", "http://127.0.0.1:9/v1/batch", "wk-newline-41ab\n");
+
+    let out = bridge.output(b"").await;
+
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("segment.eu.write_key has white space at its start or end"),
+        "{out:?}"
+    );
+    assert!(!out.both().contains("wk-newline-41ab"), "{out:?}");
+}
+
+#[tokio::test]
+async fn a_variable_one_underscore_short_of_an_override_is_warned_about_by_name_only() {
+    let mut bridge = Bridge::new(&["preview"]);
+    bridge
+        .set("AMQP__URL", UNREACHABLE)
+        .env("SEGMENT_BRIDGE_SEGMENT__US__WRITE_KEY", "wk-misspelt-93c1")
+        .env("SEGMENT_BRIDGE_SERVICE_HOST", "10.0.0.1");
+
+    let out = bridge.output(b"").await;
+
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("SEGMENT_BRIDGE_SEGMENT__US__WRITE_KEY")
+            && out.stderr.contains("not read"),
+        "{out:?}"
+    );
+    assert!(
+        !out.stderr.contains("SEGMENT_BRIDGE_SERVICE_HOST"),
+        "Kubernetes' own variables are left alone: {out:?}"
+    );
+    assert!(!out.both().contains("wk-misspelt-93c1"), "{out:?}");
 }
 
 #[tokio::test]
