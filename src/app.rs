@@ -20,7 +20,7 @@ use crate::config::{Config, ConfigError};
 use crate::domain::Region;
 use crate::health::{self, Health};
 use crate::intake::{self, IntakeHealth, IntakeProbes, metrics::IntakeMetrics};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerTotals};
 use crate::worker::{Worker, WorkerError};
 
 /// The process's exit codes: one per class of failure, so that a script or an init
@@ -181,9 +181,17 @@ impl WorkerApp {
             shutdown.clone(),
         ));
         let grace = config.grace_period();
+        if let Some(every) = config.progress_interval() {
+            tokio::spawn(report_worker_progress(
+                metrics.clone(),
+                every,
+                shutdown.clone(),
+            ));
+        }
         // Spawned rather than awaited here, so that it runs as the runtime's own task.
-        let mut worker =
-            tokio::spawn(Worker::new(config, health, metrics, dry_run).run(shutdown.clone()));
+        let mut worker = tokio::spawn(
+            Worker::new(config, health, metrics.clone(), dry_run).run(shutdown.clone()),
+        );
         tokio::select! {
             _ = shutdown.cancelled() => {}
             ended = &mut worker => {
@@ -194,18 +202,41 @@ impl WorkerApp {
             }
         }
         let started = Instant::now();
+        let sent = if dry_run {
+            "written out (dry run)"
+        } else {
+            "sent to Segment"
+        };
         let stopped = match tokio::time::timeout(grace, worker).await {
             Ok(ended) => {
                 ended??;
+                let t = metrics.totals();
                 tracing::info!(
                     took_ms = started.elapsed().as_millis() as u64,
-                    "Shut down: every held delivery was settled."
+                    delivered = t.delivered,
+                    handed_back = t.handed_back,
+                    left_to_broker = t.unsettled(),
+                    skipped = t.skipped,
+                    dead_lettered = t.dead_lettered,
+                    "Shut down. Since start: {} sessions {sent} and acknowledged, {} handed back to the queue, {} left unacknowledged to the broker, which redelivers them; {} skipped, {} dead-lettered.",
+                    t.delivered,
+                    t.handed_back,
+                    t.unsettled(),
+                    t.skipped,
+                    t.dead_lettered,
                 );
                 Stopped::Drained
             }
             Err(_) => {
+                let t = metrics.totals();
                 tracing::warn!(
-                    "The grace period ran out; deliveries not yet acknowledged stay with the broker and will be redelivered."
+                    delivered = t.delivered,
+                    handed_back = t.handed_back,
+                    left_to_broker = t.unsettled(),
+                    "The grace period ran out. Since start: {} sessions {sent} and acknowledged, {} handed back to the queue; {} deliveries not acknowledged stay with the broker and will be redelivered.",
+                    t.delivered,
+                    t.handed_back,
+                    t.unsettled(),
                 );
                 Stopped::GraceRanOut
             }
@@ -290,12 +321,19 @@ impl IntakeApp {
             }),
             probes_stop.clone(),
         ));
+        if let Some(every) = config.progress_interval() {
+            tokio::spawn(report_intake_progress(
+                metrics.clone(),
+                every,
+                shutdown.clone(),
+            ));
+        }
         let bound = config.intake.drain_delay() + config.grace_period() + Duration::from_secs(5);
         let mut intake = tokio::spawn(intake::run(
             config,
             webhooks,
             health,
-            metrics,
+            metrics.clone(),
             shutdown.clone(),
         ));
         tokio::select! {
@@ -311,9 +349,14 @@ impl IntakeApp {
         let stopped = match tokio::time::timeout(bound, intake).await {
             Ok(ended) => {
                 ended?;
+                let t = metrics.totals();
                 tracing::info!(
                     took_ms = started.elapsed().as_millis() as u64,
-                    "Intake shut down."
+                    requests = %t.summary(),
+                    messages_queued = t.messages,
+                    "Intake shut down. Since start: {} requests answered; {} messages queued.",
+                    t.requests.iter().sum::<u64>(),
+                    t.messages,
                 );
                 Stopped::Drained
             }
@@ -325,5 +368,70 @@ impl IntakeApp {
         probes_stop.cancel();
         let _ = server.await;
         Ok(stopped)
+    }
+}
+
+/// Logs what the worker did in each `every`, but only if something happened: sessions by
+/// outcome, events sent per region, retries, and how many deliveries are held now.
+async fn report_worker_progress(
+    metrics: Arc<Metrics>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut last: WorkerTotals = metrics.totals();
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = metrics.totals();
+        if now == last {
+            continue;
+        }
+        let d = now.since(&last);
+        tracing::info!(
+            delivered = d.delivered,
+            skipped = d.skipped,
+            dead_lettered = d.dead_lettered,
+            handed_back = d.handed_back,
+            events_us = d.events_sent[Region::Us as usize],
+            events_eu = d.events_sent[Region::Eu as usize],
+            retries = d.retries,
+            held = now.unsettled(),
+            "Progress in the last {} s.",
+            every.as_secs()
+        );
+        last = now;
+    }
+}
+
+/// Logs the intake's requests by outcome in each `every`, but only if there were any.
+async fn report_intake_progress(
+    metrics: Arc<IntakeMetrics>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut last = metrics.totals();
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = metrics.totals();
+        if now == last {
+            continue;
+        }
+        let d = now.since(&last);
+        tracing::info!(
+            requests = %d.summary(),
+            messages_queued = d.messages,
+            "Progress in the last {} s.",
+            every.as_secs()
+        );
+        last = now;
     }
 }

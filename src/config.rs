@@ -233,12 +233,16 @@ impl Default for Mapping {
 pub struct Server {
     /// The side port: `/healthz`, `/readyz`, `/metrics`.
     pub listen: SocketAddr,
+    /// How often `run` and `intake` log a progress line while work flows (none while
+    /// idle); 0: never.
+    pub progress_interval_s: u64,
 }
 
 impl Default for Server {
     fn default() -> Self {
         Server {
             listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
+            progress_interval_s: 30,
         }
     }
 }
@@ -729,6 +733,12 @@ impl Config {
 
     pub fn max_retry_after(&self) -> Duration {
         Duration::from_secs(self.retry.max_retry_after_s)
+    }
+
+    /// `None`: no progress lines.
+    pub fn progress_interval(&self) -> Option<Duration> {
+        let s = self.server.progress_interval_s;
+        (s > 0).then(|| Duration::from_secs(s))
     }
 
     pub fn grace_period(&self) -> Duration {

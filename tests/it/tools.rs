@@ -242,6 +242,22 @@ impl Drop for Running {
     }
 }
 
+/// Waits until a line of standard error contains `needle`; returns that line.
+fn wait_for_stderr(running: &Running, needle: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let stderr = running.stderr();
+        if let Some(line) = stderr.lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} on stderr within {within:?}:\n{stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Every number written in `text`, e.g. the counts of a report.
 fn numbers(text: &str) -> Vec<u64> {
     text.split(|c: char| !c.is_ascii_digit())
@@ -902,7 +918,9 @@ async fn run_dry_run_prints_each_batch_as_a_json_line_acknowledges_and_exits_0_o
         ])
         .await;
     let mut bridge = Bridge::new(&["run", "--dry-run"]);
-    bridge.queues(&queues);
+    bridge
+        .queues(&queues)
+        .set("SERVER__PROGRESS_INTERVAL_S", "1");
     let mut running = bridge.spawn();
 
     let batches = tokio::task::block_in_place(|| read_batches(&mut running, &ids));
@@ -915,9 +933,22 @@ async fn run_dry_run_prints_each_batch_as_a_json_line_acknowledges_and_exits_0_o
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys, BTreeSet::from(["batch", "sentAt"]), "{batch}");
+        assert_eq!(
+            keys,
+            BTreeSet::from(["batch", "region", "sentAt"]),
+            "{batch}"
+        );
         let sent_at = batch["sentAt"].as_str().expect("sentAt");
         assert!(sent_at.ends_with('Z') && sent_at.contains('T'), "{sent_at}");
+        // dr-2 is for the EU; dr-1 and dr-3 (no known region) for the US.
+        for e in batch["batch"].as_array().unwrap() {
+            let want = if e["userId"] == sha256_hex("dr-2@example.com") {
+                "eu"
+            } else {
+                "us"
+            };
+            assert_eq!(batch["region"], want, "{batch}");
+        }
         events.extend(batch["batch"].as_array().unwrap().iter().cloned());
     }
     assert_eq!(
@@ -940,9 +971,32 @@ async fn run_dry_run_prints_each_batch_as_a_json_line_acknowledges_and_exits_0_o
         );
     }
 
+    // A progress line while work flows; then none while idle.
+    let progress = wait_for_stderr(&running, "Progress in the last 1 s.", WITHIN);
+    assert!(
+        progress.contains("delivered=3")
+            && progress.contains("events_us=4")
+            && progress.contains("events_eu=2")
+            && progress.contains("held=0"),
+        "{progress}"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        running.stderr().matches("Progress in the last").count(),
+        1,
+        "no line while idle: {}",
+        running.stderr()
+    );
     running.terminate();
     let status = tokio::task::block_in_place(|| running.wait(Duration::from_secs(10)));
     assert_eq!(status.code(), Some(0), "stderr:\n{}", running.stderr());
+    assert!(
+        running.stderr().contains(
+            "Since start: 3 sessions written out (dry run) and acknowledged, 0 handed back to the queue, 0 left unacknowledged to the broker"
+        ),
+        "the shutdown line counts: {}",
+        running.stderr()
+    );
     // Had the deliveries not been acknowledged, closing the connection would have put
     // them back.
     assert_eq!(queues.ready().await, (0, 0), "the queue is drained");
@@ -1036,6 +1090,43 @@ async fn run_never_prints_or_logs_the_write_key_even_at_debug_level() {
             "the Basic credentials leaked:\n{text}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_segment_unreachable_the_cause_is_logged_and_the_shutdown_line_says_it_handed_back() {
+    let queues = Queues::new("tools-run-unreachable").await;
+    queues.publish([session("ur-1", "us")]).await;
+    let mut bridge = Bridge::new(&["run"]);
+    bridge.queues(&queues).region(
+        "us",
+        "http://127.0.0.1:1/v1/batch",
+        "wk-unreachable-segment",
+    );
+    let mut running = bridge.spawn();
+
+    let retry = tokio::task::block_in_place(|| {
+        wait_for_stderr(&running, "Segment did not take the batch", WITHIN)
+    });
+    assert!(
+        retry.contains("status=transport") && retry.contains("Connection refused"),
+        "the transport failure's cause, on the same line: {retry}"
+    );
+    running.terminate();
+    let status = tokio::task::block_in_place(|| running.wait(Duration::from_secs(20)));
+    let stderr = running.stderr();
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains(
+            "Since start: 0 sessions sent to Segment and acknowledged, 1 handed back to the queue, 0 left unacknowledged to the broker"
+        ),
+        "the shutdown line tells what happened: {stderr}"
+    );
+    assert!(!stderr.contains("every held delivery"), "{stderr}");
+    assert_eq!(
+        queues.ready().await,
+        (1, 0),
+        "the session is back on the queue"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
