@@ -413,6 +413,49 @@ mod tests {
     }
 
     #[test]
+    fn a_dry_run_line_is_the_body_with_its_region_and_a_newline() {
+        let body = br#"{"batch":[{"type":"track"}],"sentAt":"2021-03-12T00:00:00.000Z"}"#;
+        let line = dry_run_line(body.to_vec(), Region::Eu);
+        assert_eq!(
+            line,
+            b"{\"batch\":[{\"type\":\"track\"}],\"sentAt\":\"2021-03-12T00:00:00.000Z\",\"region\":\"eu\"}\n"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["region"], "eu");
+    }
+
+    #[test]
+    fn a_transport_error_is_told_with_its_causes_each_once() {
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<Box<Layer>>);
+        impl std::fmt::Display for Layer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Layer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|l| l as _)
+            }
+        }
+        let tls = Layer("invalid peer certificate: UnknownIssuer", None);
+        // A layer that repeats its cause's text, as some do.
+        let io = Layer(
+            "invalid peer certificate: UnknownIssuer",
+            Some(Box::new(tls)),
+        );
+        let connect = Layer("client error (Connect)", Some(Box::new(io)));
+        let top = Layer(
+            "error sending request for url (https://x/v1/batch)",
+            Some(Box::new(connect)),
+        );
+        assert_eq!(
+            error_chain(&top),
+            "error sending request for url (https://x/v1/batch): client error (Connect): invalid peer certificate: UnknownIssuer"
+        );
+    }
+
+    #[test]
     fn truncation_respects_character_boundaries() {
         assert_eq!(truncate("ééé".into(), 3), "é…");
         assert_eq!(truncate("abc".into(), 3), "abc");
