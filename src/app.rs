@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError};
 use crate::domain::Region;
 use crate::health::{self, Health};
-use crate::intake::{self, IntakeHealth, IntakeProbes, metrics::IntakeMetrics};
+use crate::intake::metrics::{IntakeMetrics, IntakeTotals};
+use crate::intake::{self, IntakeHealth, IntakeProbes};
 use crate::metrics::{Metrics, WorkerTotals};
 use crate::worker::{Worker, WorkerError};
 
@@ -371,14 +372,15 @@ impl IntakeApp {
     }
 }
 
-/// Logs what the worker did in each `every`, but only if something happened: sessions by
-/// outcome, events sent per region, retries, and how many deliveries are held now.
-async fn report_worker_progress(
-    metrics: Arc<Metrics>,
+/// Every `every` until `shutdown`, reads the totals and, if they changed since the last
+/// line, logs one with `log(now, last)`: nothing while idle.
+async fn report_progress<T: PartialEq>(
+    read: impl Fn() -> T,
+    log: impl Fn(&T, &T),
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut last: WorkerTotals = metrics.totals();
+    let mut last = read();
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -386,11 +388,23 @@ async fn report_worker_progress(
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let now = metrics.totals();
-        if now == last {
-            continue;
+        let now = read();
+        if now != last {
+            log(&now, &last);
+            last = now;
         }
-        let d = now.since(&last);
+    }
+}
+
+/// The worker's progress line: sessions by outcome, events sent per region, retries, and
+/// how many deliveries are held now.
+async fn report_worker_progress(
+    metrics: Arc<Metrics>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let log = |now: &WorkerTotals, last: &WorkerTotals| {
+        let d = now.since(last);
         tracing::info!(
             delivered = d.delivered,
             skipped = d.skipped,
@@ -403,35 +417,57 @@ async fn report_worker_progress(
             "Progress in the last {} s.",
             every.as_secs()
         );
-        last = now;
-    }
+    };
+    report_progress(|| metrics.totals(), log, every, shutdown).await;
 }
 
-/// Logs the intake's requests by outcome in each `every`, but only if there were any.
+/// The intake's progress line: requests by outcome, and messages queued.
 async fn report_intake_progress(
     metrics: Arc<IntakeMetrics>,
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut last = metrics.totals();
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let now = metrics.totals();
-        if now == last {
-            continue;
-        }
-        let d = now.since(&last);
+    let log = |now: &IntakeTotals, last: &IntakeTotals| {
+        let d = now.since(last);
         tracing::info!(
             requests = %d.summary(),
             messages_queued = d.messages,
             "Progress in the last {} s.",
             every.as_secs()
         );
-        last = now;
+    };
+    report_progress(|| metrics.totals(), log, every, shutdown).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_progress_line_comes_only_for_an_interval_in_which_something_changed() {
+        let count = Arc::new(AtomicU64::new(0));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let shutdown = CancellationToken::new();
+        let reporter = tokio::spawn({
+            let (count, lines) = (count.clone(), lines.clone());
+            report_progress(
+                move || count.load(Ordering::Relaxed),
+                move |now: &u64, last: &u64| lines.lock().unwrap().push(now - last),
+                Duration::from_secs(30),
+                shutdown.clone(),
+            )
+        });
+        let second = Duration::from_secs(1);
+        tokio::time::sleep(61 * second).await;
+        assert!(lines.lock().unwrap().is_empty(), "idle: no line");
+        count.fetch_add(5, Ordering::Relaxed);
+        tokio::time::sleep(30 * second).await;
+        count.fetch_add(2, Ordering::Relaxed);
+        tokio::time::sleep(90 * second).await;
+        assert_eq!(*lines.lock().unwrap(), [5, 2], "one line per busy interval");
+        shutdown.cancel();
+        reporter.await.unwrap();
     }
 }
