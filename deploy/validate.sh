@@ -332,7 +332,7 @@ CONFIG_KEYS = {
               "max_hold_s": int},
     "mapping": {"hash_pii": bool, "require_opt_in": bool, "include_mapped_attributes": bool,
                 "track_event": str, "lead_event": str},
-    "server": {"listen": str},
+    "server": {"listen": str, "progress_interval_s": int},
     "shutdown": {"grace_period_s": int},
     # The webhook intake's keys.
     "intake": {"listen": str, "max_body_bytes": int, "signature_tolerance_s": int,
