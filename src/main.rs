@@ -49,8 +49,13 @@ enum Command {
         #[arg(long)]
         limit: Option<u64>,
     },
-    /// Validate the configuration, reach the broker, report the regions' write keys.
-    Check,
+    /// Validate the configuration, reach the broker, report the regions' write keys and
+    /// the intake's sources.
+    Check {
+        /// Validate and report only: contact no broker, use no network.
+        #[arg(long)]
+        offline: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -94,7 +99,7 @@ fn main() -> ExitCode {
                 .await
                 .map(drop)
                 .map_err(Into::into),
-            Command::Check => tools::check(&config, std::io::stdout())
+            Command::Check { offline } => tools::check(&config, offline, std::io::stdout())
                 .await
                 .map_err(Into::into),
         }

@@ -15,6 +15,7 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
+use secrecy::ExposeSecret;
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -446,11 +447,93 @@ async fn replay(
 }
 
 /// `check`: the configuration is valid (it was loaded), the broker answers, the queues are
-/// there or will be declared, and which regions have a write key. Never prints a key.
-pub async fn check(config: &Config, mut out: impl Write) -> Result<(), ToolError> {
+/// there or will be declared, which regions have a write key, and the intake's sources.
+/// `offline` leaves the broker alone (no network at all), for checking a file before it
+/// is deployed. Never prints a key or a secret.
+pub async fn check(config: &Config, offline: bool, mut out: impl Write) -> Result<(), ToolError> {
     writeln!(out, "config: valid")?;
+    // The settings that deployment manifests must agree with, as the binary reads them
+    // (defaults included), so that a deploy check need not know the defaults.
+    writeln!(out, "amqp.queue = {}", config.amqp.queue)?;
+    writeln!(
+        out,
+        "amqp.dead_letter_queue = {}",
+        config.amqp.dead_letter_queue
+    )?;
+    writeln!(out, "server.listen = {}", config.server.listen)?;
+    writeln!(
+        out,
+        "shutdown.grace_period_s = {}",
+        config.shutdown.grace_period_s
+    )?;
+    writeln!(out, "intake.listen = {}", config.intake.listen)?;
+    writeln!(
+        out,
+        "intake.max_body_bytes = {}",
+        config.intake.max_body_bytes
+    )?;
+    writeln!(
+        out,
+        "intake.drain_delay_ms = {}",
+        config.intake.drain_delay_ms
+    )?;
     let mut problems = Vec::new();
     let mut exit_code = crate::app::exit::USAGE;
+    if offline {
+        writeln!(out, "broker: not contacted (--offline)")?;
+    } else if let Some(code) = check_broker(config, &mut out, &mut problems).await? {
+        exit_code = code;
+    }
+    for region in Region::ALL {
+        let endpoint = &config.endpoint(region).endpoint;
+        if config.has_write_key(region) {
+            writeln!(out, "region {region}: write key set, endpoint {endpoint}")?;
+        } else {
+            writeln!(
+                out,
+                "region {region}: no write key ({region} sessions would be dead-lettered)"
+            )?;
+        }
+    }
+    if !Region::ALL.iter().any(|r| config.has_write_key(*r)) {
+        problems.push(
+            "no write key is configured for either region: `run` would refuse to start without --dry-run".into(),
+        );
+    }
+    for (name, source) in &config.intake.sources {
+        let region = source.region.unwrap_or(config.segment.default_region);
+        let secret = if source.secret.expose_secret().trim().is_empty() {
+            "no secret"
+        } else {
+            "secret set"
+        };
+        let kind = source.kind.as_str();
+        writeln!(out, "source {name}: {kind}, region {region}, {secret}")?;
+    }
+    if !config.intake.sources.is_empty()
+        && let Err(e) = config.check_intake_sources()
+    {
+        problems.push(format!("`intake` would refuse to start: {e}"));
+    }
+    if problems.is_empty() {
+        writeln!(out, "ok")?;
+        Ok(())
+    } else {
+        Err(ToolError::Check {
+            problems: problems.join("; "),
+            exit_code,
+        })
+    }
+}
+
+/// The broker half of `check`: reachable (or why not: a refused login, or no answer), and
+/// the queues there or declared by `run`. Returns the exit code of a broker that could
+/// not be used.
+async fn check_broker(
+    config: &Config,
+    out: &mut impl Write,
+    problems: &mut Vec<String>,
+) -> Result<Option<u8>, ToolError> {
     let addr = config.amqp.address();
     match connect(&config.amqp).await {
         Ok(conn) => {
@@ -469,42 +552,18 @@ pub async fn check(config: &Config, mut out: impl Write) -> Result<(), ToolError
                 }
             }
             let _ = conn.close(200, "OK".into()).await;
+            Ok(None)
         }
         Err(e) => {
             let (state, detail) = match &e {
-                ToolError::LoginRefused { detail, .. } => ("login refused", detail),
-                ToolError::Unreachable { detail, .. } => ("unreachable", detail),
-                _ => ("error", &String::new()),
+                ToolError::LoginRefused { detail, .. } => ("login refused", detail.as_str()),
+                ToolError::Unreachable { detail, .. } => ("unreachable", detail.as_str()),
+                _ => ("error", ""),
             };
             writeln!(out, "broker: {state} at {addr} ({detail})")?;
-            exit_code = e.exit_code();
             problems.push(e.to_string());
+            Ok(Some(e.exit_code()))
         }
-    }
-    for region in Region::ALL {
-        let endpoint = &config.endpoint(region).endpoint;
-        if config.has_write_key(region) {
-            writeln!(out, "region {region}: write key set, endpoint {endpoint}")?;
-        } else {
-            writeln!(
-                out,
-                "region {region}: no write key ({region} sessions would be dead-lettered)"
-            )?;
-        }
-    }
-    if !Region::ALL.iter().any(|r| config.has_write_key(*r)) {
-        problems.push(
-            "no write key is configured for either region: `run` would refuse to start without --dry-run".into(),
-        );
-    }
-    if problems.is_empty() {
-        writeln!(out, "ok")?;
-        Ok(())
-    } else {
-        Err(ToolError::Check {
-            problems: problems.join("; "),
-            exit_code,
-        })
     }
 }
 

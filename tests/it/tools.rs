@@ -1,4 +1,5 @@
-//! The operator's commands, run as the real binary: `publish`, `replay-dead`, `check`,
+//! The operator's commands, run as the real binary: `publish`, `replay-dead`, `check`
+//! (and `check --offline`),
 //! `preview`, `run --dry-run`, and `run` without a write key.
 //!
 //! Each run gets an empty working directory (so the repository's `config.toml` is not
@@ -782,6 +783,90 @@ async fn check_works_with_no_config_file_when_the_environment_holds_the_queues_a
         "{report}"
     );
     assert!(!out.both().contains("wk-env-only"), "{out:?}");
+}
+
+// check --offline -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn check_offline_refuses_batch_limits_that_run_refuses_naming_the_key() {
+    // Both are below what one session (two events) needs; a copy of the rules elsewhere
+    // once accepted them.
+    for key in ["max_batch_events", "max_batch_bytes"] {
+        let mut bridge = Bridge::new(&["check", "--offline", "--config", "bridge.toml"]);
+        std::fs::write(
+            bridge.path("bridge.toml"),
+            format!("[segment]\n{key} = 1\n\n[segment.us]\nwrite_key = \"wk-offline-bad\"\n"),
+        )
+        .unwrap();
+        bridge.set("AMQP__URL", UNREACHABLE);
+
+        let out = bridge.output(b"").await;
+
+        assert!(!out.status.success(), "{key} = 1 is refused: {out:?}");
+        assert!(
+            out.both().contains(&format!("segment.{key}")),
+            "the message names the key: {out:?}"
+        );
+        assert!(!out.both().contains("wk-offline-bad"), "{out:?}");
+    }
+}
+
+#[tokio::test]
+async fn check_offline_passes_a_good_file_without_a_broker_and_reports_regions_and_sources() {
+    let mut bridge = Bridge::new(&["check", "--offline", "--config", "bridge.toml"]);
+    std::fs::write(
+        bridge.path("bridge.toml"),
+        format!(
+            "[amqp]\nurl = \"{UNREACHABLE}\"\n\n[segment.eu]\nwrite_key = \"wk-offline-3c9e\"\n\n\
+             [intake.sources.jebbit_eu]\nkind = \"jebbit\"\nregion = \"eu\"\n\n\
+             [intake.sources.cta]\nkind = \"joturl\"\n"
+        ),
+    )
+    .unwrap();
+    // The file's URL, whose port nothing listens on, not the harness's broker.
+    bridge.cmd.env_remove("SEGMENT_BRIDGE__AMQP__URL");
+    bridge
+        .set("INTAKE__SOURCES__JEBBIT_EU__SECRET", "sec-offline-71d2")
+        .set("INTAKE__SOURCES__CTA__SECRET", "tok-offline-88a0");
+
+    let out = bridge.output(b"").await;
+
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.took < Duration::from_secs(5), "no broker wait: {out:?}");
+    assert!(out.stdout.contains("not contacted"), "{out:?}");
+    assert!(region_line(&out.stdout, "us").contains("no write key"));
+    assert!(!region_line(&out.stdout, "eu").contains("no write key"));
+    assert!(
+        out.stdout
+            .contains("source jebbit_eu: jebbit, region eu, secret set"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout
+            .contains("source cta: joturl, region us, secret set"),
+        "{out:?}"
+    );
+    for secret in ["wk-offline-3c9e", "sec-offline-71d2", "tok-offline-88a0"] {
+        assert!(!out.both().contains(secret), "{out:?}");
+    }
+}
+
+#[tokio::test]
+async fn check_offline_refuses_a_source_without_its_secret_naming_the_source() {
+    let mut bridge = Bridge::new(&["check", "--offline"]);
+    bridge
+        .set("AMQP__URL", UNREACHABLE)
+        .set("SEGMENT__US__WRITE_KEY", "wk-offline-src")
+        .set("INTAKE__SOURCES__JEBBIT_US__KIND", "jebbit");
+
+    let out = bridge.output(b"").await;
+
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        out.both()
+            .contains("SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_US__SECRET"),
+        "names the missing env: {out:?}"
+    );
 }
 
 // preview ------------------------------------------------------------------------------
