@@ -41,6 +41,18 @@ pub enum OnboardError {
     Http(#[from] reqwest::Error),
 }
 
+impl OnboardError {
+    /// The process's exit code ([`crate::app::exit`]): what the operator gave is wrong
+    /// (credentials missing, an undeclared source, a bad URL, an unwritable secret file):
+    /// 2; anything else: 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            OnboardError::Usage(_) | OnboardError::SecretFile { .. } => crate::app::exit::USAGE,
+            _ => crate::app::exit::FAILED,
+        }
+    }
+}
+
 fn usage(message: impl Into<String>) -> OnboardError {
     OnboardError::Usage(message.into())
 }

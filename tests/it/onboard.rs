@@ -455,6 +455,7 @@ async fn a_wrong_client_secret_a_missing_scope_and_a_refused_region_are_each_one
         denied.text()
     );
     assert!(!denied.text().contains(&wrong), "{}", denied.text());
+    assert_eq!(denied.status.code(), Some(1), "a failure at Jebbit");
     let missing = o.fake.options().client_secret.clone();
     o.set_env("JEBBIT_CLIENT_SECRET", &missing);
 
@@ -624,6 +625,7 @@ async fn a_kubernetes_secret_is_printed_only_when_asked_and_integrations_can_be_
         "{}",
         gone.text()
     );
+    assert_eq!(gone.status.code(), Some(2), "a usage error");
     o.assert_no_secret(&[], &[]);
 }
 
