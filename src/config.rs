@@ -1068,6 +1068,47 @@ mod tests {
     }
 
     #[test]
+    fn message_id_namespaces_and_the_scheme_are_checked_naming_the_key() {
+        for (key, value, named) in [
+            (
+                "SEGMENT_BRIDGE__SEGMENT__EU__MESSAGE_ID_NAMESPACE",
+                "prod eu",
+                "segment.eu.message_id_namespace",
+            ),
+            (
+                "SEGMENT_BRIDGE__SEGMENT__US__MESSAGE_ID_NAMESPACE",
+                &"x".repeat(33),
+                "segment.us.message_id_namespace",
+            ),
+            (
+                "SEGMENT_BRIDGE__SEGMENT__US__MESSAGE_ID_NAMESPACE",
+                "pröd",
+                "segment.us.message_id_namespace",
+            ),
+            ("SEGMENT_BRIDGE__SEGMENT__MESSAGE_ID_SCHEME", "v3", "v3"),
+        ] {
+            let err = Config::load(None, env(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{key}={value}: {err}");
+        }
+        let c = Config::load(
+            None,
+            env(&[
+                (
+                    "SEGMENT_BRIDGE__SEGMENT__US__MESSAGE_ID_NAMESPACE",
+                    &"x".repeat(32),
+                ),
+                ("SEGMENT_BRIDGE__SEGMENT__EU__WRITE_KEY", "eu-key-Jz8rQ2vX"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.message_id_namespace(Region::Us), "x".repeat(32));
+        assert_eq!(c.message_id_namespace(Region::Eu), "639beb88a28f816a");
+        assert_eq!(c.segment.message_id_scheme, MessageIdScheme::V2);
+    }
+
+    #[test]
     fn intake_secrets_never_show_in_debug_output() {
         let c = Config::load(
             None,
