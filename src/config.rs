@@ -89,7 +89,7 @@ pub struct Segment {
     /// own libraries send). `max_batch_bytes` counts the body before compression.
     pub compression: Compression,
     /// How messageIds are derived: `v2`, unique per Segment source (each region's
-    /// `message_id_namespace`), or `v1`, the derivation up to 0.1.0 (the same ids in every
+    /// `message_id_namespace`), or `v1`, the earlier derivation (the same ids in every
     /// source), to keep a deployment's ids across the upgrade. docs/events.md.
     pub message_id_scheme: MessageIdScheme,
     pub us: Endpoint,

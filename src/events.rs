@@ -327,7 +327,7 @@ pub const NO_KEY_NAMESPACE: &str = "180b5fa28d3a6cc4";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageIdScheme {
-    /// Up to 0.1.0: `sb-<type>-<hex SHA-256 of the event type and the session identity>`,
+    /// Before v2: `sb-<type>-<hex SHA-256 of the event type and the session identity>`,
     /// the same in every Segment source.
     V1,
     /// `sb2-<type>-<hex SHA-256 of the region's namespace, the event type, a Track's
@@ -346,8 +346,9 @@ impl MessageIdScheme {
 
 /// How each region's messageIds are derived, prepared once (per configuration, not per
 /// event): a v2 region keeps a SHA-256 state that has already hashed a whole 64-byte
-/// block naming the scheme and the namespace, so each id costs what a v1 id cost: one
-/// clone and, for a short identity, one compression.
+/// block naming the scheme and the namespace, so each id costs about what a v1 id cost:
+/// a clone of that state, then one compression for a 20-character `session_id` and the
+/// default event names (two for a 64-digit hash identity, as in v1).
 ///
 /// The rule (docs/events.md): the same session sent to the same Segment source always
 /// gets the same ids; to another source (another namespace), other ids. A Track's event
@@ -1093,9 +1094,9 @@ mod tests {
     }
 
     #[test]
-    fn scheme_v1_reproduces_the_ids_of_0_1_0_in_every_source() {
+    fn scheme_v1_reproduces_the_ids_of_earlier_versions_in_every_source() {
         let v1 = "SEGMENT_BRIDGE__SEGMENT__MESSAGE_ID_SCHEME";
-        // What 0.1.0 (main before messageIds v2) sent for SESSION, from its `preview`.
+        // What the bridge sent for SESSION before v2, from its `preview` (main at 4f259c8).
         let want = [
             "sb-identify-a2b301b4bcd430bc40652a1cd519dcf23a108e7582a24bf81af76e18c6aea769",
             "sb-track-ccd11985a73864a5c2ccc0517a3fc8e3581c56cca4b1bf3ace2c078e29eaad2f",
