@@ -55,11 +55,9 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use segment_bridge::events;
 use segment_bridge::session::Session;
 
-#[path = "../tests/it/broker_lock.rs"]
-mod broker_lock;
-mod common;
+use segment_bridge_testkit::broker::{AMQP_URL, BrokerLock, delete_queues};
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+mod common;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -240,7 +238,7 @@ impl Queues {
 
 impl Drop for Queues {
     fn drop(&mut self) {
-        broker_lock::delete_queues(vec![self.main.clone(), self.dead.clone()]);
+        delete_queues(vec![self.main.clone(), self.dead.clone()]);
     }
 }
 
@@ -488,7 +486,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 async fn soak(options: Options) -> Result<bool> {
     eprintln!("soak: waiting for the broker lock (running tests finish first) ...");
-    let _lock = tokio::task::spawn_blocking(broker_lock::BrokerLock::exclusive).await?;
+    let _lock = tokio::task::spawn_blocking(BrokerLock::exclusive).await?;
     let broker = Arc::new(BrokerGuard {
         stopped: AtomicBool::new(false),
     });

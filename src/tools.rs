@@ -15,6 +15,7 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
+use secrecy::ExposeSecret;
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -28,6 +29,12 @@ use crate::session::{Session, peek_session_id};
 /// Publishes with at most this many confirmations outstanding.
 const PUBLISH_WINDOW: usize = 1024;
 
+/// How long a command waits for the broker to answer before it calls it unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a command failed. Each message names the broker by `host:port` (never the
+/// password) and says its cause once: none has a `source`, so that a chain printed in
+/// full does not repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
     #[error("cannot read {path}: {source}")]
@@ -35,18 +42,163 @@ pub enum ToolError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "{path} line {line} is not a JSON object ({problem}){more}; nothing was published. Fix the file (one session per line), or pass --allow-invalid to publish such lines as they are."
+    )]
+    InvalidLine {
+        path: String,
+        line: u64,
+        problem: String,
+        more: String,
+    },
+    #[error(
+        "cannot reach RabbitMQ at {addr} ({detail}); is it running, and are the host and port in amqp.url right?"
+    )]
+    Unreachable { addr: String, detail: String },
+    #[error(
+        "RabbitMQ at {addr} refused the login ({detail}); check the user, password and vhost in amqp.url"
+    )]
+    LoginRefused { addr: String, detail: String },
+    #[error("RabbitMQ at {addr}: {detail}")]
+    Broker { addr: String, detail: String },
+    /// A broker error not yet told where: [`ToolError::at`] makes it a `Broker` error.
     #[error("RabbitMQ: {0}")]
-    Amqp(#[from] lapin::Error),
+    Amqp(String),
     #[error("{failed} of {total} messages were not confirmed by the broker (first error: {first})")]
     Unconfirmed {
         failed: u64,
         total: u64,
         first: String,
     },
+    /// `check` found problems; `exit_code` is the class of the worst.
+    #[error("{problems}")]
+    Check { problems: String, exit_code: u8 },
     #[error("{0}")]
-    Check(String),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
+    Io(String),
+}
+
+impl From<lapin::Error> for ToolError {
+    fn from(e: lapin::Error) -> Self {
+        ToolError::Amqp(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for ToolError {
+    fn from(e: std::io::Error) -> Self {
+        ToolError::Io(e.to_string())
+    }
+}
+
+impl ToolError {
+    /// The process's exit code for this failure (see [`crate::app::exit`]).
+    pub fn exit_code(&self) -> u8 {
+        use crate::app::exit;
+        match self {
+            ToolError::Read { .. } | ToolError::InvalidLine { .. } => exit::USAGE,
+            ToolError::Unreachable { .. } | ToolError::LoginRefused { .. } => exit::BROKER,
+            ToolError::Check { exit_code, .. } => *exit_code,
+            ToolError::Broker { .. }
+            | ToolError::Amqp(_)
+            | ToolError::Unconfirmed { .. }
+            | ToolError::Io(_) => exit::FAILED,
+        }
+    }
+
+    /// Names the broker in an error that came from it.
+    fn at(self, amqp: &crate::config::Amqp) -> ToolError {
+        match self {
+            ToolError::Amqp(detail) => ToolError::Broker {
+                addr: amqp.address(),
+                detail,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Connects within [`CONNECT_TIMEOUT`], telling a refused login from a broker that cannot
+/// be reached.
+async fn connect(amqp: &crate::config::Amqp) -> Result<lapin::Connection, ToolError> {
+    let addr = amqp.address();
+    match tokio::time::timeout(CONNECT_TIMEOUT, amqp::connect(amqp)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) if login_refused(&e) => Err(ToolError::LoginRefused {
+            addr,
+            detail: e.to_string(),
+        }),
+        Ok(Err(e)) => Err(ToolError::Unreachable {
+            addr,
+            detail: e.to_string(),
+        }),
+        Err(_) => Err(ToolError::Unreachable {
+            addr,
+            detail: format!("no answer in {} s", CONNECT_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
+/// Whether the broker answered but refused this user, password or vhost (ACCESS_REFUSED,
+/// NOT_ALLOWED), as opposed to not answering at all.
+fn login_refused(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => matches!(
+            amqp.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+        ),
+        lapin::ErrorKind::AuthProviderError(_) => true,
+        _ => false,
+    }
+}
+
+/// Reads `file` and refuses it at the first non-blank line that is not a JSON object,
+/// naming the line. Blank lines are skipped, as `publish` skips them.
+fn check_lines(file: &Path) -> Result<(), ToolError> {
+    let path = file.display().to_string();
+    let read_err = |source| ToolError::Read {
+        path: path.clone(),
+        source,
+    };
+    let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(read_err)?);
+    let (mut first, mut others) = (None, 0u64);
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let line = line.map_err(read_err)?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if let Err(problem) = json_object(&line) {
+            if first.is_none() {
+                first = Some((i as u64 + 1, problem));
+            } else {
+                others += 1;
+            }
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some((line, problem)) => Err(ToolError::InvalidLine {
+            path,
+            line,
+            problem,
+            more: match others {
+                0 => String::new(),
+                1 => ", and 1 later line is not either".into(),
+                n => format!(", and {n} later lines are not either"),
+            },
+        }),
+    }
+}
+
+/// Whether `line` is one JSON object, with only white space around it.
+fn json_object(line: &[u8]) -> Result<(), String> {
+    let start = line.iter().position(|b| !b.is_ascii_whitespace());
+    if start.is_none_or(|i| line[i] != b'{') {
+        return Err("it does not start with `{`".into());
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(line)
+        .map(drop)
+        .map_err(|e| format!("invalid JSON: {e}"))
 }
 
 /// `preview`: one JSON line out per line in: the session's events, the reason it is
@@ -107,8 +259,28 @@ fn raw(event: &[u8]) -> serde_json::Value {
 }
 
 /// `publish FILE`: every non-blank line, unchanged, onto the queue as a persistent message,
-/// with publisher confirms. Returns how many were published.
-pub async fn publish(config: &Config, file: &Path, mut out: impl Write) -> Result<u64, ToolError> {
+/// with publisher confirms. Returns how many were published. Unless `allow_invalid`, the
+/// whole file is read first, and a line that is not a JSON object stops it before
+/// anything is published.
+pub async fn publish(
+    config: &Config,
+    file: &Path,
+    allow_invalid: bool,
+    out: impl Write,
+) -> Result<u64, ToolError> {
+    if !allow_invalid {
+        check_lines(file)?;
+    }
+    publish_lines(config, file, out)
+        .await
+        .map_err(|e| e.at(&config.amqp))
+}
+
+async fn publish_lines(
+    config: &Config,
+    file: &Path,
+    mut out: impl Write,
+) -> Result<u64, ToolError> {
     let read_err = |source| ToolError::Read {
         path: file.display().to_string(),
         source,
@@ -116,7 +288,7 @@ pub async fn publish(config: &Config, file: &Path, mut out: impl Write) -> Resul
     let size = std::fs::metadata(file).map_err(read_err)?.len().max(1);
     let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(read_err)?);
 
-    let conn = amqp::connect(&config.amqp).await?;
+    let conn = connect(&config.amqp).await?;
     amqp::ensure_queue(&conn, &config.amqp.queue, config.amqp.declare).await?;
     let channel = conn.create_channel().await?;
     channel
@@ -181,9 +353,19 @@ pub async fn publish(config: &Config, file: &Path, mut out: impl Write) -> Resul
 pub async fn replay_dead(
     config: &Config,
     limit: Option<u64>,
+    out: impl Write,
+) -> Result<u64, ToolError> {
+    replay(config, limit, out)
+        .await
+        .map_err(|e| e.at(&config.amqp))
+}
+
+async fn replay(
+    config: &Config,
+    limit: Option<u64>,
     mut out: impl Write,
 ) -> Result<u64, ToolError> {
-    let conn = amqp::connect(&config.amqp).await?;
+    let conn = connect(&config.amqp).await?;
     amqp::ensure_queue(&conn, &config.amqp.queue, config.amqp.declare).await?;
     let channel = conn.create_channel().await?;
     let passive = QueueDeclareOptions {
@@ -272,38 +454,42 @@ pub async fn replay_dead(
 }
 
 /// `check`: the configuration is valid (it was loaded), the broker answers, the queues are
-/// there or will be declared, and which regions have a write key. Never prints a key.
-pub async fn check(config: &Config, mut out: impl Write) -> Result<(), ToolError> {
+/// there or will be declared, which regions have a write key, and the intake's sources.
+/// `offline` leaves the broker alone (no network at all), for checking a file before it
+/// is deployed. Never prints a key or a secret.
+pub async fn check(config: &Config, offline: bool, mut out: impl Write) -> Result<(), ToolError> {
     writeln!(out, "config: valid")?;
+    // The settings that deployment manifests must agree with, as the binary reads them
+    // (defaults included), so that a deploy check need not know the defaults.
+    writeln!(out, "amqp.queue = {}", config.amqp.queue)?;
+    writeln!(
+        out,
+        "amqp.dead_letter_queue = {}",
+        config.amqp.dead_letter_queue
+    )?;
+    writeln!(out, "server.listen = {}", config.server.listen)?;
+    writeln!(
+        out,
+        "shutdown.grace_period_s = {}",
+        config.shutdown.grace_period_s
+    )?;
+    writeln!(out, "intake.listen = {}", config.intake.listen)?;
+    writeln!(
+        out,
+        "intake.max_body_bytes = {}",
+        config.intake.max_body_bytes
+    )?;
+    writeln!(
+        out,
+        "intake.drain_delay_ms = {}",
+        config.intake.drain_delay_ms
+    )?;
     let mut problems = Vec::new();
-    let connected =
-        tokio::time::timeout(Duration::from_secs(10), amqp::connect(&config.amqp)).await;
-    match connected {
-        Ok(Ok(conn)) => {
-            writeln!(out, "broker: reachable")?;
-            for queue in [&config.amqp.queue, &config.amqp.dead_letter_queue] {
-                match amqp::ensure_queue(&conn, queue, false).await {
-                    Ok(()) => writeln!(out, "queue {queue}: exists")?,
-                    Err(_) if config.amqp.declare => writeln!(
-                        out,
-                        "queue {queue}: missing; `run` will declare it (amqp.declare = true)"
-                    )?,
-                    Err(e) => {
-                        writeln!(out, "queue {queue}: missing and amqp.declare = false")?;
-                        problems.push(format!("queue {queue} does not exist: {e}"));
-                    }
-                }
-            }
-            let _ = conn.close(200, "OK".into()).await;
-        }
-        Ok(Err(e)) => {
-            writeln!(out, "broker: unreachable ({e})")?;
-            problems.push(format!("cannot connect to the broker at amqp.url: {e}"));
-        }
-        Err(_) => {
-            writeln!(out, "broker: unreachable (no answer in 10 s)")?;
-            problems.push("cannot connect to the broker at amqp.url: no answer in 10 s".into());
-        }
+    let mut exit_code = crate::app::exit::USAGE;
+    if offline {
+        writeln!(out, "broker: not contacted (--offline)")?;
+    } else if let Some(code) = check_broker(config, &mut out, &mut problems).await? {
+        exit_code = code;
     }
     for region in Region::ALL {
         let endpoint = &config.endpoint(region).endpoint;
@@ -331,11 +517,70 @@ pub async fn check(config: &Config, mut out: impl Write) -> Result<(), ToolError
             "no write key is configured for either region: `run` would refuse to start without --dry-run".into(),
         );
     }
+    for (name, source) in &config.intake.sources {
+        let region = source.region.unwrap_or(config.segment.default_region);
+        let secret = if source.secret.expose_secret().trim().is_empty() {
+            "no secret"
+        } else {
+            "secret set"
+        };
+        let kind = source.kind.as_str();
+        writeln!(out, "source {name}: {kind}, region {region}, {secret}")?;
+    }
+    if !config.intake.sources.is_empty()
+        && let Err(e) = config.check_intake_sources()
+    {
+        problems.push(format!("`intake` would refuse to start: {e}"));
+    }
     if problems.is_empty() {
         writeln!(out, "ok")?;
         Ok(())
     } else {
-        Err(ToolError::Check(problems.join("; ")))
+        Err(ToolError::Check {
+            problems: problems.join("; "),
+            exit_code,
+        })
+    }
+}
+
+/// The broker half of `check`: reachable (or why not: a refused login, or no answer), and
+/// the queues there or declared by `run`. Returns the exit code of a broker that could
+/// not be used.
+async fn check_broker(
+    config: &Config,
+    out: &mut impl Write,
+    problems: &mut Vec<String>,
+) -> Result<Option<u8>, ToolError> {
+    let addr = config.amqp.address();
+    match connect(&config.amqp).await {
+        Ok(conn) => {
+            writeln!(out, "broker: reachable at {addr}")?;
+            for queue in [&config.amqp.queue, &config.amqp.dead_letter_queue] {
+                match amqp::ensure_queue(&conn, queue, false).await {
+                    Ok(()) => writeln!(out, "queue {queue}: exists")?,
+                    Err(_) if config.amqp.declare => writeln!(
+                        out,
+                        "queue {queue}: missing; `run` will declare it (amqp.declare = true)"
+                    )?,
+                    Err(e) => {
+                        writeln!(out, "queue {queue}: missing and amqp.declare = false")?;
+                        problems.push(format!("queue {queue} does not exist: {e}"));
+                    }
+                }
+            }
+            let _ = conn.close(200, "OK".into()).await;
+            Ok(None)
+        }
+        Err(e) => {
+            let (state, detail) = match &e {
+                ToolError::LoginRefused { detail, .. } => ("login refused", detail.as_str()),
+                ToolError::Unreachable { detail, .. } => ("unreachable", detail.as_str()),
+                _ => ("error", ""),
+            };
+            writeln!(out, "broker: {state} at {addr} ({detail})")?;
+            problems.push(e.to_string());
+            Ok(Some(e.exit_code()))
+        }
     }
 }
 
