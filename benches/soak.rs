@@ -269,7 +269,8 @@ struct Sink {
     duplicates: AtomicU64,
 }
 
-const TRACK_ID: &str = "\"messageId\":\"sb-track-";
+/// How a Track's messageId starts in a request body (scheme v2, the default).
+const TRACK_ID: &str = "\"messageId\":\"sb2-track-";
 
 async fn receive(State(sink): State<Arc<Sink>>, body: Bytes) -> Response {
     let n = sink.requests.fetch_add(1, Ordering::Relaxed);
