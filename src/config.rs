@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::batch::{ENVELOPE_BYTES, SEGMENT_MAX_BATCH_BYTES, SEGMENT_MAX_BATCH_EVENTS};
 use crate::domain::Region;
-use crate::events::{self, MAX_EVENT_BYTES};
+use crate::events::{self, MAX_EVENT_BYTES, MessageIdScheme};
 
 /// The prefix of environment overrides: `SEGMENT_BRIDGE__AMQP__URL` sets `amqp.url`.
 pub const ENV_PREFIX: &str = "SEGMENT_BRIDGE";
@@ -100,6 +100,10 @@ pub struct Segment {
     /// How request bodies travel: `none`, or `gzip` (`Content-Encoding: gzip`, as Segment's
     /// own libraries send). `max_batch_bytes` counts the body before compression.
     pub compression: Compression,
+    /// How messageIds are derived: `v2`, unique per Segment source (each region's
+    /// `message_id_namespace`), or `v1`, the earlier derivation (the same ids in every
+    /// source), to keep a deployment's ids across the upgrade. docs/events.md.
+    pub message_id_scheme: MessageIdScheme,
     pub us: Endpoint,
     pub eu: Endpoint,
 }
@@ -117,13 +121,14 @@ impl Default for Segment {
             // Performance). CPU is what sizes this worker's pods, and Segment's HTTP API
             // documentation does not mention compressed requests: off unless chosen.
             compression: Compression::None,
+            message_id_scheme: MessageIdScheme::V2,
             us: Endpoint {
                 endpoint: US_ENDPOINT.into(),
-                write_key: SecretString::default(),
+                ..Endpoint::default()
             },
             eu: Endpoint {
                 endpoint: EU_ENDPOINT.into(),
-                write_key: SecretString::default(),
+                ..Endpoint::default()
             },
         }
     }
@@ -176,6 +181,10 @@ pub struct Endpoint {
     pub endpoint: String,
     /// The region's source write key; empty means the region receives nothing.
     pub write_key: SecretString,
+    /// What names this region's Segment source in its messageIds (v2): at most 32
+    /// printable ASCII characters, no spaces. Empty: a one-way hash of `write_key`, so
+    /// that two sources never share ids; set it to keep the ids when the key is rotated.
+    pub message_id_namespace: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -636,6 +645,7 @@ impl Config {
         if self.shutdown.grace_period_s == 0 {
             return Err(invalid("shutdown.grace_period_s", "must be at least 1"));
         }
+        self.validate_message_ids()?;
         self.validate_intake()
     }
 
@@ -749,6 +759,7 @@ impl Config {
             track_event: self.mapping.track_event.clone(),
             lead_event: self.mapping.lead_event.clone(),
             default_region: self.segment.default_region,
+            message_ids: self.message_ids(),
         }
     }
 
@@ -798,6 +809,56 @@ impl Config {
         crate::batch::Limits {
             max_events: self.segment.max_batch_events,
             max_bytes: self.segment.max_batch_bytes,
+        }
+    }
+}
+
+/// messageIds: each region's namespace (docs/events.md).
+impl Config {
+    fn validate_message_ids(&self) -> Result<(), ConfigError> {
+        for (key, namespace) in [
+            (
+                "segment.us.message_id_namespace",
+                &self.segment.us.message_id_namespace,
+            ),
+            (
+                "segment.eu.message_id_namespace",
+                &self.segment.eu.message_id_namespace,
+            ),
+        ] {
+            let printable = namespace.bytes().all(|b| b.is_ascii_graphic());
+            if namespace.len() > events::NAMESPACE_MAX_LEN || !printable {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "= {namespace:?} must be at most {} printable ASCII characters without spaces (empty: derived from the write key)",
+                        events::NAMESPACE_MAX_LEN
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The region's messageId namespace: `segment.<region>.message_id_namespace`, or a
+    /// one-way hash of its write key (never the key).
+    pub fn message_id_namespace(&self, region: Region) -> String {
+        let endpoint = self.endpoint(region);
+        if endpoint.message_id_namespace.is_empty() {
+            events::write_key_namespace(endpoint.write_key.expose_secret())
+        } else {
+            endpoint.message_id_namespace.clone()
+        }
+    }
+
+    /// How each region's messageIds are derived, for [`events::Options`].
+    pub fn message_ids(&self) -> events::MessageIds {
+        match self.segment.message_id_scheme {
+            MessageIdScheme::V1 => events::MessageIds::v1(),
+            MessageIdScheme::V2 => events::MessageIds::v2(
+                &self.message_id_namespace(Region::Us),
+                &self.message_id_namespace(Region::Eu),
+            ),
         }
     }
 }
@@ -1184,6 +1245,47 @@ mod tests {
                 .to_string();
             assert!(err.contains(named), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn message_id_namespaces_and_the_scheme_are_checked_naming_the_key() {
+        for (key, value, named) in [
+            (
+                "SEGMENT_BRIDGE__SEGMENT__EU__MESSAGE_ID_NAMESPACE",
+                "prod eu",
+                "segment.eu.message_id_namespace",
+            ),
+            (
+                "SEGMENT_BRIDGE__SEGMENT__US__MESSAGE_ID_NAMESPACE",
+                &"x".repeat(33),
+                "segment.us.message_id_namespace",
+            ),
+            (
+                "SEGMENT_BRIDGE__SEGMENT__US__MESSAGE_ID_NAMESPACE",
+                "pröd",
+                "segment.us.message_id_namespace",
+            ),
+            ("SEGMENT_BRIDGE__SEGMENT__MESSAGE_ID_SCHEME", "v3", "v3"),
+        ] {
+            let err = Config::load(None, env(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{key}={value}: {err}");
+        }
+        let c = Config::load(
+            None,
+            env(&[
+                (
+                    "SEGMENT_BRIDGE__SEGMENT__US__MESSAGE_ID_NAMESPACE",
+                    &"x".repeat(32),
+                ),
+                ("SEGMENT_BRIDGE__SEGMENT__EU__WRITE_KEY", "eu-key-Jz8rQ2vX"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.message_id_namespace(Region::Us), "x".repeat(32));
+        assert_eq!(c.message_id_namespace(Region::Eu), "639beb88a28f816a");
+        assert_eq!(c.segment.message_id_scheme, MessageIdScheme::V2);
     }
 
     #[test]

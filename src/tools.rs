@@ -204,6 +204,8 @@ fn json_object(line: &[u8]) -> Result<(), String> {
 /// `preview`: one JSON line out per line in: the session's events, the reason it is
 /// skipped, or an `error` naming what is wrong with it. No broker, no network. Lines are
 /// read as bytes, as `publish` sends them, so a webhook body's hash identity is the same.
+/// The messageIds are those `run` would send with this configuration; each report names
+/// the scheme and the region's namespace they come from.
 pub fn preview(config: &Config, input: impl BufRead, mut out: impl Write) -> std::io::Result<()> {
     let options = config.mapping_options();
     let now = OffsetDateTime::now_utc();
@@ -224,11 +226,16 @@ pub fn preview(config: &Config, input: impl BufRead, mut out: impl Write) -> std
                             json!({ "session_id": id, "skipped": reason.as_str() })
                         }
                         Ok(Mapped::Events(e)) => {
+                            let ids = options.message_ids.region(e.region);
                             let mut report = json!({
                                 "session_id": id,
                                 "region": e.region.as_str(),
+                                "message_id_scheme": ids.scheme().as_str(),
                                 "events": [raw(e.identify()), raw(e.track())],
                             });
+                            if let Some(namespace) = ids.namespace() {
+                                report["message_id_namespace"] = json!(namespace);
+                            }
                             if !config.has_write_key(e.region) {
                                 report["warning"] = json!(format!(
                                     "no write key is configured for region {}: `run` would dead-letter this session",
@@ -487,7 +494,17 @@ pub async fn check(config: &Config, offline: bool, mut out: impl Write) -> Resul
     for region in Region::ALL {
         let endpoint = &config.endpoint(region).endpoint;
         if config.has_write_key(region) {
-            writeln!(out, "region {region}: write key set, endpoint {endpoint}")?;
+            let ids = match config.segment.message_id_scheme {
+                events::MessageIdScheme::V1 => "messageIds v1".to_owned(),
+                events::MessageIdScheme::V2 => format!(
+                    "messageIds v2 in namespace {}",
+                    config.message_id_namespace(region)
+                ),
+            };
+            writeln!(
+                out,
+                "region {region}: write key set, endpoint {endpoint}, {ids}"
+            )?;
         } else {
             writeln!(
                 out,
@@ -676,5 +693,40 @@ mod tests {
             "extended_info's keys"
         );
         assert_eq!(lines[2]["skipped"], "skipped_not_a_lead");
+    }
+
+    #[test]
+    fn preview_shows_the_message_ids_run_would_send_and_their_namespace() {
+        let env = [("SEGMENT_BRIDGE__SEGMENT__EU__WRITE_KEY", "eu-key-Jz8rQ2vX")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let config = Config::load(None, Some(env.into())).unwrap();
+        let body = r#"{"session_id":"s1","email":"a@b.c","region":"eu"}"#;
+        let mut out = Vec::new();
+        preview(&config, body.as_bytes(), &mut out).unwrap();
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(line["message_id_scheme"], "v2");
+        assert_eq!(line["message_id_namespace"], "639beb88a28f816a");
+        let session = Session::parse(body.as_bytes()).unwrap();
+        let Ok(Mapped::Events(sent)) = events::map(
+            &session,
+            OffsetDateTime::now_utc(),
+            &config.mapping_options(),
+        ) else {
+            panic!("not mapped");
+        };
+        assert_eq!(
+            line["events"][0]["messageId"],
+            raw(sent.identify())["messageId"]
+        );
+        assert_eq!(
+            line["events"][1]["messageId"],
+            raw(sent.track())["messageId"]
+        );
+        let other = preview_lines(body);
+        assert_eq!(other[0]["message_id_namespace"], events::NO_KEY_NAMESPACE);
+        assert_ne!(
+            other[0]["events"][0]["messageId"],
+            line["events"][0]["messageId"]
+        );
     }
 }
