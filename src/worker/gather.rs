@@ -9,22 +9,21 @@ use crate::batch::{Batch, Entry, Limits};
 use crate::domain::Region;
 
 use super::Sender;
-use super::link::Ticket;
 
 /// The batches being gathered, one per region, owned by the consuming task. A batch goes
 /// to its region's sender when the next session would not fit, when it is full, or when
 /// its oldest event has waited `flush_interval`.
-pub(super) struct Gather {
-    batches: [Batch<Ticket>; 2],
+pub(super) struct Gather<T> {
+    batches: [Batch<T>; 2],
     /// When each region's batch must go, if it holds anything.
     deadlines: [Option<Instant>; 2],
-    senders: [Option<Sender>; 2],
+    senders: [Option<Sender<T>>; 2],
     flush_interval: Duration,
 }
 
-impl Gather {
+impl<T> Gather<T> {
     pub(super) fn new(
-        senders: [Option<Sender>; 2],
+        senders: [Option<Sender<T>>; 2],
         limits: Limits,
         flush_interval: Duration,
     ) -> Self {
@@ -40,7 +39,7 @@ impl Gather {
         self.senders[region as usize].is_some()
     }
 
-    pub(super) fn push(&mut self, region: Region, entry: Entry<Ticket>) {
+    pub(super) fn push(&mut self, region: Region, entry: Entry<T>) {
         let i = region as usize;
         if !self.batches[i].is_empty() && !self.batches[i].fits(&entry.events) {
             self.send(i);

@@ -13,7 +13,7 @@
 //! that Segment has not taken.
 //!
 //! Every way a delivery goes back to the queue for a later attempt (the hold limit, a
-//! refused write key, shutdown) is a hand-back ([`Ticket::hand_back`]): a copy published
+//! refused write key, shutdown) is a hand-back ([`Settle::hand_back`]): a copy published
 //! with a confirm, then the original acknowledged, so that a quorum queue's delivery limit
 //! is not spent on what is not the message's fault. On shutdown the worker stops
 //! consuming, reads what the broker had already sent, sends what it holds, and hands back
@@ -43,10 +43,12 @@ mod ack;
 mod gather;
 pub mod link;
 mod sender;
+mod settle;
 
 use gather::Gather;
 use link::{Link, Ticket};
 use sender::{Deliverer, run_sender};
+use settle::Settle;
 
 /// Everything a running worker shares.
 pub struct Worker {
@@ -63,7 +65,7 @@ pub enum WorkerError {
 }
 
 /// Unbounded on purpose: the broker's prefetch bounds how many deliveries are held.
-type Sender = mpsc::UnboundedSender<Batch<Ticket>>;
+type Sender<T> = mpsc::UnboundedSender<Batch<T>>;
 
 /// Backoff between attempts to reach the broker.
 const RECONNECT: RetryPolicy = RetryPolicy {
@@ -108,7 +110,7 @@ impl Worker {
         });
         let _stop_timer = abandon.clone().drop_guard();
         let mut batchers = JoinSet::new();
-        let mut senders: [Option<Sender>; 2] = [None, None];
+        let mut senders: [Option<Sender<Ticket>>; 2] = [None, None];
         let stdout = Arc::new(std::sync::Mutex::new(std::io::stdout()));
         for region in Region::ALL {
             let sink = if self.dry_run {
@@ -177,7 +179,7 @@ impl Worker {
     /// so that its acknowledgements can finish before it closes.
     async fn consume(
         &self,
-        gather: &mut Gather,
+        gather: &mut Gather<Ticket>,
         closing: &mut JoinSet<()>,
         shutdown: &CancellationToken,
         stop_consuming: &CancellationToken,
@@ -322,7 +324,7 @@ impl Worker {
     }
 
     /// Parses and maps one delivery, then settles it or adds it to its region's batch.
-    fn handle(&self, ticket: Ticket, gather: &mut Gather, options: &events::Options) {
+    fn handle(&self, ticket: Ticket, gather: &mut Gather<Ticket>, options: &events::Options) {
         self.metrics.delivery_received();
         let message = ticket.message();
         if let Some(count) = crate::amqp::headers::delivery_count(&message.properties) {

@@ -17,16 +17,15 @@ use crate::domain::Region;
 use crate::events;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::segment::{Outcome, Sink};
+use crate::segment::{Outcome, Post};
 
-use super::link::Ticket;
-use super::session_id;
+use super::settle::Settle;
 
 /// Sends one region's batches, `max_in_flight` at a time, until its channel closes; then
 /// waits for every request.
-pub(super) async fn run_sender(
-    mut rx: mpsc::UnboundedReceiver<Batch<Ticket>>,
-    deliverer: Arc<Deliverer>,
+pub(super) async fn run_sender<T: Settle, S: Post>(
+    mut rx: mpsc::UnboundedReceiver<Batch<T>>,
+    deliverer: Arc<Deliverer<S>>,
     max_in_flight: usize,
 ) {
     let permits = Arc::new(Semaphore::new(max_in_flight));
@@ -41,11 +40,11 @@ pub(super) async fn run_sender(
 /// Starts sending a batch once a request slot is free. A batch that waits for a slot
 /// until its oldest delivery has been held for `max_hold`, or until shutdown gives up on
 /// it, is handed back instead.
-async fn dispatch(
-    batch: Batch<Ticket>,
+async fn dispatch<T: Settle, S: Post>(
+    batch: Batch<T>,
     in_flight: &mut JoinSet<()>,
     permits: &Arc<Semaphore>,
-    deliverer: &Arc<Deliverer>,
+    deliverer: &Arc<Deliverer<S>>,
 ) {
     let Some(oldest) = batch.entries().iter().map(|e| e.ticket.received()).min() else {
         return;
@@ -69,9 +68,9 @@ async fn dispatch(
 }
 
 /// Sends one region's batches and settles their deliveries by the outcome.
-pub(super) struct Deliverer {
+pub(super) struct Deliverer<S> {
     pub(super) region: Region,
-    pub(super) sink: Sink,
+    pub(super) sink: S,
     pub(super) policy: RetryPolicy,
     pub(super) max_hold: Duration,
     pub(super) health: Arc<Health>,
@@ -82,11 +81,11 @@ pub(super) struct Deliverer {
     pub(super) abandon: CancellationToken,
 }
 
-impl Deliverer {
+impl<S: Post> Deliverer<S> {
     /// Posts the batch until Segment takes it, isolating what it rejects; never gives up
     /// on a transient failure, but hands it back rather than hold a delivery past
     /// `max_hold`.
-    async fn deliver(&self, mut batch: Batch<Ticket>) {
+    async fn deliver<T: Settle>(&self, mut batch: Batch<T>) {
         let region = self.region;
         let mut backoff = self.policy.backoff();
         loop {
@@ -114,7 +113,7 @@ impl Deliverer {
                     tracing::warn!(region = %region, sessions = batch.len(), "The grace period is nearly over and Segment has not answered; handing the batch back to the queue.");
                     return self.hand_back(batch, "shutdown");
                 }
-                response = self.sink.send(body) => response,
+                response = self.sink.post(body) => response,
             };
             self.metrics.in_flight(-1.0);
             self.metrics
@@ -123,7 +122,7 @@ impl Deliverer {
                 Outcome::Accepted => {
                     self.metrics.events_sent(region, batch.events() as u64);
                     self.metrics.sessions("delivered", batch.len() as u64);
-                    Ticket::ack_all(batch.into_entries().into_iter().map(|e| e.ticket));
+                    T::ack_all(batch.into_entries().into_iter().map(|e| e.ticket));
                     return;
                 }
                 Outcome::Retry { after, cause } => {
@@ -160,7 +159,7 @@ impl Deliverer {
                     let reason = format!(
                         "Segment rejected the session's events with HTTP {status}: {detail}"
                     );
-                    let session_id = session_id(&entry.ticket);
+                    let session_id = entry.ticket.session_id();
                     tracing::warn!(session_id = %session_id, region = %region, reason = %reason, "Message dead-lettered.");
                     return entry.ticket.dead_letter(reason, "rejected_by_segment");
                 }
@@ -180,7 +179,7 @@ impl Deliverer {
         }
     }
 
-    fn hand_back(&self, batch: Batch<Ticket>, cause: &'static str) {
+    fn hand_back<T: Settle>(&self, batch: Batch<T>, cause: &'static str) {
         // A lost link's deliveries are the broker's again: not counted, not copied.
         let live = batch
             .entries()
