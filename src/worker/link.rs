@@ -27,7 +27,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -37,6 +37,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::ack::{Ack, AckTracker};
@@ -411,7 +412,7 @@ impl Acker {
                     None => {
                         open = false;
                         self.closing.cancel();
-                        patience.as_mut().reset(tokio::time::Instant::now() + CLOSING_PATIENCE);
+                        patience.as_mut().reset(Instant::now() + CLOSING_PATIENCE);
                     }
                 },
                 () = &mut patience, if !open && !self.pending.is_empty() => {

@@ -8,7 +8,6 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::RetryPolicy;
@@ -49,7 +48,7 @@ async fn dispatch<T: Settle, S: Post>(
     let Some(oldest) = batch.entries().iter().map(|e| e.ticket.received()).min() else {
         return;
     };
-    let deadline = Instant::from_std(oldest) + deliverer.max_hold;
+    let deadline = oldest + deliverer.max_hold;
     let acquired = tokio::select! {
         biased;
         _ = deliverer.abandon.cancelled() => return deliverer.hand_back(batch, "shutdown"),

@@ -3,7 +3,7 @@
 //! [`Ticket`](super::link::Ticket) implements it, and so does the tests' fake, so that the
 //! batching and sending (`Gather`, the senders) run without a broker.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// One delivery held by the pipeline, settled exactly once: acknowledged, handed back or
 /// dead-lettered. Dropping it unsettled hands it back.
@@ -12,7 +12,8 @@ pub(super) trait Settle: Sized + Send + 'static {
     /// one, so sending it again here would only make a duplicate.
     fn is_live(&self) -> bool;
 
-    /// When the delivery reached this worker; bounds how long it may be held.
+    /// When the delivery reached this worker; bounds how long it may be held. On tokio's
+    /// clock, which is the system's monotonic clock except in tests that pause time.
     fn received(&self) -> Instant;
 
     /// The identity of the delivery's session, for a log line.
