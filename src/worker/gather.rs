@@ -1,9 +1,11 @@
 //! The batches being gathered, one per region, owned by the consuming task: which batch a
-//! session's events join, and when a batch goes to its region's sender.
+//! session's events join, and when a batch goes to its region's sender (the flush
+//! deadlines and their timer).
 
+use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::batch::{Batch, Entry, Limits};
 use crate::domain::Region;
@@ -19,6 +21,10 @@ pub(super) struct Gather<T> {
     deadlines: [Option<Instant>; 2],
     senders: [Option<Sender<T>>; 2],
     flush_interval: Duration,
+    /// One timer for the flush deadlines, reset only when the earliest changes.
+    timer: Pin<Box<Sleep>>,
+    /// The deadline the timer is set for, if any.
+    armed: Option<Instant>,
 }
 
 impl<T> Gather<T> {
@@ -32,6 +38,8 @@ impl<T> Gather<T> {
             deadlines: [None, None],
             senders,
             flush_interval,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: None,
         }
     }
 
@@ -56,6 +64,25 @@ impl<T> Gather<T> {
     /// The earliest flush deadline.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.iter().flatten().min().copied()
+    }
+
+    /// Waits for the earliest flush deadline, then sends the batches whose deadline has
+    /// come. Pending for as long as no batch holds anything; dropped before it completes,
+    /// it sends nothing.
+    pub(super) async fn flush_when_due(&mut self) {
+        let due = self.next_deadline();
+        if due != self.armed {
+            if let Some(at) = due {
+                self.timer.as_mut().reset(at);
+            }
+            self.armed = due;
+        }
+        if self.armed.is_none() {
+            return std::future::pending().await;
+        }
+        self.timer.as_mut().await;
+        self.armed = None;
+        self.flush_due(Instant::now());
     }
 
     /// Sends the batches whose deadline has come.

@@ -26,7 +26,6 @@ use futures_util::{FutureExt, StreamExt};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::RetryPolicy;
@@ -188,10 +187,6 @@ impl Worker {
         let mut backoff = RECONNECT.backoff();
         let options = self.config.mapping_options();
         let max_hold = self.config.max_hold();
-        // One timer for the batches' flush deadlines, reset only when the earliest changes.
-        let flush = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(flush);
-        let mut armed: Option<Instant> = None;
         // Made once, not once per delivery: each new one would register with its token.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
@@ -232,13 +227,6 @@ impl Worker {
             }
             let mut still_ours = false;
             let lost = loop {
-                let due = gather.next_deadline();
-                if due != armed {
-                    if let Some(at) = due {
-                        flush.as_mut().reset(at);
-                    }
-                    armed = due;
-                }
                 tokio::select! {
                     biased;
                     () = &mut cancelled, if !stopped => {
@@ -264,10 +252,7 @@ impl Worker {
                         }
                         return Some(link);
                     }
-                    () = &mut flush, if armed.is_some() => {
-                        armed = None;
-                        gather.flush_due(Instant::now());
-                    }
+                    () = gather.flush_when_due() => {}
                     delivery = consumer.next() => match delivery {
                         Some(Ok(delivery)) => self.handle(link.ticket(delivery), gather, &options),
                         Some(Err(e)) => break e.to_string(),
