@@ -112,3 +112,143 @@ impl<T> Gather<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+    use tokio::time::{Instant, advance, timeout};
+
+    use super::*;
+    use crate::worker::fake::{FakeTicket, Ledger, ROOMY, events, ids};
+
+    const INTERVAL: Duration = Duration::from_millis(500);
+    const MS: Duration = Duration::from_millis(1);
+
+    type Receivers = [mpsc::UnboundedReceiver<Batch<FakeTicket>>; 2];
+
+    fn gather(limits: Limits) -> (Gather<FakeTicket>, Receivers) {
+        let (us, us_rx) = mpsc::unbounded_channel();
+        let (eu, eu_rx) = mpsc::unbounded_channel();
+        (
+            Gather::new([Some(us), Some(eu)], limits, INTERVAL),
+            [us_rx, eu_rx],
+        )
+    }
+
+    /// The batches a region's sender has been given so far, as session ids.
+    fn sent(rx: &mut mpsc::UnboundedReceiver<Batch<FakeTicket>>) -> Vec<Vec<u32>> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|b| ids(&b))
+            .collect()
+    }
+
+    /// Waits, as the consuming task does, for the next flush deadline; returns when it came.
+    async fn next_flush(gather: &mut Gather<FakeTicket>) -> Instant {
+        timeout(Duration::from_secs(3600), gather.flush_when_due())
+            .await
+            .expect("a batch is gathering");
+        Instant::now()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_goes_when_its_oldest_event_has_waited_the_flush_interval_and_not_before() {
+        let link = Ledger::default().link();
+        let (mut gather, [mut us, _eu]) = gather(ROOMY);
+        let start = Instant::now();
+        gather.push(Region::Us, link.entry(1, Region::Us));
+        advance(300 * MS).await;
+        gather.push(Region::Us, link.entry(2, Region::Us));
+        assert!(
+            timeout(199 * MS, gather.flush_when_due()).await.is_err(),
+            "not before the oldest has waited the interval"
+        );
+        assert!(sent(&mut us).is_empty());
+        assert_eq!(next_flush(&mut gather).await - start, INTERVAL);
+        assert_eq!(sent(&mut us), [vec![1, 2]]);
+
+        // The next batch's clock starts with its own first event.
+        advance(100 * MS).await;
+        let second = Instant::now();
+        gather.push(Region::Us, link.entry(3, Region::Us));
+        assert_eq!(next_flush(&mut gather).await - second, INTERVAL);
+        assert_eq!(sent(&mut us), [vec![3]]);
+        assert_eq!(gather.next_deadline(), None, "nothing left to flush");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_full_by_events_goes_at_once() {
+        let link = Ledger::default().link();
+        let limits = Limits {
+            max_events: 5,
+            ..ROOMY
+        };
+        let (mut gather, [mut us, _eu]) = gather(limits);
+        gather.push(Region::Us, link.entry(1, Region::Us));
+        assert!(sent(&mut us).is_empty());
+        gather.push(Region::Us, link.entry(2, Region::Us));
+        assert_eq!(
+            sent(&mut us),
+            [vec![1, 2]],
+            "4 events: a third session would make 6"
+        );
+        assert_eq!(gather.next_deadline(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_would_pass_the_byte_limit_sends_the_batch_before_it() {
+        let link = Ledger::default().link();
+        let one =
+            Batch::<FakeTicket>::new(ROOMY).body_bytes() + events(1, Region::Us, 100).len() + 1;
+        let limits = Limits {
+            max_bytes: 2 * one,
+            ..ROOMY
+        };
+        let (mut gather, [mut us, _eu]) = gather(limits);
+        let entry = |id| Entry {
+            ticket: link.ticket(id),
+            events: events(id, Region::Us, 100),
+        };
+        gather.push(Region::Us, entry(1));
+        gather.push(Region::Us, entry(2));
+        assert!(sent(&mut us).is_empty(), "two fit");
+        advance(100 * MS).await;
+        let third = Instant::now();
+        gather.push(Region::Us, entry(3));
+        assert_eq!(sent(&mut us), [vec![1, 2]], "the third would not fit");
+        assert_eq!(
+            gather.next_deadline(),
+            Some(third + INTERVAL),
+            "the third starts a batch of its own, with its own deadline"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_two_regions_batches_are_independent() {
+        let link = Ledger::default().link();
+        let limits = Limits {
+            max_events: 4,
+            ..ROOMY
+        };
+        let (mut gather, [mut us, mut eu]) = gather(limits);
+        let start = Instant::now();
+        gather.push(Region::Us, link.entry(1, Region::Us));
+        advance(300 * MS).await;
+        gather.push(Region::Eu, link.entry(2, Region::Eu));
+        gather.push(Region::Eu, link.entry(3, Region::Eu));
+        assert_eq!(sent(&mut eu), [vec![2, 3]], "the EU batch is full");
+        assert!(sent(&mut us).is_empty(), "the US batch is not");
+        gather.push(Region::Eu, link.entry(4, Region::Eu));
+
+        assert_eq!(next_flush(&mut gather).await - start, INTERVAL);
+        assert_eq!(sent(&mut us), [vec![1]]);
+        assert!(
+            sent(&mut eu).is_empty(),
+            "the EU batch's deadline is its own"
+        );
+        assert_eq!(next_flush(&mut gather).await - start, 300 * MS + INTERVAL);
+        assert_eq!(sent(&mut eu), [vec![4]]);
+        assert!(sent(&mut us).is_empty());
+    }
+}

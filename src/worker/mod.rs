@@ -39,6 +39,8 @@ use crate::segment::{self, HttpSink, Sink};
 use crate::session::{Session, peek_session_id};
 
 mod ack;
+#[cfg(test)]
+mod fake;
 mod gather;
 pub mod link;
 mod sender;
