@@ -3,10 +3,10 @@
 //! A [`Link`] is a connection that consumes (its channel carries every ack for its
 //! deliveries) and a connection that publishes, in confirm mode: dead letters, and the
 //! copies of deliveries handed back. Each delivery becomes a [`Ticket`], which the
-//! pipeline settles exactly once (through [`Settle`]):
-//! - [`Settle::ack`]: Segment took its events, or there was nothing to send;
-//! - [`Settle::dead_letter`]: bad input, moved to the dead-letter queue with its reason;
-//! - [`Settle::hand_back`]: it must be tried again later through no fault of its own
+//! pipeline settles exactly once (through `Settle`):
+//! - `Settle::ack`: Segment took its events, or there was nothing to send;
+//! - `Settle::dead_letter`: bad input, moved to the dead-letter queue with its reason;
+//! - `Settle::hand_back`: it must be tried again later through no fault of its own
 //!   (Segment down past the hold limit, a refused write key, shutdown). Dropping an
 //!   unsettled ticket hands it back too.
 //!
@@ -88,7 +88,7 @@ enum Target {
     HandBack,
 }
 
-/// One delivery in the pipeline. Settle it once through [`Settle`]: `ack`, `hand_back`
+/// One delivery in the pipeline. Settle it once through `Settle`: `ack`, `hand_back`
 /// or `dead_letter`; dropping it unsettled hands it back.
 #[derive(Debug)]
 pub struct Ticket {

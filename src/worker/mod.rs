@@ -13,11 +13,16 @@
 //! that Segment has not taken.
 //!
 //! Every way a delivery goes back to the queue for a later attempt (the hold limit, a
-//! refused write key, shutdown) is a hand-back ([`Settle::hand_back`]): a copy published
+//! refused write key, shutdown) is a hand-back (`Settle::hand_back`): a copy published
 //! with a confirm, then the original acknowledged, so that a quorum queue's delivery limit
 //! is not spent on what is not the message's fault. On shutdown the worker stops
 //! consuming, reads what the broker had already sent, sends what it holds, and hands back
 //! what Segment has not taken shortly before the grace period ends.
+//!
+//! The batching (`gather`) and the sending (`sender`) see a delivery only through
+//! `settle::Settle` and Segment only through [`segment::Post`]: the live [`Ticket`] and
+//! [`Sink`] in the program, a fake and a scripted Segment in their tests, which run on
+//! paused time.
 
 use std::sync::Arc;
 use std::time::Duration;
