@@ -98,6 +98,12 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// Where the worker posts a region's batches: one body in, its classified answer out.
+/// [`Sink`] is the program's; the worker's tests script their own.
+pub trait Post: Send + Sync + 'static {
+    fn post(&self, body: Vec<u8>) -> impl Future<Output = Response> + Send;
+}
+
 /// Where a region's batches go.
 pub enum Sink {
     /// Segment's HTTP API, or a server standing in for it.
@@ -233,6 +239,12 @@ impl Sink {
             }
             Sink::Http(http) => http.send(body).await,
         }
+    }
+}
+
+impl Post for Sink {
+    fn post(&self, body: Vec<u8>) -> impl Future<Output = Response> + Send {
+        self.send(body)
     }
 }
 
