@@ -272,6 +272,7 @@ impl Post for Scripted {
             Response {
                 status,
                 outcome: answer.outcome,
+                error: None,
             }
         }
     }
