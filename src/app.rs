@@ -76,10 +76,38 @@ pub fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// The tokio runtime of the intake: the multi-thread scheduler, one thread per core (or
 /// `TOKIO_WORKER_THREADS`). Its requests are independent of each other and each verifies
 /// an HMAC; they spread over the cores, unlike the worker's one pipeline.
+///
+/// `SEGMENT_BRIDGE_INTAKE_THREADS` overrides the flavour (docs, Performance, where the
+/// flavours are measured against each other): `current` (or `0`) for the current-thread
+/// scheduler, a number N for the multi-thread one with N worker threads.
 pub fn intake_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    intake_runtime_for(
+        std::env::var("SEGMENT_BRIDGE_INTAKE_THREADS")
+            .ok()
+            .as_deref(),
+    )
+}
+
+/// [`intake_runtime`] for a given value of `SEGMENT_BRIDGE_INTAKE_THREADS`.
+fn intake_runtime_for(threads: Option<&str>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads.map(str::trim) {
+        None | Some("") => tokio::runtime::Builder::new_multi_thread(),
+        Some("current" | "0") => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let n: usize = n.parse().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "SEGMENT_BRIDGE_INTAKE_THREADS must be `current` or a number of threads, not {n:?}"
+                    ),
+                )
+            })?;
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder.enable_all().build()
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
@@ -297,5 +325,21 @@ impl IntakeApp {
         probes_stop.cancel();
         let _ = server.await;
         Ok(stopped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::runtime::RuntimeFlavor;
+
+    use super::intake_runtime_for;
+
+    #[test]
+    fn intake_threads_choose_the_flavour() {
+        let flavour = |v: Option<&str>| intake_runtime_for(v).unwrap().handle().runtime_flavor();
+        assert_eq!(flavour(Some("current")), RuntimeFlavor::CurrentThread);
+        assert_eq!(flavour(Some("0")), RuntimeFlavor::CurrentThread);
+        assert_eq!(flavour(Some("2")), RuntimeFlavor::MultiThread);
+        assert!(intake_runtime_for(Some("two")).is_err());
     }
 }
