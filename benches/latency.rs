@@ -230,6 +230,7 @@ async fn parent(mut args: Args) -> Result<()> {
         }
     }
     let _ = broker.close(200, "OK".into()).await;
+    let _ = std::fs::remove_dir_all(scratch_dir());
     report(&results, &args, &variants);
     Ok(())
 }
@@ -246,7 +247,7 @@ async fn measure(
     sink: &Arc<Sink>,
     sink_addr: SocketAddr,
 ) -> Result<Measured> {
-    let dir = std::env::temp_dir().join(format!("sb-bench-latency-{}", std::process::id()));
+    let dir = scratch_dir();
     std::fs::create_dir_all(&dir)?;
     let empty = dir.join("empty.toml");
     std::fs::write(&empty, "")?;
@@ -630,6 +631,11 @@ async fn wait_ready(probes: SocketAddr, what: &str) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Where the children run, with their empty config file; removed at the end.
+fn scratch_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sb-bench-latency-{}", std::process::id()))
 }
 
 fn free_port() -> Result<SocketAddr> {
