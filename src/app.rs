@@ -102,13 +102,47 @@ pub fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// The tokio runtime of the intake: the multi-thread scheduler, one thread per core (or
-/// `TOKIO_WORKER_THREADS`). Its requests are independent of each other and each verifies
-/// an HMAC; they spread over the cores, unlike the worker's one pipeline.
+/// The tokio runtime of the intake: one thread (tokio's current-thread scheduler), like
+/// the worker's.
+///
+/// Measured on the 2-core development machine (docs, Performance, "The intake's runtime"),
+/// current-thread, multi-thread with one worker and multi-thread with two (the former
+/// default here) alternating: current-thread used the least CPU per request at 100 and
+/// at 1,000 requests/s, two threads the most (cross-thread wake-ups for every request at
+/// a low rate), though the margins are within the machine's noise. At saturation a
+/// request costs about 0.035 ms of CPU, so one thread serves several times the broker's
+/// confirm-publish ceiling (about 7,000/s); a pod of 250m–1 CPU has no second core to
+/// give a second thread, and more load is met with more replicas.
+///
+/// `SEGMENT_BRIDGE_INTAKE_THREADS` overrides the flavour: `current` (or `0`) for the
+/// current-thread scheduler, a number N for the multi-thread one with N worker threads.
 pub fn intake_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    intake_runtime_for(
+        std::env::var("SEGMENT_BRIDGE_INTAKE_THREADS")
+            .ok()
+            .as_deref(),
+    )
+}
+
+/// [`intake_runtime`] for a given value of `SEGMENT_BRIDGE_INTAKE_THREADS`.
+fn intake_runtime_for(threads: Option<&str>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads.map(str::trim) {
+        None | Some("" | "current" | "0") => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let n: usize = n.parse().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "SEGMENT_BRIDGE_INTAKE_THREADS must be `current` or a number of threads, not {n:?}"
+                    ),
+                )
+            })?;
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder.enable_all().build()
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
@@ -469,5 +503,16 @@ mod tests {
         assert_eq!(*lines.lock().unwrap(), [5, 2], "one line per busy interval");
         shutdown.cancel();
         reporter.await.unwrap();
+    }
+
+    #[test]
+    fn intake_threads_choose_the_flavour() {
+        use tokio::runtime::RuntimeFlavor;
+        let flavour = |v: Option<&str>| intake_runtime_for(v).unwrap().handle().runtime_flavor();
+        assert_eq!(flavour(Some("current")), RuntimeFlavor::CurrentThread);
+        assert_eq!(flavour(Some("0")), RuntimeFlavor::CurrentThread);
+        assert_eq!(flavour(None), RuntimeFlavor::CurrentThread);
+        assert_eq!(flavour(Some("2")), RuntimeFlavor::MultiThread);
+        assert!(intake_runtime_for(Some("two")).is_err());
     }
 }
