@@ -251,14 +251,16 @@ impl WorkerApp {
                     delivered = t.delivered,
                     handed_back = t.handed_back,
                     left_to_broker = t.unsettled(),
+                    released = t.released,
                     skipped = t.skipped,
                     dead_lettered = t.dead_lettered,
-                    "Shut down. Since start: {} sessions {sent} and acknowledged, {} handed back to the queue, {} left unacknowledged to the broker, which redelivers them; {} skipped, {} dead-lettered.",
+                    "Shut down. Since start: {} sessions {sent} and acknowledged, {} handed back to the queue, {} left unacknowledged to the broker, which redelivers them; {} skipped, {} dead-lettered; {} let go with a lost connection and redelivered by the broker.",
                     t.delivered,
                     t.handed_back,
                     t.unsettled(),
                     t.skipped,
                     t.dead_lettered,
+                    t.released,
                 );
                 Stopped::Drained
             }

@@ -88,6 +88,7 @@ struct Totals {
     skipped: AtomicU64,
     dead_lettered: AtomicU64,
     handed_back: AtomicU64,
+    released: AtomicU64,
     retries: AtomicU64,
     events_sent: [AtomicU64; 2],
 }
@@ -104,6 +105,9 @@ pub struct WorkerTotals {
     pub dead_lettered: u64,
     /// Deliveries handed back to the queue for a later attempt.
     pub handed_back: u64,
+    /// Deliveries let go unsettled with a lost connection or channel: the broker took
+    /// them back and redelivers them (counted again in `received` when it does).
+    pub released: u64,
     /// Requests to Segment retried.
     pub retries: u64,
     /// Events Segment took, by region ([`Region`] as index).
@@ -111,11 +115,12 @@ pub struct WorkerTotals {
 }
 
 impl WorkerTotals {
-    /// Deliveries received and not (yet) settled by this worker: held now, or let go with
-    /// a lost connection (the broker redelivers those). At exit: what is left to the broker.
+    /// Deliveries received and not (yet) settled by this worker, nor let go with a lost
+    /// connection: held now. At exit: what is left unacknowledged to the broker.
     pub fn unsettled(&self) -> u64 {
-        self.received
-            .saturating_sub(self.delivered + self.skipped + self.dead_lettered + self.handed_back)
+        self.received.saturating_sub(
+            self.delivered + self.skipped + self.dead_lettered + self.handed_back + self.released,
+        )
     }
 
     /// What happened between `earlier` and `self`; `received` stays the running total's
@@ -127,6 +132,7 @@ impl WorkerTotals {
             skipped: self.skipped - earlier.skipped,
             dead_lettered: self.dead_lettered - earlier.dead_lettered,
             handed_back: self.handed_back - earlier.handed_back,
+            released: self.released - earlier.released,
             retries: self.retries - earlier.retries,
             events_sent: [
                 self.events_sent[0] - earlier.events_sent[0],
@@ -219,6 +225,7 @@ impl Metrics {
             skipped: t.skipped.load(Relaxed),
             dead_lettered: t.dead_lettered.load(Relaxed),
             handed_back: t.handed_back.load(Relaxed),
+            released: t.released.load(Relaxed),
             retries: t.retries.load(Relaxed),
             events_sent: [
                 t.events_sent[0].load(Relaxed),
@@ -255,6 +262,12 @@ impl Metrics {
     pub fn requeued(&self, cause: &'static str, n: u64) {
         self.counter(REQUEUED, &[("cause", cause)]).increment(n);
         self.totals.handed_back.fetch_add(n, Relaxed);
+    }
+
+    /// Deliveries let go unsettled because their connection or channel was lost: the
+    /// broker has them again. Only for the progress and shutdown lines.
+    pub fn released(&self, n: u64) {
+        self.totals.released.fetch_add(n, Relaxed);
     }
 
     /// A hand-back fell back to `nack(requeue)`.
@@ -388,6 +401,7 @@ mod tests {
                 skipped: 2,
                 dead_lettered: 1,
                 handed_back: 1,
+                released: 0,
                 retries: 1,
                 events_sent: [0, 6],
             }
@@ -399,6 +413,12 @@ mod tests {
         assert_eq!(delta.received, 1);
         assert_eq!(delta.events_sent, [2, 0]);
         assert_eq!(m.totals().unsettled(), 1, "received, not yet settled");
+        m.released(1);
+        assert_eq!(
+            m.totals().unsettled(),
+            0,
+            "let go with a lost connection: the broker's again, not held"
+        );
     }
 
     #[test]

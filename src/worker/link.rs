@@ -481,6 +481,15 @@ impl Acker {
         }
     }
 
+    /// Counts a job given up on with its channel. A hand-back was counted as handed back
+    /// when it was decided (it goes back to the queue either way); a dead letter is
+    /// counted only once confirmed, so one that never was is let go to the broker.
+    fn let_go(&self, job: &Job) {
+        if matches!(job.target, Target::DeadLetter { .. }) {
+            self.metrics.released(1);
+        }
+    }
+
     /// False once the consuming channel is gone: the broker took its deliveries back.
     fn alive(&self) -> bool {
         self.alive.load(Ordering::Relaxed) && self.consume.status().connected()
@@ -498,6 +507,7 @@ impl Acker {
     async fn start(&mut self, job: Box<Job>) {
         if !self.alive() {
             // The broker took the delivery back with its channel; a copy would be a duplicate.
+            self.let_go(&job);
             return self.tracker.settle(job.tag, false);
         }
         let properties = match &job.target {
@@ -584,7 +594,10 @@ impl Acker {
                 .await;
                 return self.tracker.settle(job.tag, false);
             }
-            Err(_) if !self.alive() => return self.tracker.settle(job.tag, false),
+            Err(_) if !self.alive() => {
+                self.let_go(&job);
+                return self.tracker.settle(job.tag, false);
+            }
             Err(e) => e,
         };
         job.failures += 1;

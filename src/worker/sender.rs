@@ -92,7 +92,9 @@ impl<S: Post> Deliverer<S> {
                 return self.hand_back(batch, "misconfigured");
             }
             // Deliveries of a lost connection come again on the new one; let those go.
-            drop(batch.retain(|e| e.ticket.is_live()));
+            let lost = batch.retain(|e| e.ticket.is_live());
+            self.metrics.released(lost.len() as u64);
+            drop(lost);
             // Deliveries that waited for this attempt until their hold limit go back.
             let expired = batch.retain(|e| e.ticket.received().elapsed() < self.max_hold);
             if !expired.is_empty() {
@@ -120,7 +122,11 @@ impl<S: Post> Deliverer<S> {
             match response.outcome {
                 Outcome::Accepted => {
                     self.metrics.events_sent(region, batch.events() as u64);
-                    self.metrics.sessions("delivered", batch.len() as u64);
+                    // A delivery whose link was lost during the request is not
+                    // acknowledged: the broker redelivers it (same messageIds).
+                    let live = batch.entries().iter().filter(|e| e.ticket.is_live()).count();
+                    self.metrics.sessions("delivered", live as u64);
+                    self.metrics.released((batch.len() - live) as u64);
                     T::ack_all(batch.into_entries().into_iter().map(|e| e.ticket));
                     return;
                 }
@@ -186,6 +192,7 @@ impl<S: Post> Deliverer<S> {
             .filter(|e| e.ticket.is_live())
             .count();
         self.metrics.requeued(cause, live as u64);
+        self.metrics.released((batch.len() - live) as u64);
         for entry in batch.into_entries() {
             entry.ticket.hand_back();
         }
@@ -563,5 +570,11 @@ mod tests {
         assert_eq!(posted, [vec![1, 2, 3], vec![2]]);
         assert_eq!(ledger.ids(&Settled::Dropped), [1, 3]);
         assert_eq!(ledger.ids(&Settled::Acked), [2]);
+        let totals = d.metrics.totals();
+        assert_eq!(
+            (totals.delivered, totals.released),
+            (1, 2),
+            "only the live delivery counts as delivered; the lost ones are let go"
+        );
     }
 }
