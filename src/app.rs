@@ -385,7 +385,7 @@ impl IntakeApp {
         let started = Instant::now();
         let stopped = match tokio::time::timeout(bound, intake).await {
             Ok(ended) => {
-                ended?;
+                let drained = ended?;
                 let t = metrics.totals();
                 tracing::info!(
                     took_ms = started.elapsed().as_millis() as u64,
@@ -395,7 +395,11 @@ impl IntakeApp {
                     t.requests.iter().sum::<u64>(),
                     t.messages,
                 );
-                Stopped::Drained
+                if drained {
+                    Stopped::Drained
+                } else {
+                    Stopped::GraceRanOut
+                }
             }
             Err(_) => {
                 tracing::warn!("The intake did not stop in time; exiting anyway.");

@@ -458,7 +458,12 @@ pub enum ConfigError {
 /// Refuses a secret with white space at its ends or a control character: never what a
 /// sender or Segment expects, and almost always a copy-and-paste or `echo … > file`
 /// mistake that would otherwise be sent as part of the key. Empty is left to the caller.
-fn check_secret(key: impl FnOnce() -> String, value: &SecretString) -> Result<(), ConfigError> {
+/// Refuses a secret with white space at either end, only white space, or a control
+/// character, naming `key` (never the value). An empty secret means none: not refused here.
+pub(crate) fn check_secret(
+    key: impl FnOnce() -> String,
+    value: &SecretString,
+) -> Result<(), ConfigError> {
     let value = value.expose_secret();
     let problem = if value.is_empty() {
         return Ok(());
@@ -869,8 +874,8 @@ impl Config {
 /// left alone: `SEGMENT_BRIDGE_LOG_FORMAT`, test switches, and the `…_SERVICE_HOST` /
 /// `…_PORT…` variables Kubernetes sets for a Service named `segment-bridge`.
 pub fn looks_like_a_misspelt_override(name: &str) -> bool {
-    const SECTIONS: [&str; 7] = [
-        "AMQP", "SEGMENT", "RETRY", "MAPPING", "SERVER", "SHUTDOWN", "INTAKE",
+    const SECTIONS: [&str; 8] = [
+        "AMQP", "SEGMENT", "RETRY", "MAPPING", "SERVER", "SHUTDOWN", "INTAKE", "JEBBIT",
     ];
     let upper = name.to_ascii_uppercase();
     let Some(rest) = upper.strip_prefix(ENV_PREFIX) else {

@@ -87,14 +87,15 @@ impl Probes for IntakeProbes {
 
 /// Serves the webhook routes on `listener` until `shutdown` is cancelled, then drains:
 /// requests under way get `shutdown.grace_period_s` to finish. Returns once the broker
-/// connection is closed. The caller has checked the sources ([`crate::app::IntakeApp`]).
+/// connection is closed, and says whether every request under way was answered in time.
+/// The caller has checked the sources ([`crate::app::IntakeApp`]).
 pub async fn run(
     config: Arc<Config>,
     listener: TcpListener,
     health: Arc<IntakeHealth>,
     metrics: Arc<IntakeMetrics>,
     shutdown: CancellationToken,
-) {
+) -> bool {
     let intake = &config.intake;
     let publisher = Arc::new(Publisher::new(
         &config.amqp.queue,
@@ -166,12 +167,19 @@ pub async fn run(
         grace_period_s = grace.as_secs(),
         "Shutting down: no new connections; finishing the requests under way."
     );
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("Every request under way was answered."),
-        Err(_) => tracing::warn!(
-            "The grace period ran out with requests under way; they end unanswered, and their senders retry."
-        ),
-    }
+    let drained = match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => {
+            tracing::info!("Every request under way was answered.");
+            true
+        }
+        Err(_) => {
+            tracing::warn!(
+                "The grace period ran out with requests under way; they end unanswered, and their senders retry."
+            );
+            false
+        }
+    };
     stop_publishing.cancel();
     let _ = supervisor.await;
+    drained
 }

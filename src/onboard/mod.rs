@@ -89,15 +89,26 @@ pub fn settings(
             .filter(|u| matches!(u.scheme(), "http" | "https"))
             .ok_or_else(|| usage(format!("{name} / `jebbit.{key}` is not an http(s) URL.")))
     };
+    // Refused rather than trimmed, like every other secret: a stray newline is a sign
+    // of a value copied wrongly, and the user should know.
+    let secret = |name: &'static str| -> Result<Option<SecretString>, OnboardError> {
+        let Some(value) = var(name) else {
+            return Ok(None);
+        };
+        let value = SecretString::from(value);
+        crate::config::check_secret(|| name.to_owned(), &value)
+            .map_err(|e| usage(e.to_string()))?;
+        Ok(Some(value))
+    };
     let credentials = match (
-        var("JEBBIT_TOKEN"),
-        var("JEBBIT_CLIENT_ID"),
-        var("JEBBIT_CLIENT_SECRET"),
+        secret("JEBBIT_TOKEN")?,
+        secret("JEBBIT_CLIENT_ID")?,
+        secret("JEBBIT_CLIENT_SECRET")?,
     ) {
-        (Some(token), _, _) => Credentials::Token(SecretString::from(token.trim())),
+        (Some(token), _, _) => Credentials::Token(token),
         (None, Some(id), Some(secret)) => Credentials::Client {
-            id: id.trim().to_owned(),
-            secret: SecretString::from(secret.trim()),
+            id: id.expose_secret().to_owned(),
+            secret,
         },
         _ => {
             return Err(usage(
@@ -653,6 +664,38 @@ segment_bridge_intake_requests_total{source="jebbit_eu",outcome="unauthorized"} 
 segment_bridge_intake_requests_total{source="jebbit_eu",outcome="queued"} 7
 segment_bridge_intake_requests_total{source="jebbit_eu2",outcome="test"} 5
 "#;
+
+    #[test]
+    fn credentials_with_white_space_or_control_characters_are_refused_naming_the_variable() {
+        let config = Config::default();
+        for (name, value) in [
+            ("JEBBIT_CLIENT_SECRET", "cs-7f3a\n"),
+            ("JEBBIT_TOKEN", " tok-91c2"),
+            ("JEBBIT_CLIENT_ID", "id-\u{7}"),
+        ] {
+            let env = |k: &str| match k {
+                "JEBBIT_CLIENT_ID" if name != "JEBBIT_CLIENT_ID" => Some("id-1".to_owned()),
+                "JEBBIT_CLIENT_SECRET" if name != "JEBBIT_CLIENT_SECRET" => Some("cs-1".to_owned()),
+                k if k == name => Some(value.to_owned()),
+                _ => None,
+            };
+            let Err(e) = settings(&config, env) else {
+                panic!("{name} with {value:?} was accepted");
+            };
+            let message = e.to_string();
+            assert!(message.contains(name), "{message}");
+            assert!(
+                !message.contains(value.trim()),
+                "never the value: {message}"
+            );
+        }
+        let env = |k: &str| match k {
+            "JEBBIT_CLIENT_ID" => Some("id-1".to_owned()),
+            "JEBBIT_CLIENT_SECRET" => Some("cs-1".to_owned()),
+            _ => None,
+        };
+        assert!(settings(&config, env).is_ok());
+    }
 
     #[test]
     fn counters_are_read_for_the_source_alone() {

@@ -124,7 +124,11 @@ impl<S: Post> Deliverer<S> {
                     self.metrics.events_sent(region, batch.events() as u64);
                     // A delivery whose link was lost during the request is not
                     // acknowledged: the broker redelivers it (same messageIds).
-                    let live = batch.entries().iter().filter(|e| e.ticket.is_live()).count();
+                    let live = batch
+                        .entries()
+                        .iter()
+                        .filter(|e| e.ticket.is_live())
+                        .count();
                     self.metrics.sessions("delivered", live as u64);
                     self.metrics.released((batch.len() - live) as u64);
                     T::ack_all(batch.into_entries().into_iter().map(|e| e.ticket));
