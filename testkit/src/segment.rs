@@ -1,6 +1,11 @@
 //! The fake Segment: a real HTTP server on a random local port standing in for Segment's
 //! `/v1/batch`, which records each request (decompressed) and answers as the test says;
-//! and what tests read out of the events it accepted (sessions, messageIds).
+//! and what tests read out of the events it accepted (sessions, messageIds). The
+//! benchmarks' counting sink, which keeps no bodies, is [`sink::Sink`].
+
+pub mod sink;
+
+pub use sink::Sink;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
