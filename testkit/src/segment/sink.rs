@@ -362,19 +362,19 @@ mod tests {
         sink.record_latency(Some(base));
         let body = r#"{"batch":[{"type":"identify","messageId":"sb-identify-01"},{"type":"track","messageId":"sb-track-0a","properties":{"bench_sent_us":0}}]}"#;
         let http = segment_bridge::segment::http_client(Duration::from_secs(5)).unwrap();
-        for _ in 0..3 {
+        for _ in 0..4 {
             http.post(sink.url_for("eu"))
                 .body(body)
                 .send()
                 .await
                 .unwrap();
         }
-        assert_eq!(sink.requests(), 3);
-        assert_eq!(sink.answers(), (2, 0, 1));
-        assert_eq!((sink.tracks(), sink.events()), (2, 4));
-        assert_eq!((sink.delivered(), sink.duplicates()), (1, 1));
+        assert_eq!(sink.requests(), 4);
+        assert_eq!(sink.answers(), (3, 0, 1));
+        assert_eq!((sink.tracks(), sink.events()), (3, 6));
+        assert_eq!((sink.delivered(), sink.duplicates()), (1, 2));
         assert!(sink.has_all(&HashSet::from([0x0a])));
         assert!(sink.wait_done(Duration::from_secs(1)).await.is_some());
-        assert_eq!(sink.take_latencies().len(), 2);
+        assert_eq!(sink.take_latencies().len(), 3);
     }
 }
