@@ -109,6 +109,20 @@ pub fn unique() -> String {
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// The arguments of a quorum queue that drops a message after `delivery_limit` returns.
+pub fn quorum_arguments(delivery_limit: i64) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(delivery_limit),
+    );
+    arguments
+}
+
 /// A main queue and a dead-letter queue with names no other test or run uses, deleted
 /// when dropped.
 pub struct Queues {
@@ -128,16 +142,7 @@ impl Queues {
     /// A quorum main queue that drops a message after `delivery_limit` returns (RabbitMQ
     /// 4.x's default limit is 20), and a classic dead-letter queue.
     pub async fn quorum(test: &str, delivery_limit: i64) -> Queues {
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        arguments.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(delivery_limit),
-        );
-        Queues::declare(test, arguments).await
+        Queues::declare(test, quorum_arguments(delivery_limit)).await
     }
 
     /// The test's own channel (in confirm mode), reopened if it was closed.

@@ -455,23 +455,13 @@ impl Cluster {
     /// Declares a quorum queue through node `i` (whose node then holds the leader), with
     /// a delivery limit.
     pub async fn declare_quorum(&self, i: usize, queue: &str, delivery_limit: i64) {
-        use lapin::types::{AMQPValue, FieldTable};
         let conn = self.connect(i).await;
         let channel = conn.create_channel().await.unwrap();
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        arguments.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(delivery_limit),
-        );
         channel
             .queue_declare(
                 queue.into(),
                 lapin::options::QueueDeclareOptions::durable(),
-                arguments,
+                segment_bridge_testkit::broker::quorum_arguments(delivery_limit),
             )
             .await
             .unwrap();

@@ -20,7 +20,7 @@ use axum::routing::post;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::Reply;
+use super::{Reply, decoded};
 
 /// Counted in each body; it ends in a `k`, a letter rare in these bodies (hashes are hex).
 const TRACK: &str = r#""type":"track"#;
@@ -259,30 +259,12 @@ async fn receive(State(state): State<Arc<Counts>>, headers: HeaderMap, body: Byt
     };
     counter.fetch_add(1, Ordering::Relaxed);
     if (200..300).contains(&reply.status) {
-        let gzip = headers
-            .get("content-encoding")
-            .is_some_and(|v| v.as_bytes() == b"gzip");
-        let body = if gzip {
-            let mut out = Vec::with_capacity(body.len() * 8);
-            if std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut out)
-                .is_err()
-            {
-                return StatusCode::BAD_REQUEST.into_response();
-            }
-            Bytes::from(out)
-        } else {
-            body
+        let Some(body) = decoded(&headers, body) else {
+            return StatusCode::BAD_REQUEST.into_response();
         };
         count(&state, &body, received);
     }
-    if !reply.delay.is_zero() {
-        tokio::time::sleep(reply.delay).await;
-    }
-    let mut response = (StatusCode::from_u16(reply.status).unwrap(), "{}").into_response();
-    for (name, value) in reply.headers {
-        response.headers_mut().insert(name, value.parse().unwrap());
-    }
-    response
+    reply.send().await
 }
 
 /// Counts what an accepted body holds.
