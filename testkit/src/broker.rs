@@ -493,14 +493,7 @@ pub struct BrokerUser {
 
 impl BrokerUser {
     pub async fn new() -> BrokerUser {
-        let name = format!(
-            "sb-test-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-        );
+        let name = format!("sb-test-{}", unique());
         rabbitmqctl(&["add_user", &name, "secret"]).await;
         let user = BrokerUser { name };
         user.allow().await;

@@ -138,12 +138,8 @@ impl Cluster {
 
         let started = Instant::now();
         let root = std::env::temp_dir().join(format!(
-            "segment-bridge-cluster.{}.{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
+            "segment-bridge-cluster.{}",
+            segment_bridge_testkit::broker::unique()
         ));
         fs::create_dir_all(&root).unwrap();
         let mut cluster = Cluster {
