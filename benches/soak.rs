@@ -121,6 +121,10 @@ fn main() {
     }
 }
 
+/// The worker's write keys, from which its messageIds derive.
+const US_WRITE_KEY: &str = "soak-us";
+const EU_WRITE_KEY: &str = "soak-eu";
+
 /// How the fake Segment answers request `n`: 503 while `down`; else 5% 500, 0.5% 429
 /// with `Retry-After: 1`, the rest 200.
 fn answer(down: &AtomicBool, n: u64) -> Reply {
@@ -151,6 +155,14 @@ async fn publish(
     published: Arc<AtomicU64>,
 ) -> Result<()> {
     let mut rng = sessions::Rng::new(0x50a6);
+    // What the worker maps with: the expected ids are the Tracks it sends.
+    let options = events::Options {
+        message_ids: events::MessageIds::v2(
+            &events::write_key_namespace(US_WRITE_KEY),
+            &events::write_key_namespace(EU_WRITE_KEY),
+        ),
+        ..events::Options::default()
+    };
     let mut next = 0u64;
     // Bodies not yet confirmed, oldest first, and those to publish again.
     let mut redo: VecDeque<Vec<u8>> = VecDeque::new();
@@ -190,7 +202,11 @@ async fn publish(
                     if let Ok(session) = Session::parse(g.body.as_bytes())
                         && session.email.is_some()
                     {
-                        let id = events::message_id(&session.identity, "track");
+                        let ids = options
+                            .message_ids
+                            .region(session.region.unwrap_or(options.default_region));
+                        let event = events::track_event(&session, &options);
+                        let id = ids.message_id(&session.identity, events::EventKind::Track(event));
                         expected.lock().unwrap().insert(id_key(&id));
                     }
                     g.body.into_bytes()
@@ -277,8 +293,8 @@ async fn soak(options: Options) -> Result<bool> {
         .config_file("")
         .queues(&queues)
         .set("AMQP__URL", AMQP_URL)
-        .region("us", &sink.url(), "soak-us")
-        .region("eu", &sink.url(), "soak-eu")
+        .region("us", &sink.url(), US_WRITE_KEY)
+        .region("eu", &sink.url(), EU_WRITE_KEY)
         .set("RETRY__MAX_BACKOFF_MS", "2000")
         .set("RETRY__MAX_HOLD_S", "5")
         .env("RUST_LOG", "warn,lapin=off");

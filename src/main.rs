@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use segment_bridge::app::{self, IntakeApp, WorkerApp};
+use segment_bridge::app::{self, AppError, IntakeApp, WorkerApp, exit};
 use segment_bridge::config::Config;
-use segment_bridge::tools;
+use segment_bridge::tools::{self, ToolError};
 
 /// Forwards quiz and survey sessions from RabbitMQ to Segment.
 #[derive(Parser)]
@@ -36,7 +36,13 @@ enum Command {
     /// Read sessions (JSON lines) from standard input and print the events they become.
     Preview,
     /// Put the sessions of a JSON-lines file on the queue, with publisher confirms.
-    Publish { file: PathBuf },
+    Publish {
+        file: PathBuf,
+        /// Publish lines that are not JSON objects too, as they are (to test bad input);
+        /// without it, such a line stops the command before anything is published.
+        #[arg(long)]
+        allow_invalid: bool,
+    },
     /// Move dead-lettered messages back to the main queue.
     ReplayDead {
         /// Move at most this many.
@@ -59,7 +65,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
     };
     let runtime = match cli.command {
@@ -82,7 +88,10 @@ fn main() -> ExitCode {
                 std::io::stdin().lock(),
                 std::io::stdout().lock(),
             )?),
-            Command::Publish { file } => tools::publish(&config, &file, std::io::stdout())
+            Command::Publish {
+                file,
+                allow_invalid,
+            } => tools::publish(&config, &file, allow_invalid, std::io::stdout())
                 .await
                 .map(drop)
                 .map_err(Into::into),
@@ -100,9 +109,21 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
+            // Each error's message already holds its cause: `{e:#}` would repeat it.
+            tracing::error!("{e}");
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// One exit code per class of failure (docs/operating.md, Exit codes).
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(e) = e.downcast_ref::<AppError>() {
+        e.exit_code()
+    } else if let Some(e) = e.downcast_ref::<ToolError>() {
+        e.exit_code()
+    } else {
+        exit::FAILED
     }
 }
 
@@ -143,7 +164,8 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-/// Logs go to standard error: human text, or JSON when `SEGMENT_BRIDGE_LOG_FORMAT=json`.
+/// Logs go to standard error: human text (coloured only on a terminal), or JSON when
+/// `SEGMENT_BRIDGE_LOG_FORMAT=json`.
 /// `RUST_LOG` sets the level (default `info`). lapin's own log lines are off by default:
 /// it logs an expected "no queue" on the first start as an error, and every failure that
 /// matters is logged by the worker itself (`RUST_LOG=info,lapin=debug` shows them). Its
@@ -158,8 +180,10 @@ fn init_logging() {
                 .parse()
                 .expect("a valid directive"),
         );
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if std::env::var("SEGMENT_BRIDGE_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
         builder.json().flatten_event(true).init();

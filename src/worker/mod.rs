@@ -112,7 +112,10 @@ impl Worker {
         let stdout = Arc::new(std::sync::Mutex::new(std::io::stdout()));
         for region in Region::ALL {
             let sink = if self.dry_run {
-                Sink::DryRun(stdout.clone())
+                Sink::DryRun {
+                    out: stdout.clone(),
+                    region,
+                }
             } else if self.config.has_write_key(region) {
                 let endpoint = self.config.endpoint(region);
                 Sink::Http(HttpSink::new(
@@ -169,7 +172,7 @@ impl Worker {
         while closing.join_next().await.is_some() {}
         self.health.set_connected(false);
         self.metrics.amqp_connected(false);
-        tracing::info!("All held deliveries are settled.");
+        tracing::info!("Stopped: what was held is sent, handed back or left to the broker.");
         Ok(())
     }
 

@@ -142,7 +142,7 @@ impl Deliverer {
                     if self.shutdown.is_cancelled() {
                         return self.hand_back(batch, "shutdown");
                     }
-                    tracing::warn!(region = %region, status = %response.status, retry_in = ?delay, sessions = batch.len(), "Segment did not take the batch; retrying.");
+                    tracing::warn!(region = %region, status = %response.status, error = response.error.as_deref(), retry_in = ?delay, sessions = batch.len(), "Segment did not take the batch; retrying.");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         // Shutting down: hand the batch back now rather than at the end

@@ -864,6 +864,61 @@ fn intake_daemon(queues: &Queues, settings: &[(&str, &str)]) -> (Running, Socket
     (bridge.spawn(), addr)
 }
 
+/// Waits until the daemon's log has a line containing `needle`; returns that line.
+async fn wait_for_log_line(daemon: &Running, needle: &str) -> String {
+    eventually_some(
+        WITHIN,
+        async || {
+            let log = daemon.stderr();
+            log.lines().find(|l| l.contains(needle)).map(str::to_owned)
+        },
+        || format!("no {needle:?} in the log:\n{}", daemon.stderr()),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_intake_logs_its_requests_by_outcome_while_they_come_and_a_total_when_it_stops() {
+    let queues = Queues::new("intake-progress").await;
+    let (mut daemon, addr) = intake_daemon(&queues, &[("SERVER__PROGRESS_INTERVAL_S", "1")]);
+    daemon.wait_ready(WITHIN).await;
+    let url = format!("http://{addr}/webhooks/jebbit_eu");
+    for (i, secret) in [JEBBIT_SECRET, JEBBIT_SECRET, "not-the-secret"]
+        .iter()
+        .enumerate()
+    {
+        let body = format!(r#"{{"session_id":"pr-{i}","data":{{"email":"pr{i}@example.com"}}}}"#);
+        http()
+            .post(&url)
+            .header("x-jebbit-signature", signed(secret, body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    let progress = wait_for_log_line(&daemon, "Progress in the last 1 s.").await;
+    assert!(
+        progress.contains("requests=2 queued, 1 unauthorized")
+            && progress.contains("messages_queued=2"),
+        "{progress}"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        daemon.stderr().matches("Progress in the last").count(),
+        1,
+        "no line while idle:\n{}",
+        daemon.stderr()
+    );
+    daemon.terminate();
+    assert!(daemon.wait_exit(WITHIN).await.0.success());
+    let stopped = wait_for_log_line(&daemon, "Intake shut down.").await;
+    assert!(
+        stopped.contains("Since start: 3 requests answered; 2 messages queued."),
+        "{stopped}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_requests_in_flight_leaves_each_either_2xx_and_queued_or_not_2xx_and_exits_0()
 {

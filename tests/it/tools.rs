@@ -33,6 +33,22 @@ fn tool(args: &[&str]) -> Bridge {
     bridge
 }
 
+/// Waits until a line of standard error contains `needle`; returns that line.
+fn wait_for_stderr(running: &Running, needle: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let stderr = running.stderr();
+        if let Some(line) = stderr.lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} on stderr within {within:?}:\n{stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Every number written in `text`, e.g. the counts of a report.
 fn numbers(text: &str) -> Vec<u64> {
     text.split(|c: char| !c.is_ascii_digit())
@@ -95,7 +111,8 @@ async fn publish_puts_every_non_blank_line_on_the_queue_byte_for_byte_as_a_persi
     file.extend_from_slice(&lines[2]);
     file.extend_from_slice(b"\n\n");
     file.extend_from_slice(&lines[3]); // the last line has no newline
-    let mut bridge = tool(&["publish", "sessions.jsonl"]);
+    // A line that is not JSON is published only when asked for.
+    let mut bridge = tool(&["publish", "--allow-invalid", "sessions.jsonl"]);
     bridge.queues(&queues);
     std::fs::write(bridge.path("sessions.jsonl"), &file).unwrap();
 
@@ -140,6 +157,61 @@ async fn publish_of_a_missing_file_fails_naming_the_file_and_publishes_nothing()
         "the message names the file: {out:?}"
     );
     assert_eq!(queues.ready().await, (0, 0));
+}
+
+#[tokio::test]
+async fn publish_refuses_a_file_with_a_line_that_is_not_a_json_object_naming_the_line_and_publishes_nothing()
+ {
+    let queues = Queues::new("tools-publish-invalid").await;
+    // A pretty-printed session, as a newcomer might paste it: valid JSON, but not one
+    // object per line.
+    let file = format!(
+        "{}\n\n{{\n  \"session_id\": \"pretty\",\n  \"email\": \"a@b.c\"\n}}\n",
+        session("inv-1", "us")
+    );
+    let mut bridge = tool(&["publish", "sessions.jsonl"]);
+    bridge.queues(&queues);
+    std::fs::write(bridge.path("sessions.jsonl"), &file).unwrap();
+
+    let out = bridge.output(b"", WITHIN).await;
+
+    assert_eq!(out.status.code(), Some(2), "a usage error: {out:?}");
+    assert!(
+        out.stderr
+            .contains("sessions.jsonl line 3 is not a JSON object"),
+        "names the first bad line, counting blank ones: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("3 later lines are not either")
+            && out.stderr.contains("--allow-invalid"),
+        "{out:?}"
+    );
+    assert_eq!(queues.ready().await, (0, 0), "not even the good first line");
+}
+
+#[tokio::test]
+async fn publish_to_an_unreachable_broker_says_host_and_port_once_and_exits_3() {
+    let mut bridge = tool(&["publish", "sessions.jsonl"]);
+    bridge.set("AMQP__URL", "amqp://guest:pw-3c9e1f@127.0.0.1:1/%2f");
+    std::fs::write(bridge.path("sessions.jsonl"), session("unr-1", "us")).unwrap();
+
+    let out = bridge.output(b"", WITHIN).await;
+
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        out.stderr.contains("cannot reach RabbitMQ at 127.0.0.1:1"),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.stderr.matches("Connection refused").count(),
+        1,
+        "the cause once, not once per error in its chain: {out:?}"
+    );
+    assert!(!out.both().contains("pw-3c9e1f"), "{out:?}");
+    assert!(
+        !out.stderr.contains('\x1b'),
+        "no colour codes when standard error is not a terminal: {out:?}"
+    );
 }
 
 // replay-dead --------------------------------------------------------------------------
@@ -348,7 +420,7 @@ async fn check_fails_on_an_invalid_value_naming_the_key() {
 
     let out = bridge.output(b"", WITHIN).await;
 
-    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(2), "a configuration error: {out:?}");
     assert!(
         out.both().contains("segment.max_batch_events"),
         "the message names the key: {out:?}"
@@ -365,13 +437,84 @@ async fn check_fails_when_the_broker_is_unreachable_without_printing_its_passwor
 
     let out = bridge.output(b"", WITHIN).await;
 
-    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(out.took < Duration::from_secs(12), "{out:?}");
-    assert!(out.both().contains("broker"), "says what failed: {out:?}");
+    assert!(
+        out.stdout.contains("broker: unreachable at 127.0.0.1:1"),
+        "says what failed, and where: {out:?}"
+    );
     assert!(
         !out.both().contains("pw-5e1d0a") && !out.both().contains("wk-unreachable"),
         "{out:?}"
     );
+}
+
+#[tokio::test]
+async fn check_tells_a_refused_login_from_an_unreachable_broker() {
+    let mut bridge = tool(&["check"]);
+    let wrong = AMQP_URL.replacen("guest:guest@", "guest:wrong-pw-8d2b@", 1);
+    assert_ne!(wrong, AMQP_URL, "the test broker's URL names guest:guest");
+    bridge
+        .set("AMQP__URL", &wrong)
+        .region("us", "http://127.0.0.1:9/v1/batch", "wk-refused");
+
+    let out = bridge.output(b"", WITHIN).await;
+
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("broker: login refused at 127.0.0.1:5672"),
+        "{out:?}"
+    );
+    assert!(!out.stdout.contains("unreachable"), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("check the user, password and vhost in amqp.url"),
+        "says what to do: {out:?}"
+    );
+    assert!(
+        !out.both().contains("wrong-pw-8d2b") && !out.both().contains("wk-refused"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_write_key_with_a_trailing_newline_is_refused_naming_the_key_not_the_value() {
+    let mut bridge = tool(&["check"]);
+    bridge.region("eu", "http://127.0.0.1:9/v1/batch", "wk-newline-41ab\n");
+
+    let out = bridge.output(b"", WITHIN).await;
+
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("segment.eu.write_key has white space at its start or end"),
+        "{out:?}"
+    );
+    assert!(!out.both().contains("wk-newline-41ab"), "{out:?}");
+}
+
+#[tokio::test]
+async fn a_variable_one_underscore_short_of_an_override_is_warned_about_by_name_only() {
+    let mut bridge = tool(&["preview"]);
+    bridge
+        .set("AMQP__URL", UNREACHABLE)
+        .env("SEGMENT_BRIDGE_SEGMENT__US__WRITE_KEY", "wk-misspelt-93c1")
+        .env("SEGMENT_BRIDGE_SERVICE_HOST", "10.0.0.1");
+
+    let out = bridge.output(b"", WITHIN).await;
+
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("SEGMENT_BRIDGE_SEGMENT__US__WRITE_KEY")
+            && out.stderr.contains("not read"),
+        "{out:?}"
+    );
+    assert!(
+        !out.stderr.contains("SEGMENT_BRIDGE_SERVICE_HOST"),
+        "Kubernetes' own variables are left alone: {out:?}"
+    );
+    assert!(!out.both().contains("wk-misspelt-93c1"), "{out:?}");
 }
 
 #[tokio::test]
@@ -619,7 +762,9 @@ async fn run_dry_run_prints_each_batch_as_a_json_line_acknowledges_and_exits_0_o
         ])
         .await;
     let mut bridge = tool(&["run", "--dry-run"]);
-    bridge.queues(&queues);
+    bridge
+        .queues(&queues)
+        .set("SERVER__PROGRESS_INTERVAL_S", "1");
     let mut running = bridge.spawn();
 
     let batches = tokio::task::block_in_place(|| read_batches(&mut running, &ids));
@@ -632,9 +777,22 @@ async fn run_dry_run_prints_each_batch_as_a_json_line_acknowledges_and_exits_0_o
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys, BTreeSet::from(["batch", "sentAt"]), "{batch}");
+        assert_eq!(
+            keys,
+            BTreeSet::from(["batch", "region", "sentAt"]),
+            "{batch}"
+        );
         let sent_at = batch["sentAt"].as_str().expect("sentAt");
         assert!(sent_at.ends_with('Z') && sent_at.contains('T'), "{sent_at}");
+        // dr-2 is for the EU; dr-1 and dr-3 (no known region) for the US.
+        for e in batch["batch"].as_array().unwrap() {
+            let want = if e["userId"] == sha256_hex("dr-2@example.com") {
+                "eu"
+            } else {
+                "us"
+            };
+            assert_eq!(batch["region"], want, "{batch}");
+        }
         events.extend(batch["batch"].as_array().unwrap().iter().cloned());
     }
     assert_eq!(
@@ -657,9 +815,32 @@ async fn run_dry_run_prints_each_batch_as_a_json_line_acknowledges_and_exits_0_o
         );
     }
 
+    // A progress line while work flows; then none while idle.
+    let progress = wait_for_stderr(&running, "Progress in the last 1 s.", WITHIN);
+    assert!(
+        progress.contains("delivered=3")
+            && progress.contains("events_us=4")
+            && progress.contains("events_eu=2")
+            && progress.contains("held=0"),
+        "{progress}"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        running.stderr().matches("Progress in the last").count(),
+        1,
+        "no line while idle: {}",
+        running.stderr()
+    );
     running.terminate();
     let status = tokio::task::block_in_place(|| running.wait(Duration::from_secs(10)));
     assert_eq!(status.code(), Some(0), "stderr:\n{}", running.stderr());
+    assert!(
+        running.stderr().contains(
+            "Since start: 3 sessions written out (dry run) and acknowledged, 0 handed back to the queue, 0 left unacknowledged to the broker"
+        ),
+        "the shutdown line counts: {}",
+        running.stderr()
+    );
     // Had the deliveries not been acknowledged, closing the connection would have put
     // them back.
     assert_eq!(queues.ready().await, (0, 0), "the queue is drained");
@@ -681,7 +862,7 @@ async fn run_without_a_write_key_or_dry_run_refuses_to_start_and_says_why() {
 
     let out = bridge.output(b"", WITHIN).await;
 
-    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(2), "a configuration error: {out:?}");
     assert!(out.took < Duration::from_secs(5), "quickly: {out:?}");
     assert!(out.stderr.contains("no write key"), "{out:?}");
     assert!(out.stderr.contains("--dry-run"), "{out:?}");
@@ -753,6 +934,43 @@ async fn run_never_prints_or_logs_the_write_key_even_at_debug_level() {
             "the Basic credentials leaked:\n{text}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_segment_unreachable_the_cause_is_logged_and_the_shutdown_line_says_it_handed_back() {
+    let queues = Queues::new("tools-run-unreachable").await;
+    queues.publish([session("ur-1", "us")]).await;
+    let mut bridge = tool(&["run"]);
+    bridge.queues(&queues).region(
+        "us",
+        "http://127.0.0.1:1/v1/batch",
+        "wk-unreachable-segment",
+    );
+    let mut running = bridge.spawn();
+
+    let retry = tokio::task::block_in_place(|| {
+        wait_for_stderr(&running, "Segment did not take the batch", WITHIN)
+    });
+    assert!(
+        retry.contains("status=transport") && retry.contains("Connection refused"),
+        "the transport failure's cause, on the same line: {retry}"
+    );
+    running.terminate();
+    let status = tokio::task::block_in_place(|| running.wait(Duration::from_secs(20)));
+    let stderr = running.stderr();
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains(
+            "Since start: 0 sessions sent to Segment and acknowledged, 1 handed back to the queue, 0 left unacknowledged to the broker"
+        ),
+        "the shutdown line tells what happened: {stderr}"
+    );
+    assert!(!stderr.contains("every held delivery"), "{stderr}");
+    assert_eq!(
+        queues.ready().await,
+        (1, 0),
+        "the session is back on the queue"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,8 +26,9 @@ use super::{Reply, decoded};
 const TRACK: &str = r#""type":"track"#;
 /// Where each event's messageId starts.
 const MESSAGE_ID: &str = r#""messageId":""#;
-/// How a Track event's messageId starts (`events::message_id`).
-const TRACK_ID: &str = "sb-track-";
+/// How a Track event's messageId starts, by scheme (`events::MessageIds`): v2 (the
+/// default), v1.
+const TRACK_IDS: [&str; 2] = ["sb2-track-", "sb-track-"];
 /// Where a latency run's publish time stands in each event.
 const SENT: &str = r#""bench_sent_us":"#;
 
@@ -278,7 +279,7 @@ fn count(state: &Counts, body: &[u8], received: Instant) {
         for (at, _) in text.match_indices(MESSAGE_ID) {
             events += 1;
             let id = &text[at + MESSAGE_ID.len()..];
-            if id.starts_with(TRACK_ID) {
+            if TRACK_IDS.iter().any(|p| id.starts_with(p)) {
                 keys.push(id_key(&id[..id.find('"').unwrap_or(id.len())]));
             }
         }
@@ -342,7 +343,7 @@ mod tests {
         sink.reset(2);
         let base = Instant::now();
         sink.record_latency(Some(base));
-        let body = r#"{"batch":[{"type":"identify","messageId":"sb-identify-01"},{"type":"track","messageId":"sb-track-0a","properties":{"bench_sent_us":0}}]}"#;
+        let body = r#"{"batch":[{"type":"identify","messageId":"sb2-identify-01"},{"type":"track","messageId":"sb2-track-0a","properties":{"bench_sent_us":0}}]}"#;
         let http = segment_bridge::segment::http_client(Duration::from_secs(5)).unwrap();
         for _ in 0..4 {
             http.post(sink.url_for("eu"))
