@@ -35,6 +35,8 @@ pub struct Config {
     pub server: Server,
     pub shutdown: Shutdown,
     pub intake: Intake,
+    /// Where the `jebbit` onboarding commands find Jebbit's API.
+    pub jebbit: Jebbit,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -341,6 +343,37 @@ impl Intake {
 
     pub fn drain_delay(&self) -> Duration {
         Duration::from_millis(self.drain_delay_ms)
+    }
+}
+
+/// `[jebbit]`: Jebbit's Integrations API, for the `jebbit` onboarding commands. The client
+/// id and secret (or a ready token) come from the environment only: `JEBBIT_CLIENT_ID`,
+/// `JEBBIT_CLIENT_SECRET`, `JEBBIT_TOKEN`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Jebbit {
+    /// The API's base URL: production `https://api2.jebbit.com`, staging
+    /// `https://api.jebbx.com`.
+    pub api_url: String,
+    /// The identity provider that issues tokens (`POST {auth_url}/oauth/token`).
+    pub auth_url: String,
+    /// Sent as `x-jebbit-business` on every call when set: needed by a token that covers
+    /// several businesses. Empty: not sent.
+    pub business_id: String,
+}
+
+/// Jebbit's production API.
+pub const JEBBIT_API_URL: &str = "https://api2.jebbit.com";
+/// Jebbit's identity provider.
+pub const JEBBIT_AUTH_URL: &str = "https://auth.jebbit.com";
+
+impl Default for Jebbit {
+    fn default() -> Self {
+        Jebbit {
+            api_url: JEBBIT_API_URL.to_owned(),
+            auth_url: JEBBIT_AUTH_URL.to_owned(),
+            business_id: String::new(),
+        }
     }
 }
 

@@ -183,7 +183,7 @@ fn map_events<'s>(
     fallback_time: OffsetDateTime,
     options: &Options,
 ) -> Result<Mapped, MapError> {
-    let hash = hex32(&Sha256::digest(email.as_str().as_bytes()).into());
+    let hash = sha256_hex(email);
     // The region decides the Segment source, hence the messageIds' namespace.
     let region = session.region.unwrap_or(options.default_region);
     let ids = options.message_ids.region(region);
@@ -222,9 +222,9 @@ fn map_events<'s>(
     json.push(b'}');
     let shared = shared_start..json.len();
     json.extend_from_slice(br#","traits":{"#);
-    if !options.hash_pii {
+    if let (false, Some(plain)) = (options.hash_pii, email.plain()) {
         json.extend_from_slice(br#""email":"#);
-        write_str(&mut json, email.as_str());
+        write_str(&mut json, plain);
         json.push(b',');
     }
     json.extend_from_slice(br#""emailSha256Hash":""#);
@@ -301,8 +301,16 @@ pub fn track_event<'o>(session: &Session, options: &'o Options) -> &'o str {
 
 /// Lowercase hex SHA-256 of the normalised email: the `userId`.
 pub fn email_hash(email: &Email) -> String {
-    let hex = hex32(&Sha256::digest(email.as_str().as_bytes()).into());
-    String::from_utf8(hex.to_vec()).expect("hex is ASCII")
+    String::from_utf8(sha256_hex(email).to_vec()).expect("hex is ASCII")
+}
+
+/// Lowercase hex SHA-256 of the normalised email, or the hash it arrived as (see
+/// [`Email`]: 64 hex digits where an email is expected are the hash itself).
+fn sha256_hex(email: &Email) -> [u8; 64] {
+    match email.prehashed_sha256() {
+        Some(hash) => hash.as_bytes().try_into().expect("64 hex digits"),
+        None => hex32(&Sha256::digest(email.as_str().as_bytes()).into()),
+    }
 }
 
 /// The longest `segment.<region>.message_id_namespace`, in bytes (ASCII characters).
@@ -662,7 +670,7 @@ mod tests {
             let attributes = Attributes {
                 session,
                 options,
-                plain_email: (!options.hash_pii).then_some(email),
+                plain_email: email.plain().filter(|_| !options.hash_pii),
                 hash: &hash,
             };
 
@@ -708,7 +716,10 @@ mod tests {
 
         /// Lowercase hex SHA-256 of the normalised email: the `userId`.
         fn email_hash(email: &Email) -> String {
-            hex::encode(Sha256::digest(email.as_str().as_bytes()))
+            match email.prehashed_sha256() {
+                Some(hash) => hash.to_owned(),
+                None => hex::encode(Sha256::digest(email.as_str().as_bytes())),
+            }
         }
 
         /// RFC 3339 in UTC with milliseconds, as Segment shows it: `2021-03-12T00:00:00.000Z`.
@@ -798,7 +809,7 @@ mod tests {
         struct Attributes<'a> {
             session: &'a Session<'a>,
             options: &'a Options,
-            plain_email: Option<&'a Email>,
+            plain_email: Option<&'a str>,
             hash: &'a str,
         }
 
@@ -824,7 +835,7 @@ mod tests {
                 let a = self.0;
                 let mut map = s.serialize_map(None)?;
                 if let Some(email) = a.plain_email {
-                    map.serialize_entry("email", email.as_str())?;
+                    map.serialize_entry("email", email)?;
                 }
                 map.serialize_entry("emailSha256Hash", a.hash)?;
                 for (k, v) in a.mapped() {
@@ -1235,6 +1246,27 @@ mod tests {
         assert!(!identify.to_string().contains("a@b.c"));
         assert!(!track.to_string().contains("a@b.c"));
         assert_eq!(identify["traits"]["q"], 1);
+    }
+
+    #[test]
+    fn a_pre_hashed_email_is_the_user_id_itself_and_no_plain_email_travels() {
+        // A Jebbit webhook of an integration with `hash_pii`: `data.email` is the hash.
+        let upper = JANE.to_uppercase();
+        let body =
+            format!(r#"{{"session_id":"s","data":{{"email":" {upper} ","q":1}},"event":{{}}}}"#);
+        for hash_pii in [false, true] {
+            let options = Options {
+                hash_pii,
+                ..Options::default()
+            };
+            let (identify, track, _) = events(&body, &options);
+            assert_eq!(identify["userId"], JANE);
+            assert_eq!(track["userId"], JANE);
+            assert_eq!(identify["traits"]["emailSha256Hash"], JANE);
+            assert_eq!(identify["context"]["externalIds"][0]["id"], JANE);
+            assert!(identify["traits"].get("email").is_none(), "{identify}");
+            assert_eq!(identify["traits"]["q"], 1);
+        }
     }
 
     #[test]

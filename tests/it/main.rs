@@ -2,8 +2,10 @@
 //! Every test uses its own queues (deleted afterwards) and ports.
 
 mod delivery;
+mod fake_jebbit;
 mod helpers;
 mod intake;
 mod lifecycle;
+mod onboard;
 mod quorum;
 mod tools;
