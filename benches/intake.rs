@@ -25,9 +25,7 @@
 //! `--bench` on its command line (`cargo test --benches`) the binary only runs a
 //! self-check that needs neither oha nor a broker.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -39,16 +37,14 @@ use serde_json::Value;
 
 use segment_bridge::amqp::{confirmed, publish_mandatory};
 use segment_bridge::intake::signature::sign;
+use segment_bridge_testkit::bench::{Result, at_least_one, run};
+use segment_bridge_testkit::broker::AMQP_URL;
 use segment_bridge_testkit::jebbit::{self, unix_now};
-use segment_bridge_testkit::launch::free_port;
+use segment_bridge_testkit::launch::{Bridge, Running, free_port};
 use segment_bridge_testkit::stats::{loadavg, median, percentile, proc_stats};
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const SECRET: &str = "bench-shared-secret-0123456789abcdef";
 const SOURCE: &str = "bench";
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
-type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// `cargo bench --bench intake -- [options]`: cargo adds `--bench`; without it (`cargo
 /// test`), only the self-check runs.
@@ -73,12 +69,6 @@ struct Options {
     /// One round of 5 s.
     #[arg(long)]
     quick: bool,
-}
-
-/// A positive count; `_` may group digits (`10_000`).
-fn at_least_one(v: &str) -> Result<u64, String> {
-    let n: u64 = v.replace('_', "").parse().map_err(|e| format!("{e}"))?;
-    Ok(n.max(1))
 }
 
 /// A realistic Jebbit webhook body: a dozen answers, about 700 bytes.
@@ -124,12 +114,8 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()
-        .expect("a runtime");
-    if let Err(e) = runtime.block_on(parent(options)) {
-        eprintln!("intake bench: {e}");
-        std::process::exit(1);
-    }
+        .build();
+    run("intake bench", runtime, parent(options));
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,40 +250,28 @@ async fn parent(o: Options) -> Result<()> {
 /// `segment-bridge intake` under oha's load.
 async fn http(kind: Kind, queue: &str, body: &str, o: &Options) -> Result<Run> {
     let addr = free_port();
-    let probes = free_port();
-    let mut env: HashMap<String, String> = HashMap::new();
-    for (k, v) in [
-        ("AMQP__URL", AMQP_URL.to_owned()),
-        ("AMQP__QUEUE", queue.to_owned()),
-        ("AMQP__DEAD_LETTER_QUEUE", format!("{queue}.dead")),
-        ("AMQP__DECLARE", "false".to_owned()),
-        ("INTAKE__LISTEN", addr.to_string()),
-        ("SERVER__LISTEN", probes.to_string()),
-        ("INTAKE__SOURCES__BENCH__KIND", "jebbit".to_owned()),
-        ("INTAKE__SOURCES__BENCH__REGION", "eu".to_owned()),
-        ("INTAKE__SOURCES__BENCH__SECRET", SECRET.to_owned()),
-    ] {
-        env.insert(format!("SEGMENT_BRIDGE__{k}"), v);
+    let mut bridge = Bridge::new(env!("CARGO_BIN_EXE_segment-bridge"), &["intake"]);
+    // `SEGMENT_BRIDGE__*` of this environment reach the intake; the benchmark's own
+    // settings win.
+    for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("SEGMENT_BRIDGE__")) {
+        bridge.env(&k, &v);
     }
-    let dir = std::env::temp_dir().join(format!("sb-bench-intake-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let empty = dir.join("empty.toml");
-    std::fs::write(&empty, "")?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_segment-bridge"));
-    child
-        .args(["intake", "--config"])
-        .arg(&empty)
-        .current_dir(&dir)
-        .envs(&env)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let intake = Intake(child.spawn()?);
-    wait_ready(probes).await?;
-    let cpu_before = proc_stats(intake.0.id()).map(|p| p.cpu_s);
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    bridge
+        .config_file("")
+        .env("RUST_LOG", &rust_log)
+        .set("AMQP__URL", AMQP_URL)
+        .set("AMQP__QUEUE", queue)
+        .set("AMQP__DEAD_LETTER_QUEUE", &format!("{queue}.dead"))
+        .set("AMQP__DECLARE", "false")
+        .set("INTAKE__LISTEN", &addr.to_string())
+        .set("INTAKE__SOURCES__BENCH__KIND", "jebbit")
+        .set("INTAKE__SOURCES__BENCH__REGION", "eu")
+        .set("INTAKE__SOURCES__BENCH__SECRET", SECRET);
+    bridge.probes();
+    let mut intake = bridge.spawn();
+    intake.wait_ready(Duration::from_secs(20)).await;
+    let cpu_before = proc_stats(intake.pid()).map(|p| p.cpu_s);
     let signature = jebbit::signature(SECRET, body.as_bytes());
     let mut oha = Command::new("oha");
     oha.args(["--no-tui", "--output-format", "json", "-m", "POST"])
@@ -311,12 +285,14 @@ async fn http(kind: Kind, queue: &str, body: &str, o: &Options) -> Result<Run> {
     }
     oha.arg(format!("http://{addr}/webhooks/{SOURCE}"));
     let out = tokio::task::spawn_blocking(move || oha.output()).await??;
-    let cpu = proc_stats(intake.0.id())
+    let cpu = proc_stats(intake.pid())
         .map(|p| p.cpu_s)
         .zip(cpu_before)
         .map(|(a, b)| a - b);
-    let confirm_ms = scrape_confirms(probes).await;
-    drop(intake);
+    let confirm_ms = scrape_confirms(&intake).await;
+    // SIGTERM: the intake stops as it would in production.
+    intake.terminate();
+    intake.wait_exit(Duration::from_secs(10)).await;
     if !out.status.success() {
         return Err(format!("oha failed: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
@@ -367,16 +343,8 @@ fn oha_numbers(report: &Value) -> Result<(f64, f64, f64, u64, u64)> {
 }
 
 /// p50 and p99 of the intake's publish histogram, as bucket upper bounds in ms.
-async fn scrape_confirms(probes: SocketAddr) -> Option<(f64, f64)> {
-    let client = segment_bridge::segment::http_client(Duration::from_secs(5)).ok()?;
-    let text = client
-        .get(format!("http://{probes}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+async fn scrape_confirms(intake: &Running) -> Option<(f64, f64)> {
+    let (_, text) = intake.get("/metrics").await?;
     histogram_quantiles(&text, "segment_bridge_intake_publish_seconds")
 }
 
@@ -526,41 +494,6 @@ fn report(runs: &[Run], o: &Options) {
         o.secs,
         body().len()
     );
-}
-
-struct Intake(Child);
-
-impl Drop for Intake {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_ready(probes: SocketAddr) -> Result<()> {
-    let client = segment_bridge::segment::http_client(Duration::from_secs(5))?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = client.get(format!("http://{probes}/readyz")).send().await
-            && r.status() == 200
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err("the intake did not become ready within 20 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// What runs without oha or a broker: the pieces the measurements rely on.

@@ -1,5 +1,5 @@
 //! serde_json (what `session.rs` uses) against sonic-rs and simd-json, on the benchmark's
-//! sessions (`benches/common`), one core.
+//! sessions (`segment_bridge_testkit::sessions`), one core.
 //!
 //! `cargo bench --bench json` (criterion; "elem/s" is sessions/s). Under
 //! `cargo test --benches` each case runs once, as a smoke test.
@@ -32,12 +32,11 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use segment_bridge::domain::{Email, Region};
 use segment_bridge::events::{self, Mapped, Options};
 use segment_bridge::session::{Session, Shape};
+use segment_bridge_testkit::sessions::{self, map_each, parse_each};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-
-mod common;
 
 const N: u64 = 2_000;
 
@@ -289,10 +288,7 @@ fn session_from<'a>(e: &'a Extract<'_>, body: &[u8]) -> Session<'a> {
 }
 
 fn bench(c: &mut Criterion) {
-    let bodies: Vec<Vec<u8>> = common::sessions(7, "json", N)
-        .into_iter()
-        .map(|g| g.body.into_bytes())
-        .collect();
+    let bodies = sessions::bodies(7, "json", N);
     let options = Options::default();
     let now = OffsetDateTime::from_unix_timestamp(1_773_000_000).unwrap();
 
@@ -329,19 +325,10 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(N));
     group.measurement_time(Duration::from_secs(5));
     group.bench_function("serde_json/session_parse", |b| {
-        b.iter(|| {
-            for body in &bodies {
-                black_box(Session::parse(black_box(body)).unwrap());
-            }
-        })
+        b.iter(|| parse_each(&bodies))
     });
     group.bench_function("serde_json/parse+map", |b| {
-        b.iter(|| {
-            for body in &bodies {
-                let s = Session::parse(black_box(body)).unwrap();
-                black_box(events::map(&s, now, &options).unwrap());
-            }
-        })
+        b.iter(|| map_each(&bodies, now, &options))
     });
     group.bench_function("serde_json/extract", |b| {
         b.iter(|| {

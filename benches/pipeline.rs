@@ -4,7 +4,16 @@
 //! cargo bench --bench pipeline -- [--sessions N] [--rounds R] [--latency-secs S]
 //!                                 [--latency-rate R] [--quick] [--ceiling-group G]
 //!                                 [--no-ceiling] [--no-latency] [--no-pure]
+//! cargo bench --bench pipeline -- --help
 //! ```
+//!
+//! Options (defaults in brackets; counts may group digits with `_`, as in `20_000`):
+//! - `--sessions N`: sessions preloaded each round [200,000; with `--quick` 20,000];
+//! - `--rounds R`: rounds, reported as medians [3; with `--quick` 1];
+//! - `--latency-secs S`, `--latency-rate R`: the latency run's length and offered load
+//!   [10 s, with `--quick` 3 s; 5,000 sessions/s]; either at 0 skips it;
+//! - `--ceiling-group G`: the ceiling acknowledges every G deliveries [prefetch / 4];
+//! - `--no-ceiling`, `--no-latency`, `--no-pure`: skip that measurement.
 //!
 //! Each round, alternating the order:
 //! - **ceiling**: preload N sessions into a fresh queue, then drain it with a minimal lapin
@@ -14,11 +23,13 @@
 //!   (`segment_bridge::worker::Worker`, configured by `config.toml` plus the environment,
 //!   endpoints pointing at the sink) until the sink has every Track event.
 //!
-//! Both consumers run as child processes (this binary, re-executed with `--child`), so
+//! Both consumers run as child processes (this binary, re-executed as `pipeline worker` or
+//! `pipeline ceiling …`, hidden subcommands), so
 //! their CPU time (`/proc/<pid>/stat` utime+stime) and peak RSS (`/proc/<pid>/status`
-//! VmHWM) are theirs alone; both are read at the moment the work is done. The sink runs in
-//! this process: it counts `"type":"track"` in each body and answers 200. It counts the
-//! bytes as they came (the "MB" of a worker round), and decompresses gzip bodies
+//! VmHWM) are theirs alone; both are read at the moment the work is done. The sink
+//! (`segment_bridge_testkit::segment::Sink`) runs in this process: it counts
+//! `"type":"track"` in each body and answers 200. It counts the bytes as they came (the
+//! "MB" of a worker round), and decompresses gzip bodies
 //! (`SEGMENT_BRIDGE__SEGMENT__COMPRESSION=gzip`) before counting.
 //!
 //! Then a latency run: the worker consumes an empty queue while this process publishes
@@ -38,17 +49,10 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::post;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{
@@ -57,142 +61,129 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use segment_bridge::app::WorkerApp;
 use segment_bridge::config::Config;
 use segment_bridge::events::{self, Mapped};
 use segment_bridge::session::Session;
+use segment_bridge_testkit::bench::{Result, at_least_one, count, or_exit, run};
+use segment_bridge_testkit::broker::AMQP_URL;
+use segment_bridge_testkit::segment::Sink;
+use segment_bridge_testkit::segment::sink::count_tracks;
+use segment_bridge_testkit::sessions::{self, Generated};
 use segment_bridge_testkit::stats::{ProcStats, broker_pid, median, proc_stats, rank};
-
-mod common;
-
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-/// Counted in each body; it ends in a `k`, a letter rare in these bodies (hashes are hex).
-const TRACK: &str = r#""type":"track"#;
-/// Where a latency run's publish time stands in each event.
-const SENT: &str = r#""bench_sent_us":"#;
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
-type Result<T, E = Error> = std::result::Result<T, E>;
 
 // ---------------------------------------------------------------------------------------
 // Options
 
-#[derive(Debug, Clone)]
+/// `cargo bench --bench pipeline -- [options]`: cargo adds `--bench`; without it (`cargo
+/// test --benches`), only the self-check runs.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    about = "End to end: the worker against RabbitMQ and a local sink, beside an ack-only ceiling."
+)]
 struct Options {
-    sessions: u64,
-    rounds: usize,
-    latency_secs: u64,
+    /// Given by `cargo bench`: run the benchmark, not only the self-check.
+    #[arg(long)]
+    bench: bool,
+    /// Sessions preloaded each round [200,000; with --quick 20,000].
+    #[arg(long, value_parser = at_least_one)]
+    sessions: Option<u64>,
+    /// Rounds, reported as medians [3; with --quick 1].
+    #[arg(long, value_parser = at_least_one)]
+    rounds: Option<u64>,
+    /// Seconds of the latency run [10; with --quick 3]; 0 skips it.
+    #[arg(long, value_parser = count)]
+    latency_secs: Option<u64>,
+    /// Sessions a second published in the latency run; 0 skips it.
+    #[arg(long, default_value_t = 5_000, value_parser = count)]
     latency_rate: u64,
+    /// The ceiling acknowledges every G deliveries [prefetch / 4].
+    #[arg(long, value_name = "G", value_parser = clap::value_parser!(u16).range(1..))]
     ceiling_group: Option<u16>,
-    ceiling: bool,
-    latency: bool,
-    pure: bool,
+    /// 20,000 sessions, 1 round, a 3 s latency run (explicit options win).
+    #[arg(long)]
+    quick: bool,
+    /// Skip the ceiling.
+    #[arg(long)]
+    no_ceiling: bool,
+    /// Skip the latency run.
+    #[arg(long)]
+    no_latency: bool,
+    /// Skip the in-process pure path.
+    #[arg(long)]
+    no_pure: bool,
+    /// A consumer the benchmark starts as a child process.
+    #[command(subcommand)]
+    child: Option<ChildKind>,
 }
 
-fn options(args: &[String]) -> Result<Options> {
-    let mut o = Options {
-        sessions: 200_000,
-        rounds: 3,
-        latency_secs: 10,
-        latency_rate: 5_000,
-        ceiling_group: None,
-        ceiling: true,
-        latency: true,
-        pure: true,
-    };
-    let (mut sessions, mut rounds, mut latency_secs) = (None, None, None);
-    let mut quick = false;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| -> Result<u64> {
-            let v = it.next().ok_or_else(|| format!("{name} needs a value"))?;
-            Ok(v.replace('_', "").parse()?)
-        };
-        match arg.as_str() {
-            "--bench" => {}
-            "--sessions" => sessions = Some(value("--sessions")?),
-            "--rounds" => rounds = Some(value("--rounds")? as usize),
-            "--latency-secs" => latency_secs = Some(value("--latency-secs")?),
-            "--latency-rate" => o.latency_rate = value("--latency-rate")?,
-            "--ceiling-group" => o.ceiling_group = Some(value("--ceiling-group")? as u16),
-            "--quick" => quick = true,
-            "--no-ceiling" => o.ceiling = false,
-            "--no-latency" => o.latency = false,
-            "--no-pure" => o.pure = false,
-            other => return Err(format!("unknown argument {other:?}").into()),
-        }
+impl Options {
+    fn sessions(&self) -> u64 {
+        self.sessions
+            .unwrap_or(if self.quick { 20_000 } else { 200_000 })
     }
-    if quick {
-        o.sessions = 20_000;
-        o.rounds = 1;
-        o.latency_secs = 3;
+
+    fn rounds(&self) -> usize {
+        self.rounds.unwrap_or(if self.quick { 1 } else { 3 }) as usize
     }
-    o.sessions = sessions.unwrap_or(o.sessions).max(1);
-    o.rounds = rounds.unwrap_or(o.rounds).max(1);
-    o.latency_secs = latency_secs.unwrap_or(o.latency_secs);
-    o.latency &= o.latency_secs > 0 && o.latency_rate > 0;
-    Ok(o)
+
+    fn latency_secs(&self) -> u64 {
+        self.latency_secs.unwrap_or(if self.quick { 3 } else { 10 })
+    }
+
+    fn latency(&self) -> bool {
+        !self.no_latency && self.latency_secs() > 0 && self.latency_rate > 0
+    }
+}
+
+/// What the benchmark runs as child processes, to measure them alone.
+#[derive(Debug, Clone, clap::Subcommand)]
+enum ChildKind {
+    /// The worker, as `segment-bridge run` runs it.
+    #[command(hide = true)]
+    Worker,
+    /// The ack-only consumer.
+    #[command(hide = true)]
+    Ceiling {
+        queue: String,
+        prefetch: u16,
+        n: u64,
+        group: u64,
+    },
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--child") {
-        let code = match child(&args[1..]) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("pipeline child: {e}");
-                1
-            }
-        };
-        std::process::exit(code);
+    let options = <Options as clap::Parser>::parse();
+    let child = match &options.child {
+        Some(ChildKind::Worker) => Some(child_worker()),
+        Some(ChildKind::Ceiling {
+            queue,
+            prefetch,
+            n,
+            group,
+        }) => Some(child_ceiling(queue, *prefetch, *n, *group)),
+        None => None,
+    };
+    if let Some(done) = child {
+        return or_exit("pipeline child", done);
     }
-    if !args.iter().any(|a| a == "--bench") {
+    if !options.bench {
         self_check();
         println!(
             "pipeline: self-check passed; the end-to-end benchmark runs with `cargo bench --bench pipeline`."
         );
         return;
     }
-    let options = match options(&args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("pipeline: {e}");
-            std::process::exit(2);
-        }
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-        .expect("a runtime");
-    if let Err(e) = runtime.block_on(parent(options)) {
-        eprintln!("pipeline: {e}");
-        std::process::exit(1);
-    }
+        .build();
+    run("pipeline", runtime, parent(options));
 }
 
 // ---------------------------------------------------------------------------------------
 // Children
-
-fn child(args: &[String]) -> Result<()> {
-    match args.first().map(String::as_str) {
-        Some("worker") => child_worker(),
-        Some("ceiling") => {
-            let arg = |i: usize| -> Result<&str> {
-                Ok(args.get(i).ok_or("ceiling: queue prefetch n group")?)
-            };
-            child_ceiling(
-                arg(1)?,
-                arg(2)?.parse()?,
-                arg(3)?.parse()?,
-                arg(4)?.parse()?,
-            )
-        }
-        other => Err(format!("unknown child {other:?}").into()),
-    }
-}
 
 /// The worker as the binary runs it (`segment-bridge run`): the same runtime
 /// (`segment_bridge::runtime`) and logging
@@ -286,146 +277,6 @@ fn child_ceiling(queue: &str, prefetch: u16, n: u64, group: u64) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
-// The sink standing in for Segment
-
-#[derive(Default)]
-struct Sink {
-    tracks: AtomicU64,
-    expected: AtomicU64,
-    requests: AtomicU64,
-    bytes: AtomicU64,
-    done_at: Mutex<Option<Instant>>,
-    /// When 99% of the expected Track events were in: what is left after it is the last
-    /// partial batches, which wait for their flush interval.
-    most_at: Mutex<Option<Instant>>,
-    done: Notify,
-    /// Latency runs: (publish → receipt) in µs, one sample per event.
-    record_latency: AtomicBool,
-    latencies: Mutex<Vec<u64>>,
-    base: Mutex<Option<Instant>>,
-}
-
-impl Sink {
-    fn reset(&self, expected: u64) {
-        self.tracks.store(0, Ordering::SeqCst);
-        self.requests.store(0, Ordering::SeqCst);
-        self.bytes.store(0, Ordering::SeqCst);
-        *self.done_at.lock().unwrap() = None;
-        *self.most_at.lock().unwrap() = None;
-        self.latencies.lock().unwrap().clear();
-        self.expected.store(expected, Ordering::SeqCst);
-    }
-
-    async fn wait(&self, within: Duration) -> Option<Instant> {
-        let deadline = Instant::now() + within;
-        loop {
-            let notified = self.done.notified();
-            if let Some(at) = *self.done_at.lock().unwrap() {
-                return Some(at);
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
-        }
-    }
-}
-
-/// Occurrences of `needle` in `hay`, found by its last byte, which must be rare in the
-/// haystack (a memchr through `str::find(char)`, ~10 GB/s here), then a compare.
-fn count(hay: &[u8], needle: &str) -> u64 {
-    let text = std::str::from_utf8(hay).unwrap_or("");
-    let last = char::from(*needle.as_bytes().last().expect("a needle"));
-    let mut n = 0;
-    let mut at = 0;
-    // `at` always follows an ASCII byte: a character boundary.
-    while let Some(i) = text[at..].find(last) {
-        at += i + 1;
-        if text.as_bytes()[..at].ends_with(needle.as_bytes()) {
-            n += 1;
-        }
-    }
-    n
-}
-
-/// Where `needle` starts in `hay`, for the latency run (std's two-way search).
-fn find_all<'a>(hay: &'a [u8], needle: &'a str) -> impl Iterator<Item = usize> + 'a {
-    // JSON bodies are UTF-8; anything else has no match worth counting.
-    let text = std::str::from_utf8(hay).unwrap_or("");
-    text.match_indices(needle).map(|(i, _)| i)
-}
-
-async fn receive(
-    State(sink): State<Arc<Sink>>,
-    headers: axum::http::HeaderMap,
-    body: Bytes,
-) -> StatusCode {
-    let received = Instant::now();
-    sink.requests.fetch_add(1, Ordering::Relaxed);
-    // Bytes on the wire: as sent, compressed or not.
-    sink.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-    let body = if headers
-        .get("content-encoding")
-        .is_some_and(|v| v.as_bytes() == b"gzip")
-    {
-        let mut out = Vec::with_capacity(body.len() * 8);
-        if std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut out)
-            .is_err()
-        {
-            return StatusCode::BAD_REQUEST;
-        }
-        Bytes::from(out)
-    } else {
-        body
-    };
-    let tracks = count(&body, TRACK);
-    if sink.record_latency.load(Ordering::Relaxed) {
-        let base = sink.base.lock().unwrap().expect("a base time");
-        let now_us = received.duration_since(base).as_micros() as u64;
-        let mut samples = Vec::new();
-        for i in find_all(&body, SENT) {
-            let digits = &body[i + SENT.len()..];
-            let end = digits
-                .iter()
-                .position(|b| !b.is_ascii_digit())
-                .unwrap_or(digits.len());
-            if let Some(sent) = std::str::from_utf8(&digits[..end])
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-            {
-                samples.push(now_us.saturating_sub(sent));
-            }
-        }
-        sink.latencies.lock().unwrap().extend(samples);
-    }
-    let total = sink.tracks.fetch_add(tracks, Ordering::SeqCst) + tracks;
-    let expected = sink.expected.load(Ordering::SeqCst);
-    if total * 100 >= expected.saturating_mul(99) {
-        sink.most_at.lock().unwrap().get_or_insert(received);
-    }
-    if total >= expected {
-        let mut done = sink.done_at.lock().unwrap();
-        if done.is_none() {
-            *done = Some(received);
-            sink.done.notify_waiters();
-        }
-    }
-    StatusCode::OK
-}
-
-async fn start_sink() -> Result<(Arc<Sink>, SocketAddr)> {
-    let sink = Arc::new(Sink::default());
-    let app = Router::new()
-        .route("/us/v1/batch", post(receive))
-        .route("/eu/v1/batch", post(receive))
-        .with_state(sink.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok((sink, addr))
-}
-
-// ---------------------------------------------------------------------------------------
 // The broker
 
 struct Broker {
@@ -501,7 +352,7 @@ impl Broker {
     }
 
     /// Publishes persistent messages with confirms, up to 2,000 unconfirmed.
-    async fn preload(&self, queue: &str, bodies: &[common::Generated]) -> Result<()> {
+    async fn preload(&self, queue: &str, bodies: &[Generated]) -> Result<()> {
         let mut confirms = FuturesUnordered::new();
         for g in bodies {
             let confirm = self
@@ -542,7 +393,6 @@ struct Proc {
 impl Proc {
     fn spawn(args: &[&str], env: &HashMap<String, String>) -> Result<Proc> {
         let mut child = Command::new(std::env::current_exe()?)
-            .arg("--child")
             .args(args)
             .envs(env)
             .stdin(Stdio::piped())
@@ -621,8 +471,7 @@ struct Run {
 struct Bench {
     options: Options,
     broker: Broker,
-    sink: Arc<Sink>,
-    sink_addr: SocketAddr,
+    sink: Sink,
     env: HashMap<String, String>,
     prefetch: u16,
     broker_pid: Option<u32>,
@@ -633,7 +482,7 @@ struct Bench {
 impl Bench {
     fn worker_env(&self, queue: &str) -> HashMap<String, String> {
         let mut env = self.env.clone();
-        let url = |region: &str| format!("http://{}/{region}/v1/batch", self.sink_addr);
+        let url = |region: &str| self.sink.url_for(region);
         for (k, v) in [
             ("AMQP__URL", AMQP_URL.to_owned()),
             ("AMQP__QUEUE", queue.to_owned()),
@@ -661,7 +510,7 @@ impl Bench {
         proc_stats(std::process::id()).map_or(0.0, |s| s.cpu_s)
     }
 
-    async fn fresh_queue(&mut self, name: &str, sessions: &[common::Generated]) -> Result<()> {
+    async fn fresh_queue(&mut self, name: &str, sessions: &[Generated]) -> Result<()> {
         self.broker.declare(name).await?;
         self.broker.preload(name, sessions).await?;
         self.quiet_broker().await;
@@ -694,7 +543,7 @@ impl Bench {
         }
     }
 
-    async fn ceiling(&mut self, round: usize, sessions: &[common::Generated]) -> Result<Run> {
+    async fn ceiling(&mut self, round: usize, sessions: &[Generated]) -> Result<Run> {
         let queue = format!("sb-bench.{}.r{round}.ceiling", self.tag);
         self.fresh_queue(&queue, sessions).await?;
         let n = sessions.len() as u64;
@@ -735,7 +584,7 @@ impl Bench {
         Ok(run)
     }
 
-    async fn worker(&mut self, round: usize, sessions: &[common::Generated]) -> Result<Run> {
+    async fn worker(&mut self, round: usize, sessions: &[Generated]) -> Result<Run> {
         let queue = format!("sb-bench.{}.r{round}.worker", self.tag);
         let dead = format!("{queue}.dead");
         self.broker.declare(&dead).await?;
@@ -754,7 +603,7 @@ impl Bench {
             } else {
                 200
             };
-            if let Some(at) = self.sink.wait(Duration::from_millis(poll)).await {
+            if let Some(at) = self.sink.wait_done(Duration::from_millis(poll)).await {
                 break at;
             }
             self.check_consuming(&queue, &mut consuming).await;
@@ -764,7 +613,7 @@ impl Bench {
             if started.elapsed() > Duration::from_secs(600) {
                 return Err(format!(
                     "the sink has {} of {expected} Track events after 10 minutes",
-                    self.sink.tracks.load(Ordering::SeqCst)
+                    self.sink.tracks()
                 )
                 .into());
             }
@@ -774,7 +623,7 @@ impl Bench {
         proc.finish(Duration::from_secs(30)).await?;
         let (ready, _) = self.broker.counts(&queue).await?;
         let (dead_ready, _) = self.broker.counts(&dead).await?;
-        let tracks = self.sink.tracks.load(Ordering::SeqCst);
+        let tracks = self.sink.tracks();
         if ready != 0 || dead_ready != 0 || tracks != expected {
             eprintln!(
                 "warning: after the worker: {ready} left in the queue, {dead_ready} dead-lettered, {tracks} Track events for {expected} sessions with an email"
@@ -817,7 +666,7 @@ impl Bench {
         own0: f64,
     ) -> Run {
         let secs = done.duration_since(started).as_secs_f64();
-        let most = *self.sink.most_at.lock().unwrap();
+        let most = self.sink.most_at();
         Run {
             secs,
             secs99: most.map_or(f64::NAN, |m| m.duration_since(started).as_secs_f64()),
@@ -839,8 +688,7 @@ impl Bench {
         let env = self.worker_env(&queue);
         self.sink.reset(u64::MAX);
         let base = Instant::now();
-        *self.sink.base.lock().unwrap() = Some(base);
-        self.sink.record_latency.store(true, Ordering::SeqCst);
+        self.sink.record_latency(Some(base));
         let mut proc = Proc::spawn(&["worker"], &env)?;
         // Wait until it consumes.
         let until = Instant::now() + Duration::from_secs(30);
@@ -852,10 +700,10 @@ impl Bench {
         }
         let cpu0 = proc_stats(proc.pid()).unwrap_or_default().cpu_s;
         let rate = self.options.latency_rate;
-        let total = rate * self.options.latency_secs;
+        let total = rate * self.options.latency_secs();
         let tick = Duration::from_millis(10);
         let per_tick = rate as f64 / 100.0;
-        let mut rng = common::Rng::new(99);
+        let mut rng = sessions::Rng::new(99);
         let mut interval = tokio::time::interval(tick);
         let mut published = 0u64;
         let mut with_email = 0u64;
@@ -868,7 +716,7 @@ impl Bench {
             let due = (due as u64).min(total);
             while published < due {
                 let sent = base.elapsed().as_micros() as u64;
-                let g = common::session(&mut rng, &self.tag, published, Some(sent));
+                let g = sessions::session(&mut rng, &self.tag, published, Some(sent));
                 with_email += u64::from(g.has_email);
                 // No confirms here: the publisher must not pace itself by the broker.
                 self.broker
@@ -889,17 +737,17 @@ impl Bench {
         let offered = published as f64 / start.elapsed().as_secs_f64();
         // Wait for the tail (at most a flush interval and a request, normally).
         let until = Instant::now() + Duration::from_secs(30);
-        while self.sink.tracks.load(Ordering::SeqCst) < with_email && Instant::now() < until {
+        while self.sink.tracks() < with_email && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let stats = proc_stats(proc.pid()).unwrap_or_default();
-        self.sink.record_latency.store(false, Ordering::SeqCst);
+        self.sink.record_latency(None);
         proc.finish(Duration::from_secs(30)).await?;
-        let got = self.sink.tracks.load(Ordering::SeqCst);
+        let got = self.sink.tracks();
         if got < with_email {
             eprintln!("warning: latency run: {got} of {with_email} Track events arrived");
         }
-        let samples = std::mem::take(&mut *self.sink.latencies.lock().unwrap());
+        let samples = self.sink.take_latencies();
         self.broker.delete(&queue).await;
         self.broker.delete(&dead).await;
         eprintln!("latency run: offered {offered:.0} sessions/s, {published} sessions");
@@ -910,25 +758,15 @@ impl Bench {
 
 /// The pure path in this process, on one thread: parse + map (which serialises).
 fn pure_rate() -> f64 {
-    let bodies: Vec<Vec<u8>> = common::sessions(7, "pure", 20_000)
-        .into_iter()
-        .map(|g| g.body.into_bytes())
-        .collect();
+    let bodies = sessions::bodies(7, "pure", 20_000);
     let options = events::Options::default();
     let now = time::OffsetDateTime::now_utc();
     let mut n = 0u64;
-    let mut bytes = 0usize;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(2) {
-        for body in &bodies {
-            let session = Session::parse(body).expect("valid");
-            if let Mapped::Events(e) = events::map(&session, now, &options).expect("maps") {
-                bytes += e.len();
-            }
-        }
+        sessions::map_each(&bodies, now, &options);
         n += bodies.len() as u64;
     }
-    std::hint::black_box(bytes);
     n as f64 / start.elapsed().as_secs_f64()
 }
 
@@ -952,8 +790,8 @@ async fn parent(options: Options) -> Result<()> {
     };
     println!(
         "pipeline: {} sessions x {} rounds, prefetch {prefetch}, max_batch_events {}, max_in_flight {}, flush_interval {} ms ({file}); {} cores",
-        options.sessions,
-        options.rounds,
+        options.sessions(),
+        options.rounds(),
         config.segment.max_batch_events,
         config.segment.max_in_flight,
         config.segment.flush_interval_ms,
@@ -963,7 +801,7 @@ async fn parent(options: Options) -> Result<()> {
         println!("  {k}={v}");
     }
 
-    let pure = if options.pure {
+    let pure = if !options.no_pure {
         let r = pure_rate();
         println!("pure path (parse + map + serialise, 1 thread, in-process): {r:.0} sessions/s");
         Some(r)
@@ -971,14 +809,13 @@ async fn parent(options: Options) -> Result<()> {
         None
     };
 
-    let (sink, sink_addr) = start_sink().await?;
+    let sink = Sink::ok().await;
     let broker = Broker::connect().await?;
     let mut bench = Bench {
         tag: format!("{}", std::process::id()),
         options: options.clone(),
         broker,
         sink,
-        sink_addr,
         env,
         prefetch,
         broker_pid: broker_pid(),
@@ -993,14 +830,17 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
     let o = bench.options.clone();
     let mut ceilings = Vec::new();
     let mut workers = Vec::new();
-    for round in 1..=o.rounds {
-        let sessions =
-            common::sessions(round as u64, &format!("{}-r{round}", bench.tag), o.sessions);
+    for round in 1..=o.rounds() {
+        let sessions = sessions::sessions(
+            round as u64,
+            &format!("{}-r{round}", bench.tag),
+            o.sessions(),
+        );
         // Alternate which goes first, so that neither always meets a warmer broker.
         let ceiling_first = round % 2 == 1;
         for step in 0..2 {
             let is_ceiling = (step == 0) == ceiling_first;
-            if is_ceiling && o.ceiling {
+            if is_ceiling && !o.no_ceiling {
                 let r = bench.ceiling(round, &sessions).await?;
                 println!(
                     "round {round} ceiling: {:>8.0} sessions/s  {:6.2} s (start-up {:4.0} ms)  cpu {:5.2} s  rss {:5.1} MB  broker cpu {:5.2} s",
@@ -1024,15 +864,15 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
                     r.stats.hwm_kib as f64 / 1024.0,
                     r.broker_cpu_s,
                     r.sink_cpu_s,
-                    bench.sink.requests.load(Ordering::SeqCst),
-                    bench.sink.bytes.load(Ordering::SeqCst) as f64 / 1e6,
+                    bench.sink.requests(),
+                    bench.sink.bytes() as f64 / 1e6,
                 );
                 workers.push(r);
             }
         }
     }
 
-    let latency = if o.latency {
+    let latency = if o.latency() {
         let (mut samples, cpu, published, _) = bench.latency().await?;
         samples.sort_unstable();
         Some((
@@ -1052,11 +892,12 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
         .zip(&ceilings)
         .map(|(w, c)| w.rate / c.rate)
         .collect();
-    let n = o.sessions as f64;
+    let n = o.sessions() as f64;
     println!();
     println!(
         "### segment-bridge pipeline: {} sessions, {} round(s), medians",
-        o.sessions, o.rounds
+        o.sessions(),
+        o.rounds()
     );
     println!();
     println!("| metric | value | target |");
@@ -1124,7 +965,8 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
     if let Some((p50, p99, max, cpu_us)) = latency {
         println!(
             "| latency publish → sink at {} sessions/s for {} s: p50 / p99 / max | {p50:.0} / {p99:.0} / {max:.0} ms | p99 ≤ 600 ms |",
-            o.latency_rate, o.latency_secs
+            o.latency_rate,
+            o.latency_secs()
         );
         println!("| worker CPU per session at that load | {cpu_us:.1} µs | |");
     }
@@ -1134,11 +976,7 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
 /// What `cargo test --benches` runs: no broker, no processes; the sink's counter and the
 /// generated sessions are checked.
 fn self_check() {
-    let hay = br#"[{"type":"track","k":"ok"},{"type":"identify"},{"type":"track"}]"#;
-    assert_eq!(count(hay, TRACK), 2);
-    assert_eq!(count(b"k", TRACK), 0);
-    assert_eq!(count("é\"type\":\"track\"".as_bytes(), TRACK), 1);
-    let generated = common::sessions(1, "check", 2_000);
+    let generated = sessions::sessions(1, "check", 2_000);
     let options = events::Options::default();
     let now = time::OffsetDateTime::now_utc();
     let (mut with_email, mut eu, mut tracks) = (0, 0, 0);
@@ -1149,7 +987,7 @@ fn self_check() {
                 assert!(g.has_email);
                 with_email += 1;
                 eu += usize::from(g.eu);
-                tracks += count(e.track(), TRACK);
+                tracks += count_tracks(e.track());
             }
             Mapped::Skipped(_) => assert!(!g.has_email),
         }

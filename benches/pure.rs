@@ -12,19 +12,15 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use segment_bridge::batch::{Batch, Entry, Limits};
 use segment_bridge::events::{self, Mapped, Options};
 use segment_bridge::session::Session;
+use segment_bridge_testkit::sessions::{self, map_each, parse_each};
 use time::OffsetDateTime;
-
-mod common;
 
 /// Sessions per iteration: enough to cycle through the mix, small enough to stay in cache
 /// as a realistic prefetch window would (2000 deliveries).
 const N: u64 = 2_000;
 
 fn bench(c: &mut Criterion) {
-    let bodies: Vec<Vec<u8>> = common::sessions(7, "pure", N)
-        .into_iter()
-        .map(|g| g.body.into_bytes())
-        .collect();
+    let bodies = sessions::bodies(7, "pure", N);
     let bytes: usize = bodies.iter().map(Vec::len).sum();
     let options = Options::default();
     let now = OffsetDateTime::from_unix_timestamp(1_773_000_000).unwrap();
@@ -55,22 +51,8 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    group.bench_function("parse", |b| {
-        b.iter(|| {
-            for body in &bodies {
-                black_box(Session::parse(black_box(body)).unwrap());
-            }
-        })
-    });
-
-    group.bench_function("parse+map", |b| {
-        b.iter(|| {
-            for body in &bodies {
-                let session = Session::parse(black_box(body)).unwrap();
-                black_box(events::map(&session, now, &options).unwrap());
-            }
-        })
-    });
+    group.bench_function("parse", |b| b.iter(|| parse_each(&bodies)));
+    group.bench_function("parse+map", |b| b.iter(|| map_each(&bodies, now, &options)));
 
     // The two messageIds of each session, by each scheme: v2 (the default) hashes the
     // namespace once per configuration, so it should cost what v1 costs.

@@ -109,6 +109,20 @@ pub fn unique() -> String {
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// The arguments of a quorum queue that drops a message after `delivery_limit` returns.
+pub fn quorum_arguments(delivery_limit: i64) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(delivery_limit),
+    );
+    arguments
+}
+
 /// A main queue and a dead-letter queue with names no other test or run uses, deleted
 /// when dropped.
 pub struct Queues {
@@ -128,16 +142,7 @@ impl Queues {
     /// A quorum main queue that drops a message after `delivery_limit` returns (RabbitMQ
     /// 4.x's default limit is 20), and a classic dead-letter queue.
     pub async fn quorum(test: &str, delivery_limit: i64) -> Queues {
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        arguments.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(delivery_limit),
-        );
-        Queues::declare(test, arguments).await
+        Queues::declare(test, quorum_arguments(delivery_limit)).await
     }
 
     /// The test's own channel (in confirm mode), reopened if it was closed.
@@ -409,86 +414,75 @@ pub async fn rabbitmqctl(args: &[&str]) -> String {
     command("rabbitmqctl", args).await
 }
 
+/// Messages in `queue`, ready and unacknowledged, as `rabbitmqctl list_queues` counts
+/// them; `None` if there is no such queue.
+pub async fn queue_messages(queue: &str) -> Option<u64> {
+    rabbitmqctl(&[
+        "list_queues",
+        "name",
+        "messages",
+        "--quiet",
+        "--no-table-headers",
+    ])
+    .await
+    .lines()
+    .filter_map(|l| l.split_once('\t'))
+    .find(|(name, _)| name.trim() == queue)
+    .and_then(|(_, n)| n.trim().parse().ok())
+}
+
 /// Waits until `queue` holds no message, ready or unacknowledged: the worker has settled
 /// every delivery it took, redelivered copies included.
 pub async fn wait_drained(queue: &str) {
-    let mut messages: u64 = 0;
+    let mut messages = None;
     let held = &mut messages;
     let done = wait_until(WAIT, async || {
-        let queues = rabbitmqctl(&[
-            "list_queues",
-            "name",
-            "messages",
-            "--quiet",
-            "--no-table-headers",
-        ])
-        .await;
-        *held = queues
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .find(|(name, _)| name.trim() == queue)
-            .and_then(|(_, n)| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no queue {queue}:\n{queues}"));
-        *held == 0
+        *held = queue_messages(queue).await;
+        *held == Some(0)
     })
     .await;
     assert!(
         done.is_ok(),
-        "{queue} still holds {messages} messages, ready or unacknowledged"
+        "{queue} still holds {messages:?} messages, ready or unacknowledged"
     );
 }
 
 /// The broker's id of the connection of the worker consuming `queue`, for
-/// `rabbitmqctl close_connection`. It is found by its name (`segment-bridge/<version>
+/// `rabbitmqctl close_connection`.
+pub async fn worker_connection(queue: &str) -> String {
+    find_worker_connection(queue)
+        .await
+        .unwrap_or_else(|| panic!("no connection consumes {queue}"))
+}
+
+/// [`worker_connection`], or `None` while no connection consumes `queue` (a worker
+/// between two connections). It is found by its name (`segment-bridge/<version>
 /// <queue>`) if the worker names it so, else through the consumer on `queue`, its channel
 /// and that channel's connection.
-pub async fn worker_connection(queue: &str) -> String {
-    let connections = rabbitmqctl(&[
-        "list_connections",
-        "pid",
-        "name",
-        "--quiet",
-        "--no-table-headers",
-    ])
-    .await;
+pub async fn find_worker_connection(queue: &str) -> Option<String> {
+    let list = async |what: &[&str]| {
+        rabbitmqctl(&[what, &["--quiet", "--no-table-headers"]].concat()).await
+    };
+    let connections = list(&["list_connections", "pid", "name"]).await;
     let by_name = connections
         .lines()
         .find(|l| l.contains(queue))
-        .and_then(|l| l.split_whitespace().next())
-        .map(str::to_owned);
-    match by_name {
-        Some(pid) => pid,
-        None => {
-            let consumers = rabbitmqctl(&[
-                "list_consumers",
-                "queue_name",
-                "channel_pid",
-                "--quiet",
-                "--no-table-headers",
-            ])
-            .await;
-            let channel = consumers
-                .lines()
-                .filter_map(|l| l.split_once('\t'))
-                .find(|(q, _)| q.trim() == queue)
-                .map(|(_, ch)| ch.trim().to_owned())
-                .unwrap_or_else(|| panic!("no consumer on {queue}:\n{consumers}"));
-            let channels = rabbitmqctl(&[
-                "list_channels",
-                "pid",
-                "connection",
-                "--quiet",
-                "--no-table-headers",
-            ])
-            .await;
-            channels
-                .lines()
-                .filter_map(|l| l.split_once('\t'))
-                .find(|(ch, _)| ch.trim() == channel)
-                .map(|(_, conn)| conn.trim().to_owned())
-                .unwrap_or_else(|| panic!("no channel {channel}:\n{channels}"))
-        }
+        .and_then(|l| l.split_whitespace().next());
+    if let Some(pid) = by_name {
+        return Some(pid.to_owned());
     }
+    let consumers = list(&["list_consumers", "queue_name", "channel_pid"]).await;
+    let channel = consumers
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .find(|(q, _)| q.trim() == queue)
+        .map(|(_, ch)| ch.trim().to_owned())?;
+    let channels = list(&["list_channels", "pid", "connection"]).await;
+    channels
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .find(|(ch, _)| ch.trim() == channel)
+        .map(|(_, conn)| conn.trim().to_owned())
 }
 
 /// A RabbitMQ user of the test's own, deleted when dropped: its permissions can be taken
@@ -499,14 +493,7 @@ pub struct BrokerUser {
 
 impl BrokerUser {
     pub async fn new() -> BrokerUser {
-        let name = format!(
-            "sb-test-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-        );
+        let name = format!("sb-test-{}", unique());
         rabbitmqctl(&["add_user", &name, "secret"]).await;
         let user = BrokerUser { name };
         user.allow().await;

@@ -1,6 +1,11 @@
 //! The fake Segment: a real HTTP server on a random local port standing in for Segment's
 //! `/v1/batch`, which records each request (decompressed) and answers as the test says;
-//! and what tests read out of the events it accepted (sessions, messageIds).
+//! and what tests read out of the events it accepted (sessions, messageIds). The
+//! benchmarks' counting sink, which keeps no bodies, is [`sink::Sink`].
+
+pub mod sink;
+
+pub use sink::Sink;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -82,6 +87,32 @@ impl Reply {
     pub fn ok() -> Reply {
         Reply::status(200)
     }
+
+    /// The response, after the delay.
+    async fn send(self) -> Response {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        let mut response = (StatusCode::from_u16(self.status).unwrap(), "{}").into_response();
+        for (name, value) in self.headers {
+            response.headers_mut().insert(name, value.parse().unwrap());
+        }
+        response
+    }
+}
+
+/// A request body as sent, decompressed if its `content-encoding` is gzip; `None` if
+/// it does not decompress.
+fn decoded(headers: &HeaderMap, body: Bytes) -> Option<Bytes> {
+    if headers
+        .get("content-encoding")
+        .is_none_or(|v| v.as_bytes() != b"gzip")
+    {
+        return Some(body);
+    }
+    let mut out = Vec::with_capacity(body.len() * 8);
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut out).ok()?;
+    Some(Bytes::from(out))
 }
 
 type Respond = dyn Fn(&Received, usize) -> Reply + Send + Sync;
@@ -186,20 +217,13 @@ async fn receive(State(state): State<Arc<SinkState>>, headers: HeaderMap, body: 
         String::from_utf8(decoded).ok()
     });
     let content_encoding = header("content-encoding");
-    let json = match content_encoding.as_deref() {
-        Some("gzip") => {
-            let mut out = Vec::new();
-            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut out)
-                .map(|_| out)
-                .unwrap_or_default()
-        }
-        _ => body.to_vec(),
-    };
+    let wire_bytes = body.len();
+    let json = decoded(&headers, body).unwrap_or_default();
     let mut received = Received {
         auth,
         content_type: header("content-type"),
         content_encoding,
-        wire_bytes: body.len(),
+        wire_bytes,
         body: serde_json::from_slice(&json).unwrap_or(Value::Null),
         status: 0,
         at: Instant::now(),
@@ -208,14 +232,7 @@ async fn receive(State(state): State<Arc<SinkState>>, headers: HeaderMap, body: 
     let reply = (state.respond)(&received, index);
     received.status = reply.status;
     state.received.lock().unwrap().push(received);
-    if !reply.delay.is_zero() {
-        tokio::time::sleep(reply.delay).await;
-    }
-    let mut response = (StatusCode::from_u16(reply.status).unwrap(), "{}").into_response();
-    for (name, value) in reply.headers {
-        response.headers_mut().insert(name, value.parse().unwrap());
-    }
-    response
+    reply.send().await
 }
 
 /// Session ids `{prefix}000`, `{prefix}001`, ...

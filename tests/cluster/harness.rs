@@ -138,12 +138,8 @@ impl Cluster {
 
         let started = Instant::now();
         let root = std::env::temp_dir().join(format!(
-            "segment-bridge-cluster.{}.{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
+            "segment-bridge-cluster.{}",
+            segment_bridge_testkit::broker::unique()
         ));
         fs::create_dir_all(&root).unwrap();
         let mut cluster = Cluster {
@@ -455,23 +451,13 @@ impl Cluster {
     /// Declares a quorum queue through node `i` (whose node then holds the leader), with
     /// a delivery limit.
     pub async fn declare_quorum(&self, i: usize, queue: &str, delivery_limit: i64) {
-        use lapin::types::{AMQPValue, FieldTable};
         let conn = self.connect(i).await;
         let channel = conn.create_channel().await.unwrap();
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        arguments.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(delivery_limit),
-        );
         channel
             .queue_declare(
                 queue.into(),
                 lapin::options::QueueDeclareOptions::durable(),
-                arguments,
+                segment_bridge_testkit::broker::quorum_arguments(delivery_limit),
             )
             .await
             .unwrap();

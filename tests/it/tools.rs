@@ -256,10 +256,7 @@ async fn replay_dead_moves_dead_letters_back_unchanged_but_for_the_error_header(
     let out = bridge.output(b"", WITHIN).await;
 
     assert!(out.status.success(), "{out:?}");
-    let report = out
-        .stdout
-        .replace(&queues.dead, "DEAD")
-        .replace(&queues.main, "MAIN");
+    let report = report(&out, &queues);
     assert!(
         numbers(&report).contains(&3),
         "stdout reports the 3 moved: {report:?}"
@@ -317,10 +314,7 @@ async fn replay_dead_with_a_limit_moves_exactly_that_many_oldest_first() {
         .map(|(b, _)| b)
         .collect();
     assert_eq!(moved, vec![dead[0].0.clone(), dead[1].0.clone()]);
-    let report = out
-        .stdout
-        .replace(&queues.dead, "DEAD")
-        .replace(&queues.main, "MAIN");
+    let report = report(&out, &queues);
     assert!(
         numbers(&report).contains(&2) && !numbers(&report).contains(&5),
         "stdout reports the 2 moved: {report:?}"
@@ -399,10 +393,7 @@ async fn check_passes_with_a_write_key_and_a_reachable_broker_names_both_regions
     let out = bridge.output(b"", WITHIN).await;
 
     assert!(out.status.success(), "{out:?}");
-    let report = out
-        .stdout
-        .replace(&queues.main, "MAIN")
-        .replace(&queues.dead, "DEAD");
+    let report = report(&out, &queues);
     let us_line = region_line(&report, "us");
     let eu_line = region_line(&report, "eu");
     assert_ne!(us_line, eu_line, "one line per region: {report}");
@@ -541,10 +532,7 @@ async fn check_works_with_no_config_file_when_the_environment_holds_the_queues_a
     let out = bridge.output(b"", WITHIN).await;
 
     assert!(out.status.success(), "{out:?}");
-    let report = out
-        .stdout
-        .replace(&queues.main, "MAIN")
-        .replace(&queues.dead, "DEAD");
+    let report = report(&out, &queues);
     assert!(
         !region_line(&report, "eu").contains("no write key"),
         "{report}"
@@ -1021,4 +1009,12 @@ async fn run_dry_run_keeps_each_batch_on_a_line_of_its_own_while_both_regions_pr
         );
     }
     assert_eq!(queues.ready().await, (0, 0));
+}
+
+/// Standard output with the test's queue names as `MAIN` and `DEAD` (the dead-letter
+/// queue's name first: it extends the main queue's).
+fn report(out: &Output, queues: &Queues) -> String {
+    out.stdout
+        .replace(&queues.dead, "DEAD")
+        .replace(&queues.main, "MAIN")
 }

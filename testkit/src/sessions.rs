@@ -1,13 +1,17 @@
-//! Realistic, deterministic sessions for the benchmarks (shared by `pure` and `pipeline`).
+//! Realistic, deterministic sessions for the benchmarks (`pure`, `json`, `pipeline`,
+//! `soak`), and the pure path run over them (parse, map) as the benchmarks time it.
 //!
 //! The mix: 5–15 mapped attributes (strings, arrays of options, numbers, booleans), about
 //! 60% US (some with no `region`, i.e. the default region) and 40% EU, about 1% without an
 //! email (skipped by design), 5% in the Jebbit webhook shape (identity = hash of the body),
 //! 10% without `completed_at`, emails with stray case and white space.
 
-#![allow(dead_code)]
-
 use std::fmt::Write;
+use std::hint::black_box;
+
+use segment_bridge::events::{self, Mapped, Options};
+use segment_bridge::session::Session;
+use time::OffsetDateTime;
 
 /// xorshift64*: small, fast, reproducible; no dependency.
 pub struct Rng(u64);
@@ -17,7 +21,7 @@ impl Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -28,7 +32,7 @@ impl Rng {
 
     /// Uniform in `0..n`.
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 
     /// True with probability `percent` / 100.
@@ -192,4 +196,32 @@ pub fn session(rng: &mut Rng, run: &str, i: u64, sent_us: Option<u64>) -> Genera
 pub fn sessions(seed: u64, run: &str, n: u64) -> Vec<Generated> {
     let mut rng = Rng::new(seed);
     (0..n).map(|i| session(&mut rng, run, i, None)).collect()
+}
+
+/// The bodies of [`sessions`], as bytes: what a benchmark of the pure path reads.
+pub fn bodies(seed: u64, run: &str, n: u64) -> Vec<Vec<u8>> {
+    sessions(seed, run, n)
+        .into_iter()
+        .map(|g| g.body.into_bytes())
+        .collect()
+}
+
+/// `Session::parse` of each body, as the worker does per delivery; every body must parse.
+pub fn parse_each(bodies: &[Vec<u8>]) {
+    for body in bodies {
+        black_box(Session::parse(black_box(body)).expect("a valid session"));
+    }
+}
+
+/// `Session::parse` then `events::map` (which serialises both events) of each body;
+/// returns the bytes of the events written, so that nothing is optimised away.
+pub fn map_each(bodies: &[Vec<u8>], now: OffsetDateTime, options: &Options) -> usize {
+    let mut bytes = 0;
+    for body in bodies {
+        let session = Session::parse(black_box(body)).expect("a valid session");
+        if let Mapped::Events(e) = events::map(&session, now, options).expect("maps") {
+            bytes += e.len();
+        }
+    }
+    black_box(bytes)
 }
