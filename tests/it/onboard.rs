@@ -652,14 +652,15 @@ async fn the_readmes_onboarding_works_when_pasted_against_the_fake_api() {
     .unwrap();
     let (intake, probes, worker) = (free_port(), free_port(), free_port());
     let o = fake.options();
+    // The README's own paths first: the binary's path may itself lie under /tmp.
     let script = block
+        .replace("/tmp/", &format!("{}/", dir.path().display()))
         .replace("cargo run --release -q --", BIN)
         .replace("'your client id'", &o.client_id)
         .replace("'your client secret'", &o.client_secret)
         .replace("https://intake.example.com", &format!("http://{intake}"))
         .replace("127.0.0.1:9464", &probes.to_string())
-        .replace("127.0.0.1:9465", &worker.to_string())
-        .replace("/tmp/", &format!("{}/", dir.path().display()));
+        .replace("127.0.0.1:9465", &worker.to_string());
     // A failing step must not leave the background intake holding the output pipe open.
     let script = format!("trap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n{script}");
     let mut cmd = std::process::Command::new("bash");
