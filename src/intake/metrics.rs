@@ -17,6 +17,7 @@ pub const MESSAGES: &str = "segment_bridge_intake_messages_queued_total";
 pub const PUBLISH: &str = "segment_bridge_intake_publish_seconds";
 pub const AMQP_CONNECTED: &str = crate::metrics::AMQP_CONNECTED;
 pub const AMQP_CONNECTS: &str = crate::metrics::AMQP_CONNECTS;
+pub const AMQP_CHANNEL_REPLACEMENTS: &str = crate::metrics::AMQP_CHANNEL_REPLACEMENTS;
 
 /// The `source` label of requests that name no configured source.
 pub const NO_SOURCE: &str = "-";
@@ -87,6 +88,10 @@ const HELP: &[(&str, &str)] = &[
         AMQP_CONNECTS,
         "Connections made to RabbitMQ (more than one means reconnects).",
     ),
+    (
+        AMQP_CHANNEL_REPLACEMENTS,
+        "Publishing channels replaced by a fresh one after the broker refused a publish (nack).",
+    ),
 ];
 
 static METADATA: Metadata<'static> =
@@ -100,6 +105,7 @@ pub struct IntakeMetrics {
     publish: Histogram,
     connected: Gauge,
     connects: Counter,
+    channel_replacements: Counter,
     // Keeps the handles' storage alive.
     _recorder: PrometheusRecorder,
 }
@@ -144,6 +150,8 @@ impl IntakeMetrics {
             publish: recorder.register_histogram(&Key::from_name(PUBLISH), &METADATA),
             connected: recorder.register_gauge(&Key::from_name(AMQP_CONNECTED), &METADATA),
             connects: recorder.register_counter(&Key::from_name(AMQP_CONNECTS), &METADATA),
+            channel_replacements: recorder
+                .register_counter(&Key::from_name(AMQP_CHANNEL_REPLACEMENTS), &METADATA),
             handle,
             requests,
             messages,
@@ -174,6 +182,11 @@ impl IntakeMetrics {
 
     pub fn publish_took(&self, took: Duration) {
         self.publish.record(took.as_secs_f64());
+    }
+
+    /// The publishing channel replaced after a nack.
+    pub fn channel_replaced(&self) {
+        self.channel_replacements.increment(1);
     }
 
     pub fn amqp_connected(&self, connected: bool) {
@@ -214,6 +227,7 @@ mod tests {
             r#"segment_bridge_intake_publish_seconds_bucket{le="0.005"} 1"#,
             "segment_bridge_amqp_connected 1",
             "segment_bridge_amqp_connections_total 1",
+            "segment_bridge_amqp_channel_replacements_total 0",
             "# HELP segment_bridge_intake_requests_total Webhook requests answered",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");

@@ -558,3 +558,34 @@ async fn after_a_refused_write_key_a_restarted_worker_with_a_good_key_delivers_e
     assert_eq!(queues.ready().await, (0, 0));
     assert_eq!(us.accepted().len(), 50, "each session once");
 }
+
+/// The worker with `amqp.url` a list whose first node is down: it consumes from the other
+/// at start-up and after its connections are closed, and logs the node (never the
+/// password).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_first_of_two_nodes_down_the_worker_connects_and_reconnects_to_the_other() {
+    let queues = Queues::new("host-list").await;
+    let user = BrokerUser::new().await;
+    let us = FakeSegment::ok().await;
+    let urls = format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", user.url());
+    let mut daemon = Daemon::spawn(&queues, &us, &[("AMQP__URL", urls.as_str())]);
+    daemon.wait_ready().await;
+    let ids = session_ids("h", 6);
+    queues.publish(bodies(&ids[..3])).await;
+    wait_all_tracked(&us, &ids[..3], WITHIN).await;
+
+    assert!(user.close_connections().await >= 1);
+    let start = Instant::now();
+    while daemon.metric("segment_bridge_amqp_connections_total").await < 2.0 {
+        assert!(start.elapsed() < WITHIN, "no reconnect:\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.wait_ready().await;
+    queues.publish(bodies(&ids[3..])).await;
+    wait_all_tracked(&us, &ids, WITHIN).await;
+    let _ = daemon.signal("TERM").await;
+    let _ = daemon.wait_exit(Duration::from_secs(10)).await;
+    let log = daemon.log();
+    assert!(log.contains("127.0.0.1:5672"), "the node is logged:\n{log}");
+    assert!(!log.contains(":secret@"), "no password in the log:\n{log}");
+}
