@@ -284,17 +284,18 @@ impl HttpSink {
 pub fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut next = Some(error);
     while let Some(e) = next {
-        // io::Error's source() skips the error it wraps: look inside it too.
-        let inner = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .map(|inner| inner as &(dyn std::error::Error + 'static));
-        for candidate in [Some(e), inner].into_iter().flatten() {
-            if let Some(rustls::Error::InvalidCertificate(cert)) =
-                candidate.downcast_ref::<rustls::Error>()
+        // io::Error's source() skips the error it wraps (reqwest's is an io::Error around
+        // tokio-rustls's io::Error around rustls's): unwrap them one by one.
+        let mut candidate = Some(e);
+        while let Some(c) = candidate {
+            if let Some(rustls::Error::InvalidCertificate(cert)) = c.downcast_ref::<rustls::Error>()
             {
                 return Some(describe(cert));
             }
+            candidate = c
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
         }
         next = e.source();
     }
@@ -345,7 +346,8 @@ mod tests {
             (C::Expired, "expired"),
             (C::NotValidForName, "name mismatch"),
         ] {
-            let io = wrapped(cert);
+            // As reqwest hands it over: an io::Error around tokio-rustls's.
+            let io = std::io::Error::other(wrapped(cert));
             assert_eq!(certificate_problem(&io).as_deref(), Some(named));
         }
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);

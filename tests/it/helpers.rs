@@ -850,6 +850,16 @@ pub fn spawn_bridge<'a>(
     dir: &tempfile::TempDir,
     settings: impl IntoIterator<Item = (&'a str, String)>,
 ) -> (std::process::Child, PathBuf) {
+    spawn_bridge_env(command, dir, settings, &[])
+}
+
+/// [`spawn_bridge`], with other environment variables set as given (`SSL_CERT_FILE`).
+pub fn spawn_bridge_env<'a>(
+    command: &str,
+    dir: &tempfile::TempDir,
+    settings: impl IntoIterator<Item = (&'a str, String)>,
+    env: &[(&str, &str)],
+) -> (std::process::Child, PathBuf) {
     let empty = dir.path().join("empty.toml");
     std::fs::write(&empty, "").unwrap();
     let log = dir.path().join("stderr.log");
@@ -870,6 +880,7 @@ pub fn spawn_bridge<'a>(
         cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
     }
     cmd.env("RUST_LOG", "info");
+    cmd.envs(env.iter().copied());
     let child = cmd.spawn().expect("the segment-bridge binary starts");
     (child, log)
 }
@@ -884,6 +895,16 @@ pub fn free_port() -> SocketAddr {
 
 impl Daemon {
     pub fn spawn(queues: &Queues, us: &FakeSegment, settings: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn_env(queues, us, settings, &[])
+    }
+
+    /// [`Daemon::spawn`], with other environment variables set as given.
+    pub fn spawn_env(
+        queues: &Queues,
+        us: &FakeSegment,
+        settings: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         // A free port for the side port, so that the test can read /readyz and /metrics.
         let listen = free_port();
@@ -902,7 +923,7 @@ impl Daemon {
         // `Daemon`, whose drop kills it.
         let http = segment_bridge::segment::http_client(Duration::from_secs(5)).unwrap();
         let extra = settings.iter().map(|(k, v)| (*k, (*v).to_owned()));
-        let (child, log) = spawn_bridge("run", &dir, base.into_iter().chain(extra));
+        let (child, log) = spawn_bridge_env("run", &dir, base.into_iter().chain(extra), env);
         Daemon {
             child,
             probes: format!("http://{listen}"),

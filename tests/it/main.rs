@@ -7,4 +7,5 @@ mod helpers;
 mod intake;
 mod lifecycle;
 mod quorum;
+mod tls;
 mod tools;
