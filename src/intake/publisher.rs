@@ -9,7 +9,8 @@
 //! memory or disk alarm), requests are answered 503 at once instead of waiting.
 //!
 //! A nack does not end a request at once: the first nack on the current channel replaces
-//! it with a fresh one on the same connection (counted in
+//! it with a fresh one on the same connection (as does a publish not confirmed in time;
+//! counted in
 //! `segment_bridge_amqp_channel_replacements_total`), and the refused messages are sent
 //! again until the publish timeout (see [`Publisher::publish`]). RabbitMQ 3.10 keeps
 //! nacking on a channel whose first publish to a quorum queue came while the queue's
@@ -142,7 +143,12 @@ impl Publisher {
             )
             .await
             {
-                Err(_) => break Err(PublishError::Timeout),
+                Err(_) => {
+                    // A channel stuck the same way (its first publish waiting on the
+                    // down node) confirms nothing: the next requests get a fresh one.
+                    self.replace(&connection, &channel).await;
+                    break Err(PublishError::Timeout);
+                }
                 Ok(Ok(nacked)) if nacked.is_empty() => break Ok(()),
                 Ok(Ok(nacked)) => nacked,
                 Ok(Err(refused)) => break Err(PublishError::Refused(refused)),
@@ -173,7 +179,8 @@ impl Publisher {
             .clone()
     }
 
-    /// Replaces `nacking` with a fresh confirm channel on `connection`, unless another
+    /// Replaces `nacking` (a channel that nacked, or did not confirm within the publish
+    /// timeout) with a fresh confirm channel on `connection`, unless another
     /// request already replaced it (or the connection was replaced meanwhile). The old
     /// channel is closed once the publishes still under way on it have had their time.
     async fn replace(&self, connection: &Arc<Connection>, nacking: &Channel) {
@@ -199,7 +206,7 @@ impl Publisher {
                 self.metrics.channel_replaced();
                 tracing::warn!(
                     channel = nacking.id(),
-                    "RabbitMQ refused a publish (nack); publishing on a fresh channel from now on."
+                    "RabbitMQ refused (nack) or did not confirm a publish; publishing on a fresh channel from now on."
                 );
                 let (old, patience) = (nacking.clone(), self.timeout);
                 tokio::spawn(async move {
