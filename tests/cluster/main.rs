@@ -644,16 +644,16 @@ impl Bridge {
         let mut lines = Vec::new();
         let mut refused = std::collections::BTreeMap::<String, (usize, String, String)>::new();
         for line in text.lines().map(strip_colours) {
-            if let Some((_, error)) = line.split_once("error=") {
-                if line.contains("Webhook not queued") {
-                    let at = line.split_whitespace().next().unwrap_or("").to_owned();
-                    let e = refused
-                        .entry(error.to_owned())
-                        .or_insert((0, at.clone(), at.clone()));
-                    e.0 += 1;
-                    e.2 = at;
-                    continue;
-                }
+            if line.contains("Webhook not queued")
+                && let Some((_, error)) = line.split_once("error=")
+            {
+                let at = line.split_whitespace().next().unwrap_or("").to_owned();
+                let e = refused
+                    .entry(error.to_owned())
+                    .or_insert((0, at.clone(), at.clone()));
+                e.0 += 1;
+                e.2 = at;
+                continue;
             }
             if line.contains("RabbitMQ") && !line.contains("Webhook not queued") {
                 lines.push(line);
