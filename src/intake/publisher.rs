@@ -81,6 +81,9 @@ pub struct Publisher {
     channel: RwLock<Option<(Arc<Connection>, Channel)>>,
     /// Held while a nacking channel is replaced.
     replacing: tokio::sync::Mutex<()>,
+    /// The channel on which a publish was not confirmed in time, for the supervisor to
+    /// replace.
+    stuck: std::sync::Mutex<Option<u16>>,
     blocked: AtomicBool,
     /// A publish failed: the supervisor looks at the connection at once.
     failed: Notify,
@@ -100,6 +103,7 @@ impl Publisher {
         Publisher {
             channel: RwLock::new(None),
             replacing: tokio::sync::Mutex::new(()),
+            stuck: std::sync::Mutex::new(None),
             blocked: AtomicBool::new(false),
             failed: Notify::new(),
             queue: queue.into(),
@@ -145,15 +149,17 @@ impl Publisher {
             {
                 Err(_) => {
                     // A channel stuck the same way (its first publish waiting on the
-                    // down node) confirms nothing: the next requests get a fresh one.
-                    self.replace(&connection, &channel).await;
+                    // down node) confirms nothing: the supervisor replaces it, so that
+                    // this request is answered now and the next ones get a fresh one.
+                    *self.stuck.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel.id());
                     break Err(PublishError::Timeout);
                 }
                 Ok(Ok(nacked)) if nacked.is_empty() => break Ok(()),
                 Ok(Ok(nacked)) => nacked,
                 Ok(Err(refused)) => break Err(PublishError::Refused(refused)),
             };
-            self.replace(&connection, &channel).await;
+            // Bounded: a broker that does not answer must not hold the request longer.
+            let _ = tokio::time::timeout_at(deadline, self.replace(&connection, &channel)).await;
             attempt += 1;
             if attempt > 1 {
                 let wake = tokio::time::Instant::now() + RETRY_NACKED_AFTER;
@@ -282,7 +288,15 @@ impl Publisher {
                         Some(_) => {}
                         None => break "the connection's events ended".to_owned(),
                     },
-                    _ = self.failed.notified() => {}
+                    _ = self.failed.notified() => {
+                        let stuck = self.stuck.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let (Some(id), Some((connection, channel))) = (stuck, self.current())
+                            && channel.id() == id
+                        {
+                            let replaced = self.replace(&connection, &channel);
+                            let _ = tokio::time::timeout(self.timeout, replaced).await;
+                        }
+                    }
                     _ = watch.tick() => {}
                 }
             };

@@ -634,24 +634,7 @@ async fn a_message_the_broker_returns_or_nacks_is_answered_503() {
     // A queue that takes one message and refuses the next (reject-publish: a nack).
     let limited = format!("{}.limited", queues.main);
     let _cleanup = DeleteOnDrop(limited.clone());
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
-    channel
-        .queue_declare(
-            limited.as_str().into(),
-            QueueDeclareOptions::durable(),
-            args,
-        )
-        .await
-        .unwrap();
+    let (conn, channel) = declare_limited(&limited, 1).await;
     let mut config = intake_config(&queues);
     config.amqp.queue = limited.clone();
     // A nack is retried on a fresh channel until the publish timeout.
@@ -697,24 +680,7 @@ async fn a_nacked_message_is_retried_on_a_fresh_channel_and_answered_200_once_ta
     // Room for two messages, one taken: of a two-element body, the second is refused.
     let limited = format!("{}.limited", queues.main);
     let _cleanup = DeleteOnDrop(limited.clone());
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(2));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
-    channel
-        .queue_declare(
-            limited.as_str().into(),
-            QueueDeclareOptions::durable(),
-            args,
-        )
-        .await
-        .unwrap();
+    let (conn, channel) = declare_limited(&limited, 2).await;
     let mut config = intake_config(&queues);
     config.amqp.queue = limited.clone();
     config.intake.publish_timeout_ms = 3000;
@@ -1352,6 +1318,26 @@ async fn read_response(stream: &mut TcpStream) -> Option<(u16, String)> {
 
 /// Deletes a queue of the test's own when dropped, even when the test panicked (as
 /// `Queues` does for its two).
+/// Declares `queue` (durable) to hold at most `max_length` messages and to refuse (nack)
+/// publishes beyond; the connection and channel that declared it.
+async fn declare_limited(queue: &str, max_length: i32) -> (Connection, lapin::Channel) {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(max_length));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions::durable(), args)
+        .await
+        .unwrap();
+    (conn, channel)
+}
+
 struct DeleteOnDrop(String);
 
 impl Drop for DeleteOnDrop {
