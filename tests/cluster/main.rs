@@ -2,8 +2,11 @@
 //! `harness.rs`), opt-in: without `SEGMENT_BRIDGE_TEST_CLUSTER=1` every test says it is
 //! skipped and passes. They take minutes and two cores, and one cluster runs at a time.
 //!
-//! Today they measure (and print) what a node loss costs the intake: how long, and how
-//! many, webhooks are refused after the kill of the quorum queue leader's node.
+//! They check `amqps://` with a test CA (`amqp.tls_ca_file`, `SSL_CERT_FILE`), and what a
+//! node loss costs: the workers and the intake on host lists or behind haproxy, the
+//! quorum queue leader's node killed under load; nothing may be lost, and the intake's
+//! refusals must end within seconds. They print how long, and how many, webhooks were
+//! refused after each kill. `.ci/run` turns them on.
 
 mod harness;
 
@@ -20,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::block_in_place;
 
-use harness::{Cluster, Forwarder, Options};
+use harness::{Cluster, Forwarder, Haproxy, Options};
 
 const SECRET: &str = "cluster-test-jebbit-secret-5b1f0e";
 /// Webhooks per second, as in the measurement.
@@ -140,8 +143,8 @@ const REFUSAL_BOUND: Duration = Duration::from_secs(5);
 /// delivering to a fake Segment, webhooks at 25/s. Twice the queue leader's node is killed
 /// (-9) and started again 15 s later (see [`restart_after`]):
 ///
-/// 1. the intake behind a TCP forwarder (a load balancer), its connection on the leader's
-///    node: it reconnects to another node, where (RabbitMQ 3.10) the channel's first
+/// 1. the intake behind haproxy (or, where it is not installed, a TCP forwarder), its
+///    connection on the leader's node: it reconnects to another node, where (RabbitMQ 3.10) the channel's first
 ///    publish to the queue, its leader's node being down, makes the channel nack every
 ///    publish;
 /// 2. made deterministic: the intake on a host list of the two followers, idle (its
@@ -194,12 +197,23 @@ async fn no_webhook_is_lost_and_refusals_end_within_seconds_of_a_leader_kill() {
     }
     let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
 
-    // 1. Through a load balancer, on the leader's node first.
+    // 1. Through a load balancer, on the leader's node first: haproxy when installed
+    //    (.ci/run installs it), the harness's forwarder otherwise.
     let mut ports: Vec<u16> = cluster.nodes.iter().map(|n| n.amqp_port).collect();
     ports.rotate_left(leader);
+    let haproxy = Haproxy::start(&cluster.root, &ports);
     let forwarder = Forwarder::start(ports).await;
-    let label = "intake behind a forwarder, connected to the leader's node";
-    let intake = Bridge::intake(&cluster, &forwarder.amqp_url(), &queue);
+    let (label, balancer) = match &haproxy {
+        Some(haproxy) => (
+            "intake behind haproxy, connected to the leader's node",
+            haproxy.amqp_url(),
+        ),
+        None => (
+            "intake behind a forwarder (no haproxy), connected to the leader's node",
+            forwarder.amqp_url(),
+        ),
+    };
+    let intake = Bridge::intake(&cluster, &balancer, &queue);
     intake.wait_ready(Duration::from_secs(30)).await;
     let sender = tokio::spawn(send(intake.addr, outcomes.clone(), 0));
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -213,7 +227,7 @@ async fn no_webhook_is_lost_and_refusals_end_within_seconds_of_a_leader_kill() {
         intake.rabbit_log()
     );
     intake.stop();
-    drop(forwarder);
+    drop((forwarder, haproxy));
 
     // 2. An idle intake on the followers, sending from the moment of the kill.
     let leader = block_in_place(|| cluster.await_settled(&queue, Duration::from_secs(60)));
