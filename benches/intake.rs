@@ -39,6 +39,9 @@ use serde_json::Value;
 
 use segment_bridge::amqp::{confirmed, publish_mandatory};
 use segment_bridge::intake::signature::sign;
+use segment_bridge_testkit::jebbit::{self, unix_now};
+use segment_bridge_testkit::launch::free_port;
+use segment_bridge_testkit::stats::{loadavg, median, percentile, proc_stats};
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const SECRET: &str = "bench-shared-secret-0123456789abcdef";
@@ -47,41 +50,35 @@ const SOURCE: &str = "bench";
 type Error = Box<dyn std::error::Error + Send + Sync>;
 type Result<T, E = Error> = std::result::Result<T, E>;
 
-#[derive(Debug, Clone)]
+/// `cargo bench --bench intake -- [options]`: cargo adds `--bench`; without it (`cargo
+/// test`), only the self-check runs.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(about = "Load on the intake: oha against segment-bridge intake and RabbitMQ.")]
 struct Options {
-    rounds: usize,
+    /// Given by `cargo bench`: run the load benchmark, not only the self-check.
+    #[arg(long)]
+    bench: bool,
+    /// Rounds of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
+    rounds: u64,
+    /// Seconds of load a round.
+    #[arg(long, default_value_t = 15, value_parser = at_least_one)]
     secs: u64,
+    /// Requests a second offered.
+    #[arg(long, default_value_t = 1000, value_parser = at_least_one)]
     rate: u64,
+    /// Client connections.
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     connections: u64,
+    /// One round of 5 s.
+    #[arg(long)]
+    quick: bool,
 }
 
-fn options(args: &[String]) -> Result<Options> {
-    let mut o = Options {
-        rounds: 3,
-        secs: 15,
-        rate: 1000,
-        connections: 32,
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| -> Result<u64> {
-            let v = it.next().ok_or_else(|| format!("{name} needs a value"))?;
-            Ok(v.replace('_', "").parse()?)
-        };
-        match arg.as_str() {
-            "--bench" => {}
-            "--rounds" => o.rounds = value("--rounds")?.max(1) as usize,
-            "--secs" => o.secs = value("--secs")?.max(1),
-            "--rate" => o.rate = value("--rate")?.max(1),
-            "--connections" => o.connections = value("--connections")?.max(1),
-            "--quick" => {
-                o.rounds = 1;
-                o.secs = 5;
-            }
-            other => return Err(format!("unknown argument {other:?}").into()),
-        }
-    }
-    Ok(o)
+/// A positive count; `_` may group digits (`10_000`).
+fn at_least_one(v: &str) -> Result<u64, String> {
+    let n: u64 = v.replace('_', "").parse().map_err(|e| format!("{e}"))?;
+    Ok(n.max(1))
 }
 
 /// A realistic Jebbit webhook body: a dozen answers, about 700 bytes.
@@ -112,21 +109,18 @@ fn body() -> String {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--bench") {
+    let mut options = <Options as clap::Parser>::parse();
+    if !options.bench {
         self_check();
         println!(
             "intake: self-check passed; the load benchmark runs with `cargo bench --bench intake` (needs oha and RabbitMQ)."
         );
         return;
     }
-    let options = match options(&args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("intake bench: {e}");
-            std::process::exit(2);
-        }
-    };
+    if options.quick {
+        options.rounds = 1;
+        options.secs = 5;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -232,7 +226,7 @@ async fn parent(o: Options) -> Result<()> {
                 .await;
             let _ = channel.close(200, "OK".into()).await;
             let mut run = measured?;
-            run.round = round;
+            run.round = round as usize;
             run.load_before = load_before;
             run.load_after = load_after;
             // Every 200 is on the queue. Requests that oha abandoned at its deadline may
@@ -269,8 +263,8 @@ async fn parent(o: Options) -> Result<()> {
 
 /// `segment-bridge intake` under oha's load.
 async fn http(kind: Kind, queue: &str, body: &str, o: &Options) -> Result<Run> {
-    let addr = free_port()?;
-    let probes = free_port()?;
+    let addr = free_port();
+    let probes = free_port();
     let mut env: HashMap<String, String> = HashMap::new();
     for (k, v) in [
         ("AMQP__URL", AMQP_URL.to_owned()),
@@ -303,8 +297,8 @@ async fn http(kind: Kind, queue: &str, body: &str, o: &Options) -> Result<Run> {
         .stdout(Stdio::null());
     let intake = Intake(child.spawn()?);
     wait_ready(probes).await?;
-    let cpu_before = cpu_seconds(intake.0.id());
-    let signature = sign(SECRET.as_bytes(), unix_now(), body.as_bytes());
+    let cpu_before = proc_stats(intake.0.id()).map(|p| p.cpu_s);
+    let signature = jebbit::signature(SECRET, body.as_bytes());
     let mut oha = Command::new("oha");
     oha.args(["--no-tui", "--output-format", "json", "-m", "POST"])
         .args(["-z", &format!("{}s", o.secs)])
@@ -317,7 +311,8 @@ async fn http(kind: Kind, queue: &str, body: &str, o: &Options) -> Result<Run> {
     }
     oha.arg(format!("http://{addr}/webhooks/{SOURCE}"));
     let out = tokio::task::spawn_blocking(move || oha.output()).await??;
-    let cpu = cpu_seconds(intake.0.id())
+    let cpu = proc_stats(intake.0.id())
+        .map(|p| p.cpu_s)
         .zip(cpu_before)
         .map(|(a, b)| a - b);
     let confirm_ms = scrape_confirms(probes).await;
@@ -467,8 +462,8 @@ async fn ceiling(queue: &str, body: &str, o: &Options) -> Result<Run> {
         kind: Kind::Ceiling,
         round: 0,
         rate: latencies.len() as f64 / took,
-        p50_ms: percentile(&latencies, 0.50),
-        p99_ms: percentile(&latencies, 0.99),
+        p50_ms: percentile(&latencies, 50.0),
+        p99_ms: percentile(&latencies, 99.0),
         ok: latencies.len() as u64,
         other: 0,
         cpu_ms_per_1000: None,
@@ -568,52 +563,6 @@ async fn wait_ready(probes: SocketAddr) -> Result<()> {
     }
 }
 
-fn free_port() -> Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// What runs without oha or a broker: the pieces the measurements rely on.
 fn self_check() {
     let body = body();
@@ -637,5 +586,5 @@ fn self_check() {
     assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
     let text = "x_bucket{le=\"0.001\"} 10\nx_bucket{le=\"0.005\"} 98\nx_bucket{le=\"0.01\"} 99\nx_bucket{le=\"+Inf\"} 100\n";
     assert_eq!(histogram_quantiles(text, "x"), Some((5.0, 10.0)));
-    assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.5), 3.0);
+    assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 50.0), 3.0);
 }

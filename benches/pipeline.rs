@@ -64,6 +64,7 @@ use segment_bridge::app::WorkerApp;
 use segment_bridge::config::Config;
 use segment_bridge::events::{self, Mapped};
 use segment_bridge::session::Session;
+use segment_bridge_testkit::stats::{ProcStats, broker_pid, median, proc_stats, rank};
 
 mod common;
 
@@ -533,51 +534,6 @@ impl Broker {
 // ---------------------------------------------------------------------------------------
 // Processes
 
-#[derive(Debug, Clone, Copy, Default)]
-struct ProcStats {
-    cpu_s: f64,
-    hwm_kb: u64,
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime+stime (all threads) and VmHWM of a live process.
-fn proc_stats(pid: u32, ticks: f64) -> Option<ProcStats> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Field 14 (utime) and 15 (stime) of stat(5); `after` starts at field 3.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    Some(ProcStats {
-        cpu_s: (utime + stime) / ticks,
-        hwm_kb,
-    })
-}
-
-/// The RabbitMQ node's process, to show how much CPU the broker itself takes.
-fn broker_pid() -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        (comm.trim() == "beam.smp").then_some(pid)
-    })
-}
-
 struct Proc {
     child: Child,
     lines: std::sync::mpsc::Receiver<(Instant, String)>,
@@ -669,7 +625,6 @@ struct Bench {
     sink_addr: SocketAddr,
     env: HashMap<String, String>,
     prefetch: u16,
-    ticks: f64,
     broker_pid: Option<u32>,
     tag: String,
     trace_at: Mutex<Option<Instant>>,
@@ -698,12 +653,12 @@ impl Bench {
 
     fn broker_cpu(&self) -> f64 {
         self.broker_pid
-            .and_then(|p| proc_stats(p, self.ticks))
+            .and_then(proc_stats)
             .map_or(0.0, |s| s.cpu_s)
     }
 
     fn own_cpu(&self) -> f64 {
-        proc_stats(std::process::id(), self.ticks).map_or(0.0, |s| s.cpu_s)
+        proc_stats(std::process::id()).map_or(0.0, |s| s.cpu_s)
     }
 
     async fn fresh_queue(&mut self, name: &str, sessions: &[common::Generated]) -> Result<()> {
@@ -773,7 +728,7 @@ impl Bench {
             self.check_consuming(&queue, &mut consuming).await;
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        let stats = proc_stats(proc.pid(), self.ticks).unwrap_or_default();
+        let stats = proc_stats(proc.pid()).unwrap_or_default();
         let run = self.run(started, consuming, done, n, stats, broker0, own0);
         proc.finish(Duration::from_secs(30)).await?;
         self.broker.delete(&queue).await;
@@ -814,7 +769,7 @@ impl Bench {
                 .into());
             }
         };
-        let stats = proc_stats(proc.pid(), self.ticks).unwrap_or_default();
+        let stats = proc_stats(proc.pid()).unwrap_or_default();
         let run = self.run(started, consuming, done, n, stats, broker0, own0);
         proc.finish(Duration::from_secs(30)).await?;
         let (ready, _) = self.broker.counts(&queue).await?;
@@ -895,7 +850,7 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let cpu0 = proc_stats(proc.pid(), self.ticks).unwrap_or_default().cpu_s;
+        let cpu0 = proc_stats(proc.pid()).unwrap_or_default().cpu_s;
         let rate = self.options.latency_rate;
         let total = rate * self.options.latency_secs;
         let tick = Duration::from_millis(10);
@@ -937,7 +892,7 @@ impl Bench {
         while self.sink.tracks.load(Ordering::SeqCst) < with_email && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let stats = proc_stats(proc.pid(), self.ticks).unwrap_or_default();
+        let stats = proc_stats(proc.pid()).unwrap_or_default();
         self.sink.record_latency.store(false, Ordering::SeqCst);
         proc.finish(Duration::from_secs(30)).await?;
         let got = self.sink.tracks.load(Ordering::SeqCst);
@@ -977,22 +932,9 @@ fn pure_rate() -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
-}
-
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[i] as f64 / 1000.0
+/// The `p`th percentile of sorted µs samples, in ms.
+fn percentile_ms(sorted: &[u64], p: f64) -> f64 {
+    rank(sorted, p).map_or(f64::NAN, |us| *us as f64 / 1000.0)
 }
 
 async fn parent(options: Options) -> Result<()> {
@@ -1039,7 +981,6 @@ async fn parent(options: Options) -> Result<()> {
         sink_addr,
         env,
         prefetch,
-        ticks: clock_ticks(),
         broker_pid: broker_pid(),
         trace_at: Mutex::new(None),
     };
@@ -1067,7 +1008,7 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
                     r.secs,
                     r.startup_s * 1e3,
                     r.stats.cpu_s,
-                    r.stats.hwm_kb as f64 / 1024.0,
+                    r.stats.hwm_kib as f64 / 1024.0,
                     r.broker_cpu_s
                 );
                 ceilings.push(r);
@@ -1080,7 +1021,7 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
                     r.startup_s * 1e3,
                     r.secs99,
                     r.stats.cpu_s,
-                    r.stats.hwm_kb as f64 / 1024.0,
+                    r.stats.hwm_kib as f64 / 1024.0,
                     r.broker_cpu_s,
                     r.sink_cpu_s,
                     bench.sink.requests.load(Ordering::SeqCst),
@@ -1095,9 +1036,9 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
         let (mut samples, cpu, published, _) = bench.latency().await?;
         samples.sort_unstable();
         Some((
-            percentile(&samples, 50.0),
-            percentile(&samples, 99.0),
-            percentile(&samples, 100.0),
+            percentile_ms(&samples, 50.0),
+            percentile_ms(&samples, 99.0),
+            percentile_ms(&samples, 100.0),
             cpu * 1e6 / published as f64,
         ))
     } else {
@@ -1158,7 +1099,7 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
     );
     println!(
         "| worker peak RSS (VmHWM) | {:.1} MB | ≤ 40 MB |",
-        med(&workers, |r| r.stats.hwm_kb as f64) / 1024.0
+        med(&workers, |r| r.stats.hwm_kib as f64) / 1024.0
     );
     println!(
         "| broker CPU during the worker run | {:.2} s | |",
@@ -1172,7 +1113,7 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
         println!(
             "| ceiling consumer CPU / peak RSS | {:.2} s / {:.1} MB | |",
             med(&ceilings, |r| r.stats.cpu_s),
-            med(&ceilings, |r| r.stats.hwm_kb as f64) / 1024.0
+            med(&ceilings, |r| r.stats.hwm_kib as f64) / 1024.0
         );
     }
     if let Some(p) = pure {

@@ -72,6 +72,26 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    // The two messageIds of each session, by each scheme: v2 (the default) hashes the
+    // namespace once per configuration, so it should cost what v1 costs.
+    let sessions: Vec<Session> = bodies.iter().map(|b| Session::parse(b).unwrap()).collect();
+    for (name, ids) in [
+        ("message_ids_v1", events::MessageIds::v1()),
+        ("message_ids_v2", events::MessageIds::default()),
+    ] {
+        let ids = ids.region(segment_bridge::domain::Region::Us);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                for session in &sessions {
+                    let identity = black_box(&*session.identity);
+                    black_box(ids.message_id(identity, events::EventKind::Identify));
+                    let track = events::EventKind::Track(&options.track_event);
+                    black_box(ids.message_id(identity, track));
+                }
+            })
+        });
+    }
+
     // What the worker does per delivery, plus the share of the batch body each session
     // takes: the full pure path.
     let limits = Limits {

@@ -55,11 +55,9 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use segment_bridge::events;
 use segment_bridge::session::Session;
 
-#[path = "../tests/it/broker_lock.rs"]
-mod broker_lock;
-mod common;
+use segment_bridge_testkit::broker::{AMQP_URL, BrokerLock, delete_queues};
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+mod common;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -240,7 +238,7 @@ impl Queues {
 
 impl Drop for Queues {
     fn drop(&mut self) {
-        broker_lock::delete_queues(vec![self.main.clone(), self.dead.clone()]);
+        delete_queues(vec![self.main.clone(), self.dead.clone()]);
     }
 }
 
@@ -248,6 +246,10 @@ impl Drop for Queues {
 // The fake Segment
 
 /// The first 16 hex digits of a messageId's hash, as a number.
+/// The worker's write keys, from which its messageIds derive.
+const US_WRITE_KEY: &str = "soak-us";
+const EU_WRITE_KEY: &str = "soak-eu";
+
 fn id_key(message_id: &str) -> u64 {
     let hex = message_id.rsplit('-').next().unwrap_or_default();
     u64::from_str_radix(&hex[..16.min(hex.len())], 16).unwrap_or(0)
@@ -267,7 +269,8 @@ struct Sink {
     duplicates: AtomicU64,
 }
 
-const TRACK_ID: &str = "\"messageId\":\"sb-track-";
+/// How a Track's messageId starts in a request body (scheme v2, the default).
+const TRACK_ID: &str = "\"messageId\":\"sb2-track-";
 
 async fn receive(State(sink): State<Arc<Sink>>, body: Bytes) -> Response {
     let n = sink.requests.fetch_add(1, Ordering::Relaxed);
@@ -317,6 +320,14 @@ async fn publish(
     published: Arc<AtomicU64>,
 ) -> Result<()> {
     let mut rng = common::Rng::new(0x50a6);
+    // What the worker maps with: the expected ids are the Tracks it sends.
+    let options = events::Options {
+        message_ids: events::MessageIds::v2(
+            &events::write_key_namespace(US_WRITE_KEY),
+            &events::write_key_namespace(EU_WRITE_KEY),
+        ),
+        ..events::Options::default()
+    };
     let mut next = 0u64;
     // Bodies not yet confirmed, oldest first, and those to publish again.
     let mut redo: VecDeque<Vec<u8>> = VecDeque::new();
@@ -356,7 +367,11 @@ async fn publish(
                     if let Ok(session) = Session::parse(g.body.as_bytes())
                         && session.email.is_some()
                     {
-                        let id = events::message_id(&session.identity, "track");
+                        let ids = options
+                            .message_ids
+                            .region(session.region.unwrap_or(options.default_region));
+                        let event = events::track_event(&session, &options);
+                        let id = ids.message_id(&session.identity, events::EventKind::Track(event));
                         expected.lock().unwrap().insert(id_key(&id));
                     }
                     g.body.into_bytes()
@@ -447,9 +462,9 @@ fn spawn_worker(
         ("AMQP__QUEUE", queues.main.clone()),
         ("AMQP__DEAD_LETTER_QUEUE", queues.dead.clone()),
         ("SEGMENT__US__ENDPOINT", sink.to_owned()),
-        ("SEGMENT__US__WRITE_KEY", "soak-us".to_owned()),
+        ("SEGMENT__US__WRITE_KEY", US_WRITE_KEY.to_owned()),
         ("SEGMENT__EU__ENDPOINT", sink.to_owned()),
-        ("SEGMENT__EU__WRITE_KEY", "soak-eu".to_owned()),
+        ("SEGMENT__EU__WRITE_KEY", EU_WRITE_KEY.to_owned()),
         ("SERVER__LISTEN", probes.to_string()),
         ("RETRY__MAX_BACKOFF_MS", "2000".to_owned()),
         ("RETRY__MAX_HOLD_S", "5".to_owned()),
@@ -472,7 +487,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 async fn soak(options: Options) -> Result<bool> {
     eprintln!("soak: waiting for the broker lock (running tests finish first) ...");
-    let _lock = tokio::task::spawn_blocking(broker_lock::BrokerLock::exclusive).await?;
+    let _lock = tokio::task::spawn_blocking(BrokerLock::exclusive).await?;
     let broker = Arc::new(BrokerGuard {
         stopped: AtomicBool::new(false),
     });

@@ -19,9 +19,28 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError};
 use crate::domain::Region;
 use crate::health::{self, Health};
-use crate::intake::{self, IntakeHealth, IntakeProbes, metrics::IntakeMetrics};
-use crate::metrics::Metrics;
+use crate::intake::metrics::{IntakeMetrics, IntakeTotals};
+use crate::intake::{self, IntakeHealth, IntakeProbes};
+use crate::metrics::{Metrics, WorkerTotals};
 use crate::worker::{Worker, WorkerError};
+
+/// The process's exit codes: one per class of failure, so that a script or an init
+/// system can tell "fix what you gave it" from "try again later" (docs/operating.md).
+pub mod exit {
+    /// Done; for `run` and `intake`, stopped by a signal (whether or not the grace
+    /// period was enough).
+    pub const OK: u8 = 0;
+    /// Something failed while running: messages the broker did not confirm, an error
+    /// from the broker after connecting, a program that stopped by itself.
+    pub const FAILED: u8 = 1;
+    /// What the program was given is wrong: the command line, the configuration (an
+    /// invalid value, no write key, no intake source, a port it cannot listen on), or the
+    /// input file of `publish`; `check` when it finds such a problem.
+    pub const USAGE: u8 = 2;
+    /// RabbitMQ cannot be reached, or refused the login (`publish`, `replay-dead`,
+    /// `check`).
+    pub const BROKER: u8 = 3;
+}
 
 /// Why a program could not start or stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +61,16 @@ pub enum AppError {
     Worker(#[from] WorkerError),
     #[error("the program's task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl AppError {
+    /// The process's exit code for this failure (see [`exit`]).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Config(_) | AppError::NoWriteKey | AppError::Listen { .. } => exit::USAGE,
+            AppError::Worker(_) | AppError::Task(_) => exit::FAILED,
+        }
+    }
 }
 
 /// How a program's shutdown ended.
@@ -73,13 +102,47 @@ pub fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// The tokio runtime of the intake: the multi-thread scheduler, one thread per core (or
-/// `TOKIO_WORKER_THREADS`). Its requests are independent of each other and each verifies
-/// an HMAC; they spread over the cores, unlike the worker's one pipeline.
+/// The tokio runtime of the intake: one thread (tokio's current-thread scheduler), like
+/// the worker's.
+///
+/// Measured on the 2-core development machine (docs, Performance, "The intake's runtime"),
+/// current-thread, multi-thread with one worker and multi-thread with two (the former
+/// default here) alternating: current-thread used the least CPU per request at 100 and
+/// at 1,000 requests/s, two threads the most (cross-thread wake-ups for every request at
+/// a low rate), though the margins are within the machine's noise. At saturation a
+/// request costs about 0.035 ms of CPU, so one thread serves several times the broker's
+/// confirm-publish ceiling (about 7,000/s); a pod of 250m–1 CPU has no second core to
+/// give a second thread, and more load is met with more replicas.
+///
+/// `SEGMENT_BRIDGE_INTAKE_THREADS` overrides the flavour: `current` (or `0`) for the
+/// current-thread scheduler, a number N for the multi-thread one with N worker threads.
 pub fn intake_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    intake_runtime_for(
+        std::env::var("SEGMENT_BRIDGE_INTAKE_THREADS")
+            .ok()
+            .as_deref(),
+    )
+}
+
+/// [`intake_runtime`] for a given value of `SEGMENT_BRIDGE_INTAKE_THREADS`.
+fn intake_runtime_for(threads: Option<&str>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads.map(str::trim) {
+        None | Some("" | "current" | "0") => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let n: usize = n.parse().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "SEGMENT_BRIDGE_INTAKE_THREADS must be `current` or a number of threads, not {n:?}"
+                    ),
+                )
+            })?;
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder.enable_all().build()
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
@@ -153,9 +216,17 @@ impl WorkerApp {
             shutdown.clone(),
         ));
         let grace = config.grace_period();
+        if let Some(every) = config.progress_interval() {
+            tokio::spawn(report_worker_progress(
+                metrics.clone(),
+                every,
+                shutdown.clone(),
+            ));
+        }
         // Spawned rather than awaited here, so that it runs as the runtime's own task.
-        let mut worker =
-            tokio::spawn(Worker::new(config, health, metrics, dry_run).run(shutdown.clone()));
+        let mut worker = tokio::spawn(
+            Worker::new(config, health, metrics.clone(), dry_run).run(shutdown.clone()),
+        );
         tokio::select! {
             _ = shutdown.cancelled() => {}
             ended = &mut worker => {
@@ -166,18 +237,43 @@ impl WorkerApp {
             }
         }
         let started = Instant::now();
+        let sent = if dry_run {
+            "written out (dry run)"
+        } else {
+            "sent to Segment"
+        };
         let stopped = match tokio::time::timeout(grace, worker).await {
             Ok(ended) => {
                 ended??;
+                let t = metrics.totals();
                 tracing::info!(
                     took_ms = started.elapsed().as_millis() as u64,
-                    "Shut down: every held delivery was settled."
+                    delivered = t.delivered,
+                    handed_back = t.handed_back,
+                    left_to_broker = t.unsettled(),
+                    released = t.released,
+                    skipped = t.skipped,
+                    dead_lettered = t.dead_lettered,
+                    "Shut down. Since start: {} sessions {sent} and acknowledged, {} handed back to the queue, {} left unacknowledged to the broker, which redelivers them; {} skipped, {} dead-lettered; {} let go with a lost connection and redelivered by the broker.",
+                    t.delivered,
+                    t.handed_back,
+                    t.unsettled(),
+                    t.skipped,
+                    t.dead_lettered,
+                    t.released,
                 );
                 Stopped::Drained
             }
             Err(_) => {
+                let t = metrics.totals();
                 tracing::warn!(
-                    "The grace period ran out; deliveries not yet acknowledged stay with the broker and will be redelivered."
+                    delivered = t.delivered,
+                    handed_back = t.handed_back,
+                    left_to_broker = t.unsettled(),
+                    "The grace period ran out. Since start: {} sessions {sent} and acknowledged, {} handed back to the queue; {} deliveries not acknowledged stay with the broker and will be redelivered.",
+                    t.delivered,
+                    t.handed_back,
+                    t.unsettled(),
                 );
                 Stopped::GraceRanOut
             }
@@ -262,12 +358,19 @@ impl IntakeApp {
             }),
             probes_stop.clone(),
         ));
+        if let Some(every) = config.progress_interval() {
+            tokio::spawn(report_intake_progress(
+                metrics.clone(),
+                every,
+                shutdown.clone(),
+            ));
+        }
         let bound = config.intake.drain_delay() + config.grace_period() + Duration::from_secs(5);
         let mut intake = tokio::spawn(intake::run(
             config,
             webhooks,
             health,
-            metrics,
+            metrics.clone(),
             shutdown.clone(),
         ));
         tokio::select! {
@@ -283,9 +386,14 @@ impl IntakeApp {
         let stopped = match tokio::time::timeout(bound, intake).await {
             Ok(ended) => {
                 ended?;
+                let t = metrics.totals();
                 tracing::info!(
                     took_ms = started.elapsed().as_millis() as u64,
-                    "Intake shut down."
+                    requests = %t.summary(),
+                    messages_queued = t.messages,
+                    "Intake shut down. Since start: {} requests answered; {} messages queued.",
+                    t.requests.iter().sum::<u64>(),
+                    t.messages,
                 );
                 Stopped::Drained
             }
@@ -297,5 +405,116 @@ impl IntakeApp {
         probes_stop.cancel();
         let _ = server.await;
         Ok(stopped)
+    }
+}
+
+/// Every `every` until `shutdown`, reads the totals and, if they changed since the last
+/// line, logs one with `log(now, last)`: nothing while idle.
+async fn report_progress<T: PartialEq>(
+    read: impl Fn() -> T,
+    log: impl Fn(&T, &T),
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut last = read();
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = read();
+        if now != last {
+            log(&now, &last);
+            last = now;
+        }
+    }
+}
+
+/// The worker's progress line: sessions by outcome, events sent per region, retries, and
+/// how many deliveries are held now.
+async fn report_worker_progress(
+    metrics: Arc<Metrics>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let log = |now: &WorkerTotals, last: &WorkerTotals| {
+        let d = now.since(last);
+        tracing::info!(
+            delivered = d.delivered,
+            skipped = d.skipped,
+            dead_lettered = d.dead_lettered,
+            handed_back = d.handed_back,
+            events_us = d.events_sent[Region::Us as usize],
+            events_eu = d.events_sent[Region::Eu as usize],
+            retries = d.retries,
+            held = now.unsettled(),
+            "Progress in the last {} s.",
+            every.as_secs()
+        );
+    };
+    report_progress(|| metrics.totals(), log, every, shutdown).await;
+}
+
+/// The intake's progress line: requests by outcome, and messages queued.
+async fn report_intake_progress(
+    metrics: Arc<IntakeMetrics>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let log = |now: &IntakeTotals, last: &IntakeTotals| {
+        let d = now.since(last);
+        tracing::info!(
+            requests = %d.summary(),
+            messages_queued = d.messages,
+            "Progress in the last {} s.",
+            every.as_secs()
+        );
+    };
+    report_progress(|| metrics.totals(), log, every, shutdown).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_progress_line_comes_only_for_an_interval_in_which_something_changed() {
+        let count = Arc::new(AtomicU64::new(0));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let shutdown = CancellationToken::new();
+        let reporter = tokio::spawn({
+            let (count, lines) = (count.clone(), lines.clone());
+            report_progress(
+                move || count.load(Ordering::Relaxed),
+                move |now: &u64, last: &u64| lines.lock().unwrap().push(now - last),
+                Duration::from_secs(30),
+                shutdown.clone(),
+            )
+        });
+        let second = Duration::from_secs(1);
+        tokio::time::sleep(61 * second).await;
+        assert!(lines.lock().unwrap().is_empty(), "idle: no line");
+        count.fetch_add(5, Ordering::Relaxed);
+        tokio::time::sleep(30 * second).await;
+        count.fetch_add(2, Ordering::Relaxed);
+        tokio::time::sleep(90 * second).await;
+        assert_eq!(*lines.lock().unwrap(), [5, 2], "one line per busy interval");
+        shutdown.cancel();
+        reporter.await.unwrap();
+    }
+
+    #[test]
+    fn intake_threads_choose_the_flavour() {
+        use tokio::runtime::RuntimeFlavor;
+        let flavour = |v: Option<&str>| intake_runtime_for(v).unwrap().handle().runtime_flavor();
+        assert_eq!(flavour(Some("current")), RuntimeFlavor::CurrentThread);
+        assert_eq!(flavour(Some("0")), RuntimeFlavor::CurrentThread);
+        assert_eq!(flavour(None), RuntimeFlavor::CurrentThread);
+        assert_eq!(flavour(Some("2")), RuntimeFlavor::MultiThread);
+        assert!(intake_runtime_for(Some("two")).is_err());
     }
 }

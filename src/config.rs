@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::batch::{ENVELOPE_BYTES, SEGMENT_MAX_BATCH_BYTES, SEGMENT_MAX_BATCH_EVENTS};
 use crate::domain::Region;
-use crate::events::{self, MAX_EVENT_BYTES};
+use crate::events::{self, MAX_EVENT_BYTES, MessageIdScheme};
 
 /// The prefix of environment overrides: `SEGMENT_BRIDGE__AMQP__URL` sets `amqp.url`.
 pub const ENV_PREFIX: &str = "SEGMENT_BRIDGE";
@@ -35,6 +35,8 @@ pub struct Config {
     pub server: Server,
     pub shutdown: Shutdown,
     pub intake: Intake,
+    /// Where the `jebbit` onboarding commands find Jebbit's API.
+    pub jebbit: Jebbit,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +98,16 @@ impl Default for Amqp {
     }
 }
 
+impl Amqp {
+    /// The broker's `host:port`, for messages: never the user or the password.
+    pub fn address(&self) -> String {
+        match self.url.expose_secret().parse::<lapin::uri::AMQPUri>() {
+            Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+            Err(_) => "amqp.url".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Segment {
@@ -115,6 +127,10 @@ pub struct Segment {
     /// How request bodies travel: `none`, or `gzip` (`Content-Encoding: gzip`, as Segment's
     /// own libraries send). `max_batch_bytes` counts the body before compression.
     pub compression: Compression,
+    /// How messageIds are derived: `v2`, unique per Segment source (each region's
+    /// `message_id_namespace`), or `v1`, the earlier derivation (the same ids in every
+    /// source), to keep a deployment's ids across the upgrade. docs/events.md.
+    pub message_id_scheme: MessageIdScheme,
     pub us: Endpoint,
     pub eu: Endpoint,
 }
@@ -132,24 +148,52 @@ impl Default for Segment {
             // Performance). CPU is what sizes this worker's pods, and Segment's HTTP API
             // documentation does not mention compressed requests: off unless chosen.
             compression: Compression::None,
+            message_id_scheme: MessageIdScheme::V2,
             us: Endpoint {
                 endpoint: US_ENDPOINT.into(),
-                write_key: SecretString::default(),
+                ..Endpoint::default()
             },
             eu: Endpoint {
                 endpoint: EU_ENDPOINT.into(),
-                write_key: SecretString::default(),
+                ..Endpoint::default()
             },
         }
     }
 }
 
 /// How request bodies to Segment are encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     None,
     Gzip,
+}
+
+impl<'de> Deserialize<'de> for Compression {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        one_of(
+            d,
+            "compression",
+            &[("none", Compression::None), ("gzip", Compression::Gzip)],
+        )
+    }
+}
+
+/// Reads a string that must be one of `allowed`: an error names them all (serde's own
+/// message for an enum speaks of "variant constructors").
+fn one_of<'de, D: Deserializer<'de>, T: Copy>(
+    d: D,
+    what: &str,
+    allowed: &[(&str, T)],
+) -> Result<T, D::Error> {
+    let s = String::deserialize(d)?;
+    if let Some((_, value)) = allowed.iter().find(|(name, _)| *name == s) {
+        return Ok(*value);
+    }
+    let names: Vec<String> = allowed.iter().map(|(n, _)| format!("{n:?}")).collect();
+    Err(serde::de::Error::custom(format!(
+        "{what} must be one of {}, found {s:?}",
+        names.join(", ")
+    )))
 }
 
 /// Segment's batch endpoints, used when `segment.<region>.endpoint` is not set.
@@ -164,6 +208,10 @@ pub struct Endpoint {
     pub endpoint: String,
     /// The region's source write key; empty means the region receives nothing.
     pub write_key: SecretString,
+    /// What names this region's Segment source in its messageIds (v2): at most 32
+    /// printable ASCII characters, no spaces. Empty: a one-way hash of `write_key`, so
+    /// that two sources never share ids; set it to keep the ids when the key is rotated.
+    pub message_id_namespace: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -223,12 +271,16 @@ impl Default for Mapping {
 pub struct Server {
     /// The side port: `/healthz`, `/readyz`, `/metrics`.
     pub listen: SocketAddr,
+    /// How often `run` and `intake` log a progress line while work flows (none while
+    /// idle); 0: never.
+    pub progress_interval_s: u64,
 }
 
 impl Default for Server {
     fn default() -> Self {
         Server {
             listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
+            progress_interval_s: 30,
         }
     }
 }
@@ -321,6 +373,37 @@ impl Intake {
     }
 }
 
+/// `[jebbit]`: Jebbit's Integrations API, for the `jebbit` onboarding commands. The client
+/// id and secret (or a ready token) come from the environment only: `JEBBIT_CLIENT_ID`,
+/// `JEBBIT_CLIENT_SECRET`, `JEBBIT_TOKEN`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Jebbit {
+    /// The API's base URL: production `https://api2.jebbit.com`, staging
+    /// `https://api.jebbx.com`.
+    pub api_url: String,
+    /// The identity provider that issues tokens (`POST {auth_url}/oauth/token`).
+    pub auth_url: String,
+    /// Sent as `x-jebbit-business` on every call when set: needed by a token that covers
+    /// several businesses. Empty: not sent.
+    pub business_id: String,
+}
+
+/// Jebbit's production API.
+pub const JEBBIT_API_URL: &str = "https://api2.jebbit.com";
+/// Jebbit's identity provider.
+pub const JEBBIT_AUTH_URL: &str = "https://auth.jebbit.com";
+
+impl Default for Jebbit {
+    fn default() -> Self {
+        Jebbit {
+            api_url: JEBBIT_API_URL.to_owned(),
+            auth_url: JEBBIT_AUTH_URL.to_owned(),
+            business_id: String::new(),
+        }
+    }
+}
+
 /// The largest message RabbitMQ 4 takes by default (`max_message_size`, 16 MiB).
 pub const RABBITMQ_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -346,11 +429,23 @@ pub struct Source {
     pub forward_tests: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceKind {
     Jebbit,
     Joturl,
+}
+
+impl<'de> Deserialize<'de> for SourceKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        one_of(
+            d,
+            "kind",
+            &[
+                ("jebbit", SourceKind::Jebbit),
+                ("joturl", SourceKind::Joturl),
+            ],
+        )
+    }
 }
 
 impl SourceKind {
@@ -381,6 +476,32 @@ pub enum ConfigError {
     Invalid { key: &'static str, problem: String },
     #[error("invalid configuration: intake source `{name}`: {problem}")]
     Source { name: String, problem: String },
+    /// A secret (write key, source secret, the AMQP URL) that cannot be what was meant.
+    /// Names the key, never the value.
+    #[error("invalid configuration: {key} {problem}; remove it")]
+    Secret { key: String, problem: &'static str },
+}
+
+/// Refuses a secret with white space at its ends or a control character: never what a
+/// sender or Segment expects, and almost always a copy-and-paste or `echo … > file`
+/// mistake that would otherwise be sent as part of the key. Empty is left to the caller.
+fn check_secret(key: impl FnOnce() -> String, value: &SecretString) -> Result<(), ConfigError> {
+    let value = value.expose_secret();
+    let problem = if value.is_empty() {
+        return Ok(());
+    } else if value.trim().is_empty() {
+        "is only white space (an empty value means none)"
+    } else if value.trim() != value {
+        "has white space at its start or end (a trailing newline from `echo … > file`?)"
+    } else if value.chars().any(char::is_control) {
+        "contains a control character"
+    } else {
+        return Ok(());
+    };
+    Err(ConfigError::Secret {
+        key: key(),
+        problem,
+    })
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -406,6 +527,19 @@ impl Config {
                 .format(config::FileFormat::Toml)
                 .required(false),
         };
+        let names: Vec<String> = match &env {
+            Some(env) => env.keys().cloned().collect(),
+            None => std::env::vars_os()
+                .filter_map(|(k, _)| k.into_string().ok())
+                .collect(),
+        };
+        for name in names.iter().filter(|n| looks_like_a_misspelt_override(n)) {
+            // The name only: the value may be a secret.
+            tracing::warn!(
+                variable = %name,
+                "This environment variable is not read: overrides start with {ENV_PREFIX}__ (two underscores) and separate keys with __, e.g. {ENV_PREFIX}__SEGMENT__US__WRITE_KEY."
+            );
+        }
         let mut config: Config = config::Config::builder()
             .add_source(file)
             .add_source(
@@ -431,6 +565,20 @@ impl Config {
 
     /// Checks every value that serde's types do not already guarantee.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        check_secret(|| "amqp.url".into(), &self.amqp.url)?;
+        for region in Region::ALL {
+            check_secret(
+                || format!("segment.{region}.write_key"),
+                &self.endpoint(region).write_key,
+            )?;
+        }
+        for (name, source) in &self.intake.sources {
+            check_secret(|| format!("intake.sources.{name}.secret"), &source.secret)?;
+            check_secret(
+                || format!("intake.sources.{name}.previous_secret"),
+                &source.previous_secret,
+            )?;
+        }
         for (i, url) in self.amqp.urls().iter().enumerate() {
             let url = url.expose_secret();
             let scheme_ok = url.starts_with("amqp://") || url.starts_with("amqps://");
@@ -539,6 +687,7 @@ impl Config {
         if self.shutdown.grace_period_s == 0 {
             return Err(invalid("shutdown.grace_period_s", "must be at least 1"));
         }
+        self.validate_message_ids()?;
         self.validate_intake()
     }
 
@@ -652,6 +801,7 @@ impl Config {
             track_event: self.mapping.track_event.clone(),
             lead_event: self.mapping.lead_event.clone(),
             default_region: self.segment.default_region,
+            message_ids: self.message_ids(),
         }
     }
 
@@ -669,6 +819,12 @@ impl Config {
 
     pub fn max_retry_after(&self) -> Duration {
         Duration::from_secs(self.retry.max_retry_after_s)
+    }
+
+    /// `None`: no progress lines.
+    pub fn progress_interval(&self) -> Option<Duration> {
+        let s = self.server.progress_interval_s;
+        (s > 0).then(|| Duration::from_secs(s))
     }
 
     pub fn grace_period(&self) -> Duration {
@@ -697,6 +853,91 @@ impl Config {
             max_bytes: self.segment.max_batch_bytes,
         }
     }
+}
+
+/// messageIds: each region's namespace (docs/events.md).
+impl Config {
+    fn validate_message_ids(&self) -> Result<(), ConfigError> {
+        for (key, namespace) in [
+            (
+                "segment.us.message_id_namespace",
+                &self.segment.us.message_id_namespace,
+            ),
+            (
+                "segment.eu.message_id_namespace",
+                &self.segment.eu.message_id_namespace,
+            ),
+        ] {
+            let printable = namespace.bytes().all(|b| b.is_ascii_graphic());
+            if namespace.len() > events::NAMESPACE_MAX_LEN || !printable {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "= {namespace:?} must be at most {} printable ASCII characters without spaces (empty: derived from the write key)",
+                        events::NAMESPACE_MAX_LEN
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The region's messageId namespace: `segment.<region>.message_id_namespace`, or a
+    /// one-way hash of its write key (never the key).
+    pub fn message_id_namespace(&self, region: Region) -> String {
+        let endpoint = self.endpoint(region);
+        if endpoint.message_id_namespace.is_empty() {
+            events::write_key_namespace(endpoint.write_key.expose_secret())
+        } else {
+            endpoint.message_id_namespace.clone()
+        }
+    }
+
+    /// How each region's messageIds are derived, for [`events::Options`].
+    pub fn message_ids(&self) -> events::MessageIds {
+        match self.segment.message_id_scheme {
+            MessageIdScheme::V1 => events::MessageIds::v1(),
+            MessageIdScheme::V2 => events::MessageIds::v2(
+                &self.message_id_namespace(Region::Us),
+                &self.message_id_namespace(Region::Eu),
+            ),
+        }
+    }
+}
+
+/// Whether an environment variable looks meant as an override but is not read as one:
+/// it starts with `SEGMENT_BRIDGE_` and one `_` short of the prefix, and goes on like a
+/// key (a section's name, or `__` between keys). Other `SEGMENT_BRIDGE_…` variables are
+/// left alone: `SEGMENT_BRIDGE_LOG_FORMAT`, test switches, and the `…_SERVICE_HOST` /
+/// `…_PORT…` variables Kubernetes sets for a Service named `segment-bridge`.
+pub fn looks_like_a_misspelt_override(name: &str) -> bool {
+    const SECTIONS: [&str; 7] = [
+        "AMQP", "SEGMENT", "RETRY", "MAPPING", "SERVER", "SHUTDOWN", "INTAKE",
+    ];
+    let upper = name.to_ascii_uppercase();
+    let Some(rest) = upper.strip_prefix(ENV_PREFIX) else {
+        return false;
+    };
+    if rest.starts_with("__") || !rest.starts_with('_') {
+        return false;
+    }
+    let rest = rest.trim_start_matches('_');
+    let kubernetes = rest.contains("SERVICE_HOST")
+        || rest.contains("SERVICE_PORT")
+        || rest == "PORT"
+        || rest.ends_with("_PORT")
+        || rest.contains("PORT_")
+            && rest
+                .split("PORT_")
+                .nth(1)
+                .is_some_and(|p| p.starts_with(|c: char| c.is_ascii_digit()));
+    if kubernetes {
+        return false;
+    }
+    rest.contains("__")
+        || SECTIONS
+            .iter()
+            .any(|s| rest.strip_prefix(s).is_some_and(|r| r.starts_with('_')))
 }
 
 fn region<'de, D: Deserializer<'de>>(d: D) -> Result<Region, D::Error> {
@@ -1033,7 +1274,7 @@ mod tests {
 
     #[test]
     fn an_intake_source_without_a_secret_is_refused_naming_it_but_run_does_not_care() {
-        let f = file("[intake.sources.jebbit_eu]\nkind = \"jebbit\"\nsecret = \"  \"\n");
+        let f = file("[intake.sources.jebbit_eu]\nkind = \"jebbit\"\nsecret = \"\"\n");
         let c = Config::load(Some(f.path()), env(&[])).unwrap();
         let err = c.check_intake_sources().unwrap_err().to_string();
         assert!(err.contains("jebbit_eu"), "{err}");
@@ -1123,6 +1364,47 @@ mod tests {
     }
 
     #[test]
+    fn message_id_namespaces_and_the_scheme_are_checked_naming_the_key() {
+        for (key, value, named) in [
+            (
+                "SEGMENT_BRIDGE__SEGMENT__EU__MESSAGE_ID_NAMESPACE",
+                "prod eu",
+                "segment.eu.message_id_namespace",
+            ),
+            (
+                "SEGMENT_BRIDGE__SEGMENT__US__MESSAGE_ID_NAMESPACE",
+                &"x".repeat(33),
+                "segment.us.message_id_namespace",
+            ),
+            (
+                "SEGMENT_BRIDGE__SEGMENT__US__MESSAGE_ID_NAMESPACE",
+                "pröd",
+                "segment.us.message_id_namespace",
+            ),
+            ("SEGMENT_BRIDGE__SEGMENT__MESSAGE_ID_SCHEME", "v3", "v3"),
+        ] {
+            let err = Config::load(None, env(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{key}={value}: {err}");
+        }
+        let c = Config::load(
+            None,
+            env(&[
+                (
+                    "SEGMENT_BRIDGE__SEGMENT__US__MESSAGE_ID_NAMESPACE",
+                    &"x".repeat(32),
+                ),
+                ("SEGMENT_BRIDGE__SEGMENT__EU__WRITE_KEY", "eu-key-Jz8rQ2vX"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.message_id_namespace(Region::Us), "x".repeat(32));
+        assert_eq!(c.message_id_namespace(Region::Eu), "639beb88a28f816a");
+        assert_eq!(c.segment.message_id_scheme, MessageIdScheme::V2);
+    }
+
+    #[test]
     fn intake_secrets_never_show_in_debug_output() {
         let c = Config::load(
             None,
@@ -1138,5 +1420,125 @@ mod tests {
         .unwrap();
         let debug = format!("{c:?}");
         assert!(!debug.contains("sekrit"), "{debug}");
+    }
+
+    #[test]
+    fn secrets_with_white_space_or_control_characters_are_refused_naming_the_key_not_the_value() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "SEGMENT_BRIDGE__SEGMENT__US__WRITE_KEY",
+                "wk-sekrit\n",
+                "segment.us.write_key has white space at its start or end",
+            ),
+            (
+                "SEGMENT_BRIDGE__SEGMENT__EU__WRITE_KEY",
+                " wk-sekrit",
+                "segment.eu.write_key has white space",
+            ),
+            (
+                "SEGMENT_BRIDGE__SEGMENT__US__WRITE_KEY",
+                "   ",
+                "segment.us.write_key is only white space",
+            ),
+            (
+                "SEGMENT_BRIDGE__SEGMENT__US__WRITE_KEY",
+                "wk\x1bsekrit",
+                "segment.us.write_key contains a control character",
+            ),
+            (
+                "SEGMENT_BRIDGE__INTAKE__SOURCES__J__SECRET",
+                "hmac-sekrit\r\n",
+                "intake.sources.j.secret has white space",
+            ),
+            (
+                "SEGMENT_BRIDGE__INTAKE__SOURCES__J__PREVIOUS_SECRET",
+                "\thmac-sekrit",
+                "intake.sources.j.previous_secret has white space",
+            ),
+            (
+                "SEGMENT_BRIDGE__AMQP__URL",
+                "amqp://u:sekrit@h:5672/%2f\n",
+                "amqp.url has white space",
+            ),
+        ];
+        for (key, value, want) in cases {
+            let err = Config::load(
+                None,
+                env(&[
+                    ("SEGMENT_BRIDGE__INTAKE__SOURCES__J__KIND", "jebbit"),
+                    (key, value),
+                ]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(want), "{key}={value:?}: {err}");
+            assert!(err.contains("remove it"), "{err}");
+            assert!(!err.contains("sekrit"), "the value is never shown: {err}");
+        }
+        // Inner spaces are a key's own business.
+        let c = Config::load(
+            None,
+            env(&[("SEGMENT_BRIDGE__SEGMENT__US__WRITE_KEY", "a b")]),
+        )
+        .unwrap();
+        assert!(c.has_write_key(Region::Us));
+    }
+
+    #[test]
+    fn a_bad_enum_value_names_the_allowed_values() {
+        let err = Config::load(
+            None,
+            env(&[("SEGMENT_BRIDGE__SEGMENT__COMPRESSION", "zstd")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(r#"compression must be one of "none", "gzip", found "zstd""#),
+            "{err}"
+        );
+        assert!(!err.contains("variant"), "{err}");
+        let f = file("[intake.sources.a]\nkind = \"x\"\n");
+        let err = Config::load(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(r#"kind must be one of "jebbit", "joturl", found "x""#),
+            "{err}"
+        );
+        let c = Config::load(
+            None,
+            env(&[("SEGMENT_BRIDGE__SEGMENT__COMPRESSION", "gzip")]),
+        )
+        .unwrap();
+        assert_eq!(c.segment.compression, Compression::Gzip);
+    }
+
+    #[test]
+    fn variables_one_underscore_short_of_an_override_are_noticed_and_others_left_alone() {
+        for name in [
+            "SEGMENT_BRIDGE_SEGMENT__US__WRITE_KEY",
+            "SEGMENT_BRIDGE_AMQP__URL",
+            "SEGMENT_BRIDGE_AMQP_URL",
+            "SEGMENT_BRIDGE_INTAKE__SOURCES__J__SECRET",
+            "segment_bridge_retry__max_hold_s",
+        ] {
+            assert!(looks_like_a_misspelt_override(name), "{name}");
+        }
+        for name in [
+            "SEGMENT_BRIDGE__SEGMENT__US__WRITE_KEY",
+            "SEGMENT_BRIDGE_LOG_FORMAT",
+            "SEGMENT_BRIDGE_BIN",
+            "SEGMENT_BRIDGE_TEST_CLUSTER",
+            "SEGMENT_BRIDGE_SERVICE_HOST",
+            "SEGMENT_BRIDGE_SERVICE_PORT_METRICS",
+            "SEGMENT_BRIDGE_PORT",
+            "SEGMENT_BRIDGE_PORT_9464_TCP_ADDR",
+            "SEGMENT_BRIDGE_INTAKE_SERVICE_HOST",
+            "SEGMENT_BRIDGE_INTAKE_PORT_8080_TCP",
+            "SEGMENT_BRIDGEX",
+            "PATH",
+        ] {
+            assert!(!looks_like_a_misspelt_override(name), "{name}");
+        }
     }
 }

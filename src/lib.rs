@@ -31,6 +31,8 @@
 //! - [`health`], [`metrics`]: the side port (`/healthz`, `/readyz`, `/metrics`) and the
 //!   worker's metrics.
 //! - [`tools`]: the operator commands `preview`, `publish`, `replay-dead` and `check`.
+//! - [`onboard`]: the onboarding commands `jebbit …` and `joturl token`: Jebbit's
+//!   Integrations API, JotUrl URL tokens, handing a source's secret to the intake.
 #![forbid(unsafe_code)]
 
 pub mod amqp;
@@ -43,6 +45,7 @@ pub mod events;
 pub mod health;
 pub mod intake;
 pub mod metrics;
+pub mod onboard;
 pub mod segment;
 pub mod session;
 pub mod tools;

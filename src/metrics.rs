@@ -5,6 +5,7 @@
 //! used per session are registered once; those whose labels vary (status codes, reasons)
 //! are registered when used, which happens at most once per request.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
@@ -83,6 +84,69 @@ const HELP: &[(&str, &str)] = &[
     ),
 ];
 
+/// Running totals since start, for the progress and shutdown log lines: a Prometheus
+/// counter cannot be read back. One relaxed atomic add per event, beside the counter's.
+#[derive(Default)]
+struct Totals {
+    received: AtomicU64,
+    delivered: AtomicU64,
+    skipped: AtomicU64,
+    dead_lettered: AtomicU64,
+    handed_back: AtomicU64,
+    released: AtomicU64,
+    retries: AtomicU64,
+    events_sent: [AtomicU64; 2],
+}
+
+/// What the worker has done since it started (see [`Metrics::totals`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerTotals {
+    /// Deliveries received from the broker.
+    pub received: u64,
+    /// Sessions Segment took (or, in a dry run, written out).
+    pub delivered: u64,
+    /// Sessions skipped (no email, no opt-in, not a lead): acknowledged, nothing sent.
+    pub skipped: u64,
+    pub dead_lettered: u64,
+    /// Deliveries handed back to the queue for a later attempt.
+    pub handed_back: u64,
+    /// Deliveries let go unsettled with a lost connection or channel: the broker took
+    /// them back and redelivers them (counted again in `received` when it does).
+    pub released: u64,
+    /// Requests to Segment retried.
+    pub retries: u64,
+    /// Events Segment took, by region ([`Region`] as index).
+    pub events_sent: [u64; 2],
+}
+
+impl WorkerTotals {
+    /// Deliveries received and not (yet) settled by this worker, nor let go with a lost
+    /// connection: held now. At exit: what is left unacknowledged to the broker.
+    pub fn unsettled(&self) -> u64 {
+        self.received.saturating_sub(
+            self.delivered + self.skipped + self.dead_lettered + self.handed_back + self.released,
+        )
+    }
+
+    /// What happened between `earlier` and `self`; `received` stays the running total's
+    /// difference too.
+    pub fn since(&self, earlier: &WorkerTotals) -> WorkerTotals {
+        WorkerTotals {
+            received: self.received - earlier.received,
+            delivered: self.delivered - earlier.delivered,
+            skipped: self.skipped - earlier.skipped,
+            dead_lettered: self.dead_lettered - earlier.dead_lettered,
+            handed_back: self.handed_back - earlier.handed_back,
+            released: self.released - earlier.released,
+            retries: self.retries - earlier.retries,
+            events_sent: [
+                self.events_sent[0] - earlier.events_sent[0],
+                self.events_sent[1] - earlier.events_sent[1],
+            ],
+        }
+    }
+}
+
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
@@ -102,6 +166,7 @@ pub struct Metrics {
     amqp_connects: Counter,
     channel_replacements: Counter,
     high_delivery_count: Counter,
+    totals: Totals,
 }
 
 impl Metrics {
@@ -142,6 +207,7 @@ impl Metrics {
             amqp_connects: counter(AMQP_CONNECTS, &[]),
             channel_replacements: counter(AMQP_CHANNEL_REPLACEMENTS, &[]),
             high_delivery_count: counter(HIGH_DELIVERY_COUNT, &[]),
+            totals: Totals::default(),
             handle,
             recorder,
         };
@@ -157,21 +223,41 @@ impl Metrics {
         self.handle.render()
     }
 
+    /// What the worker has done since it started.
+    pub fn totals(&self) -> WorkerTotals {
+        let t = &self.totals;
+        WorkerTotals {
+            received: t.received.load(Relaxed),
+            delivered: t.delivered.load(Relaxed),
+            skipped: t.skipped.load(Relaxed),
+            dead_lettered: t.dead_lettered.load(Relaxed),
+            handed_back: t.handed_back.load(Relaxed),
+            released: t.released.load(Relaxed),
+            retries: t.retries.load(Relaxed),
+            events_sent: [
+                t.events_sent[0].load(Relaxed),
+                t.events_sent[1].load(Relaxed),
+            ],
+        }
+    }
+
     pub fn delivery_received(&self) {
         self.deliveries.increment(1);
+        self.totals.received.fetch_add(1, Relaxed);
     }
 
     /// A session finished with `outcome` (see [`SESSIONS`]).
     pub fn sessions(&self, outcome: &str, n: u64) {
-        match outcome {
-            "delivered" => &self.delivered,
-            "skipped_no_email" => &self.skipped_no_email,
-            "skipped_no_opt_in" => &self.skipped_no_opt_in,
-            "skipped_not_a_lead" => &self.skipped_not_a_lead,
-            "dead_lettered" => &self.dead_lettered,
+        let (counter, total) = match outcome {
+            "delivered" => (&self.delivered, &self.totals.delivered),
+            "skipped_no_email" => (&self.skipped_no_email, &self.totals.skipped),
+            "skipped_no_opt_in" => (&self.skipped_no_opt_in, &self.totals.skipped),
+            "skipped_not_a_lead" => (&self.skipped_not_a_lead, &self.totals.skipped),
+            "dead_lettered" => (&self.dead_lettered, &self.totals.dead_lettered),
             other => unreachable!("unknown session outcome {other}"),
-        }
-        .increment(n);
+        };
+        counter.increment(n);
+        total.fetch_add(n, Relaxed);
     }
 
     pub fn dead_lettered(&self, reason: &'static str) {
@@ -182,6 +268,13 @@ impl Metrics {
 
     pub fn requeued(&self, cause: &'static str, n: u64) {
         self.counter(REQUEUED, &[("cause", cause)]).increment(n);
+        self.totals.handed_back.fetch_add(n, Relaxed);
+    }
+
+    /// Deliveries let go unsettled because their connection or channel was lost: the
+    /// broker has them again. Only for the progress and shutdown lines.
+    pub fn released(&self, n: u64) {
+        self.totals.released.fetch_add(n, Relaxed);
     }
 
     /// A hand-back fell back to `nack(requeue)`.
@@ -196,6 +289,7 @@ impl Metrics {
 
     pub fn events_sent(&self, region: Region, n: u64) {
         self.events_sent[region as usize].increment(n);
+        self.totals.events_sent[region as usize].fetch_add(n, Relaxed);
     }
 
     /// One finished request: its status (a code, `transport` or `timeout`) and duration.
@@ -219,6 +313,7 @@ impl Metrics {
     pub fn retry(&self, region: Region, cause: &'static str) {
         self.counter(RETRIES, &[("region", region.as_str()), ("cause", cause)])
             .increment(1);
+        self.totals.retries.fetch_add(1, Relaxed);
     }
 
     pub fn in_flight(&self, delta: f64) {
@@ -294,6 +389,48 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn totals_count_what_the_counters_count_and_tell_what_is_unsettled() {
+        let m = Metrics::new();
+        for _ in 0..7 {
+            m.delivery_received();
+        }
+        m.sessions("delivered", 3);
+        m.sessions("skipped_no_email", 1);
+        m.sessions("skipped_not_a_lead", 1);
+        m.dead_lettered("invalid_email");
+        m.requeued("shutdown", 1);
+        m.retry(Region::Us, "transport");
+        m.events_sent(Region::Eu, 6);
+        let before = m.totals();
+        assert_eq!(
+            before,
+            WorkerTotals {
+                received: 7,
+                delivered: 3,
+                skipped: 2,
+                dead_lettered: 1,
+                handed_back: 1,
+                released: 0,
+                retries: 1,
+                events_sent: [0, 6],
+            }
+        );
+        assert_eq!(before.unsettled(), 0);
+        m.delivery_received();
+        m.events_sent(Region::Us, 2);
+        let delta = m.totals().since(&before);
+        assert_eq!(delta.received, 1);
+        assert_eq!(delta.events_sent, [2, 0]);
+        assert_eq!(m.totals().unsettled(), 1, "received, not yet settled");
+        m.released(1);
+        assert_eq!(
+            m.totals().unsettled(),
+            0,
+            "let go with a lost connection: the broker's again, not held"
+        );
     }
 
     #[test]

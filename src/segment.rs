@@ -12,6 +12,7 @@ use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::Compression;
+use crate::domain::Region;
 
 /// What an attempt to post a batch came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,13 +103,34 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// Where the worker posts a region's batches: one body in, its classified answer out.
+/// [`Sink`] is the program's; the worker's tests script their own.
+pub trait Post: Send + Sync + 'static {
+    fn post(&self, body: Vec<u8>) -> impl Future<Output = Response> + Send;
+}
+
 /// Where a region's batches go.
 pub enum Sink {
     /// Segment's HTTP API, or a server standing in for it.
     Http(HttpSink),
-    /// `run --dry-run`: each body is written as one line to standard output. Both regions
-    /// share the lock, so that their lines never interleave.
-    DryRun(Arc<Mutex<std::io::Stdout>>),
+    /// `run --dry-run`: each body is written as one line to standard output, with the
+    /// region it is for added as `"region"`. Both regions share the lock, so that their
+    /// lines never interleave.
+    DryRun {
+        out: Arc<Mutex<std::io::Stdout>>,
+        region: Region,
+    },
+}
+
+/// A dry-run line: the body `{"batch":[…],"sentAt":…}` with `,"region":"us"` added
+/// before its closing brace, and a newline.
+pub fn dry_run_line(mut body: Vec<u8>, region: Region) -> Vec<u8> {
+    debug_assert_eq!(body.last(), Some(&b'}'));
+    body.pop();
+    body.extend_from_slice(b",\"region\":\"");
+    body.extend_from_slice(region.as_str().as_bytes());
+    body.extend_from_slice(b"\"}\n");
+    body
 }
 
 pub struct HttpSink {
@@ -177,19 +199,37 @@ pub struct Response {
     /// The HTTP status code, or `transport` / `timeout` when there was none.
     pub status: String,
     pub outcome: Outcome,
+    /// Why there was no answer (`transport` / `timeout`): the error and its causes, e.g.
+    /// "…: invalid peer certificate: UnknownIssuer".
+    pub error: Option<String>,
+}
+
+/// An error and its sources, joined by ": ", each said once: reqwest's own message says
+/// only "error sending request"; the cause that matters (a refused connection, a
+/// certificate the TLS library rejected) is further down the chain, and some layers
+/// repeat the message of the one below.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
 }
 
 impl Sink {
     /// Posts one body and classifies the answer.
     pub async fn send(&self, body: Vec<u8>) -> Response {
         match self {
-            Sink::DryRun(stdout) => {
+            Sink::DryRun { out, region } => {
                 // A blocking write (a paused pipe would stall it) off the runtime's thread.
-                let stdout = stdout.clone();
+                let (stdout, line) = (out.clone(), dry_run_line(body, *region));
                 let written = tokio::task::spawn_blocking(move || {
                     let mut out = stdout.lock().unwrap_or_else(|e| e.into_inner());
-                    let mut line = body;
-                    line.push(b'\n');
                     out.write_all(&line).and_then(|()| out.flush())
                 })
                 .await;
@@ -203,10 +243,17 @@ impl Sink {
                 Response {
                     status: "dry_run".into(),
                     outcome,
+                    error: None,
                 }
             }
             Sink::Http(http) => http.send(body).await,
         }
+    }
+}
+
+impl Post for Sink {
+    fn post(&self, body: Vec<u8>) -> impl Future<Output = Response> + Send {
+        self.send(body)
     }
 }
 
@@ -232,7 +279,6 @@ impl HttpSink {
         let response = match sent {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!(error = %e, "Request to Segment failed.");
                 let problem = certificate_problem(&e);
                 let cause = if e.is_timeout() {
                     RetryCause::Timeout
@@ -251,6 +297,7 @@ impl HttpSink {
                 return Response {
                     status: cause.as_str().into(),
                     outcome: Outcome::Retry { after: None, cause },
+                    error: Some(error_chain(&e)),
                 };
             }
         };
@@ -267,6 +314,7 @@ impl HttpSink {
         };
         Response {
             status: status.to_string(),
+            error: None,
             outcome: classify(
                 status,
                 retry_after.as_ref(),
@@ -455,6 +503,49 @@ mod tests {
             .read_to_end(&mut out)
             .unwrap();
         assert_eq!(out, body);
+    }
+
+    #[test]
+    fn a_dry_run_line_is_the_body_with_its_region_and_a_newline() {
+        let body = br#"{"batch":[{"type":"track"}],"sentAt":"2021-03-12T00:00:00.000Z"}"#;
+        let line = dry_run_line(body.to_vec(), Region::Eu);
+        assert_eq!(
+            line,
+            b"{\"batch\":[{\"type\":\"track\"}],\"sentAt\":\"2021-03-12T00:00:00.000Z\",\"region\":\"eu\"}\n"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["region"], "eu");
+    }
+
+    #[test]
+    fn a_transport_error_is_told_with_its_causes_each_once() {
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<Box<Layer>>);
+        impl std::fmt::Display for Layer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Layer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|l| l as _)
+            }
+        }
+        let tls = Layer("invalid peer certificate: UnknownIssuer", None);
+        // A layer that repeats its cause's text, as some do.
+        let io = Layer(
+            "invalid peer certificate: UnknownIssuer",
+            Some(Box::new(tls)),
+        );
+        let connect = Layer("client error (Connect)", Some(Box::new(io)));
+        let top = Layer(
+            "error sending request for url (https://x/v1/batch)",
+            Some(Box::new(connect)),
+        );
+        assert_eq!(
+            error_chain(&top),
+            "error sending request for url (https://x/v1/batch): client error (Connect): invalid peer certificate: UnknownIssuer"
+        );
     }
 
     #[test]

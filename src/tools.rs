@@ -29,6 +29,12 @@ use crate::session::{Session, peek_session_id};
 /// Publishes with at most this many confirmations outstanding.
 const PUBLISH_WINDOW: usize = 1024;
 
+/// How long a command waits for the broker to answer before it calls it unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a command failed. Each message names the broker by `host:port` (never the
+/// password) and says its cause once: none has a `source`, so that a chain printed in
+/// full does not repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
     #[error("cannot read {path}: {source}")]
@@ -36,23 +42,170 @@ pub enum ToolError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "{path} line {line} is not a JSON object ({problem}){more}; nothing was published. Fix the file (one session per line), or pass --allow-invalid to publish such lines as they are."
+    )]
+    InvalidLine {
+        path: String,
+        line: u64,
+        problem: String,
+        more: String,
+    },
+    #[error(
+        "cannot reach RabbitMQ at {addr} ({detail}); is it running, and are the host and port in amqp.url right?"
+    )]
+    Unreachable { addr: String, detail: String },
+    #[error(
+        "RabbitMQ at {addr} refused the login ({detail}); check the user, password and vhost in amqp.url"
+    )]
+    LoginRefused { addr: String, detail: String },
+    #[error("RabbitMQ at {addr}: {detail}")]
+    Broker { addr: String, detail: String },
+    /// A broker error not yet told where: [`ToolError::at`] makes it a `Broker` error.
     #[error("RabbitMQ: {0}")]
-    Amqp(#[from] lapin::Error),
+    Amqp(String),
     #[error("{failed} of {total} messages were not confirmed by the broker (first error: {first})")]
     Unconfirmed {
         failed: u64,
         total: u64,
         first: String,
     },
+    /// `check` found problems; `exit_code` is the class of the worst.
+    #[error("{problems}")]
+    Check { problems: String, exit_code: u8 },
     #[error("{0}")]
-    Check(String),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
+    Io(String),
+}
+
+impl From<lapin::Error> for ToolError {
+    fn from(e: lapin::Error) -> Self {
+        ToolError::Amqp(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for ToolError {
+    fn from(e: std::io::Error) -> Self {
+        ToolError::Io(e.to_string())
+    }
+}
+
+impl ToolError {
+    /// The process's exit code for this failure (see [`crate::app::exit`]).
+    pub fn exit_code(&self) -> u8 {
+        use crate::app::exit;
+        match self {
+            ToolError::Read { .. } | ToolError::InvalidLine { .. } => exit::USAGE,
+            ToolError::Unreachable { .. } | ToolError::LoginRefused { .. } => exit::BROKER,
+            ToolError::Check { exit_code, .. } => *exit_code,
+            ToolError::Broker { .. }
+            | ToolError::Amqp(_)
+            | ToolError::Unconfirmed { .. }
+            | ToolError::Io(_) => exit::FAILED,
+        }
+    }
+
+    /// Names the broker in an error that came from it.
+    fn at(self, amqp: &crate::config::Amqp) -> ToolError {
+        match self {
+            ToolError::Amqp(detail) => ToolError::Broker {
+                addr: amqp.address(),
+                detail,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Connects within [`CONNECT_TIMEOUT`], telling a refused login from a broker that cannot
+/// be reached.
+async fn connect(amqp: &crate::config::Amqp) -> Result<lapin::Connection, ToolError> {
+    let addr = amqp.address();
+    match tokio::time::timeout(CONNECT_TIMEOUT, amqp::connect(amqp)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) if login_refused(&e) => Err(ToolError::LoginRefused {
+            addr,
+            detail: e.to_string(),
+        }),
+        Ok(Err(e)) => Err(ToolError::Unreachable {
+            addr,
+            detail: e.to_string(),
+        }),
+        Err(_) => Err(ToolError::Unreachable {
+            addr,
+            detail: format!("no answer in {} s", CONNECT_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
+/// Whether the broker answered but refused this user, password or vhost (ACCESS_REFUSED,
+/// NOT_ALLOWED), as opposed to not answering at all.
+fn login_refused(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => matches!(
+            amqp.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+        ),
+        lapin::ErrorKind::AuthProviderError(_) => true,
+        _ => false,
+    }
+}
+
+/// Reads `file` and refuses it at the first non-blank line that is not a JSON object,
+/// naming the line. Blank lines are skipped, as `publish` skips them.
+fn check_lines(file: &Path) -> Result<(), ToolError> {
+    let path = file.display().to_string();
+    let read_err = |source| ToolError::Read {
+        path: path.clone(),
+        source,
+    };
+    let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(read_err)?);
+    let (mut first, mut others) = (None, 0u64);
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let line = line.map_err(read_err)?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if let Err(problem) = json_object(&line) {
+            if first.is_none() {
+                first = Some((i as u64 + 1, problem));
+            } else {
+                others += 1;
+            }
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some((line, problem)) => Err(ToolError::InvalidLine {
+            path,
+            line,
+            problem,
+            more: match others {
+                0 => String::new(),
+                1 => ", and 1 later line is not either".into(),
+                n => format!(", and {n} later lines are not either"),
+            },
+        }),
+    }
+}
+
+/// Whether `line` is one JSON object, with only white space around it.
+fn json_object(line: &[u8]) -> Result<(), String> {
+    let start = line.iter().position(|b| !b.is_ascii_whitespace());
+    if start.is_none_or(|i| line[i] != b'{') {
+        return Err("it does not start with `{`".into());
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(line)
+        .map(drop)
+        .map_err(|e| format!("invalid JSON: {e}"))
 }
 
 /// `preview`: one JSON line out per line in: the session's events, the reason it is
 /// skipped, or an `error` naming what is wrong with it. No broker, no network. Lines are
 /// read as bytes, as `publish` sends them, so a webhook body's hash identity is the same.
+/// The messageIds are those `run` would send with this configuration; each report names
+/// the scheme and the region's namespace they come from.
 pub fn preview(config: &Config, input: impl BufRead, mut out: impl Write) -> std::io::Result<()> {
     let options = config.mapping_options();
     let now = OffsetDateTime::now_utc();
@@ -73,11 +226,16 @@ pub fn preview(config: &Config, input: impl BufRead, mut out: impl Write) -> std
                             json!({ "session_id": id, "skipped": reason.as_str() })
                         }
                         Ok(Mapped::Events(e)) => {
+                            let ids = options.message_ids.region(e.region);
                             let mut report = json!({
                                 "session_id": id,
                                 "region": e.region.as_str(),
+                                "message_id_scheme": ids.scheme().as_str(),
                                 "events": [raw(e.identify()), raw(e.track())],
                             });
+                            if let Some(namespace) = ids.namespace() {
+                                report["message_id_namespace"] = json!(namespace);
+                            }
                             if !config.has_write_key(e.region) {
                                 report["warning"] = json!(format!(
                                     "no write key is configured for region {}: `run` would dead-letter this session",
@@ -101,8 +259,28 @@ fn raw(event: &[u8]) -> serde_json::Value {
 }
 
 /// `publish FILE`: every non-blank line, unchanged, onto the queue as a persistent message,
-/// with publisher confirms. Returns how many were published.
-pub async fn publish(config: &Config, file: &Path, mut out: impl Write) -> Result<u64, ToolError> {
+/// with publisher confirms. Returns how many were published. Unless `allow_invalid`, the
+/// whole file is read first, and a line that is not a JSON object stops it before
+/// anything is published.
+pub async fn publish(
+    config: &Config,
+    file: &Path,
+    allow_invalid: bool,
+    out: impl Write,
+) -> Result<u64, ToolError> {
+    if !allow_invalid {
+        check_lines(file)?;
+    }
+    publish_lines(config, file, out)
+        .await
+        .map_err(|e| e.at(&config.amqp))
+}
+
+async fn publish_lines(
+    config: &Config,
+    file: &Path,
+    mut out: impl Write,
+) -> Result<u64, ToolError> {
     let read_err = |source| ToolError::Read {
         path: file.display().to_string(),
         source,
@@ -110,7 +288,7 @@ pub async fn publish(config: &Config, file: &Path, mut out: impl Write) -> Resul
     let size = std::fs::metadata(file).map_err(read_err)?.len().max(1);
     let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(read_err)?);
 
-    let conn = amqp::connect(&config.amqp).await?;
+    let conn = connect(&config.amqp).await?;
     amqp::ensure_queue(&conn, &config.amqp.queue, config.amqp.declare).await?;
     let channel = conn.create_channel().await?;
     channel
@@ -175,9 +353,19 @@ pub async fn publish(config: &Config, file: &Path, mut out: impl Write) -> Resul
 pub async fn replay_dead(
     config: &Config,
     limit: Option<u64>,
+    out: impl Write,
+) -> Result<u64, ToolError> {
+    replay(config, limit, out)
+        .await
+        .map_err(|e| e.at(&config.amqp))
+}
+
+async fn replay(
+    config: &Config,
+    limit: Option<u64>,
     mut out: impl Write,
 ) -> Result<u64, ToolError> {
-    let conn = amqp::connect(&config.amqp).await?;
+    let conn = connect(&config.amqp).await?;
     amqp::ensure_queue(&conn, &config.amqp.queue, config.amqp.declare).await?;
     let channel = conn.create_channel().await?;
     let passive = QueueDeclareOptions {
@@ -297,15 +485,26 @@ pub async fn check(config: &Config, offline: bool, mut out: impl Write) -> Resul
         config.intake.drain_delay_ms
     )?;
     let mut problems = Vec::new();
+    let mut exit_code = crate::app::exit::USAGE;
     if offline {
         writeln!(out, "broker: not contacted (--offline)")?;
-    } else {
-        check_broker(config, &mut out, &mut problems).await?;
+    } else if let Some(code) = check_broker(config, &mut out, &mut problems).await? {
+        exit_code = code;
     }
     for region in Region::ALL {
         let endpoint = &config.endpoint(region).endpoint;
         if config.has_write_key(region) {
-            writeln!(out, "region {region}: write key set, endpoint {endpoint}")?;
+            let ids = match config.segment.message_id_scheme {
+                events::MessageIdScheme::V1 => "messageIds v1".to_owned(),
+                events::MessageIdScheme::V2 => format!(
+                    "messageIds v2 in namespace {}",
+                    config.message_id_namespace(region)
+                ),
+            };
+            writeln!(
+                out,
+                "region {region}: write key set, endpoint {endpoint}, {ids}"
+            )?;
         } else {
             writeln!(
                 out,
@@ -337,21 +536,25 @@ pub async fn check(config: &Config, offline: bool, mut out: impl Write) -> Resul
         writeln!(out, "ok")?;
         Ok(())
     } else {
-        Err(ToolError::Check(problems.join("; ")))
+        Err(ToolError::Check {
+            problems: problems.join("; "),
+            exit_code,
+        })
     }
 }
 
-/// The broker half of `check`: reachable, and the queues there or declared by `run`.
+/// The broker half of `check`: reachable (or why not: a refused login, or no answer), and
+/// the queues there or declared by `run`. Returns the exit code of a broker that could
+/// not be used.
 async fn check_broker(
     config: &Config,
     out: &mut impl Write,
     problems: &mut Vec<String>,
-) -> Result<(), ToolError> {
-    let connected =
-        tokio::time::timeout(Duration::from_secs(10), amqp::connect(&config.amqp)).await;
-    match connected {
-        Ok(Ok(conn)) => {
-            writeln!(out, "broker: reachable")?;
+) -> Result<Option<u8>, ToolError> {
+    let addr = config.amqp.address();
+    match connect(&config.amqp).await {
+        Ok(conn) => {
+            writeln!(out, "broker: reachable at {addr}")?;
             for queue in [&config.amqp.queue, &config.amqp.dead_letter_queue] {
                 match amqp::ensure_queue(&conn, queue, false).await {
                     Ok(()) => writeln!(out, "queue {queue}: exists")?,
@@ -366,17 +569,19 @@ async fn check_broker(
                 }
             }
             let _ = conn.close(200, "OK".into()).await;
+            Ok(None)
         }
-        Ok(Err(e)) => {
-            writeln!(out, "broker: unreachable ({e})")?;
-            problems.push(format!("cannot connect to the broker at amqp.url: {e}"));
-        }
-        Err(_) => {
-            writeln!(out, "broker: unreachable (no answer in 10 s)")?;
-            problems.push("cannot connect to the broker at amqp.url: no answer in 10 s".into());
+        Err(e) => {
+            let (state, detail) = match &e {
+                ToolError::LoginRefused { detail, .. } => ("login refused", detail.as_str()),
+                ToolError::Unreachable { detail, .. } => ("unreachable", detail.as_str()),
+                _ => ("error", ""),
+            };
+            writeln!(out, "broker: {state} at {addr} ({detail})")?;
+            problems.push(e.to_string());
+            Ok(Some(e.exit_code()))
         }
     }
-    Ok(())
 }
 
 /// A line on standard error at most once a second, for long runs.
@@ -488,5 +693,40 @@ mod tests {
             "extended_info's keys"
         );
         assert_eq!(lines[2]["skipped"], "skipped_not_a_lead");
+    }
+
+    #[test]
+    fn preview_shows_the_message_ids_run_would_send_and_their_namespace() {
+        let env = [("SEGMENT_BRIDGE__SEGMENT__EU__WRITE_KEY", "eu-key-Jz8rQ2vX")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let config = Config::load(None, Some(env.into())).unwrap();
+        let body = r#"{"session_id":"s1","email":"a@b.c","region":"eu"}"#;
+        let mut out = Vec::new();
+        preview(&config, body.as_bytes(), &mut out).unwrap();
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(line["message_id_scheme"], "v2");
+        assert_eq!(line["message_id_namespace"], "639beb88a28f816a");
+        let session = Session::parse(body.as_bytes()).unwrap();
+        let Ok(Mapped::Events(sent)) = events::map(
+            &session,
+            OffsetDateTime::now_utc(),
+            &config.mapping_options(),
+        ) else {
+            panic!("not mapped");
+        };
+        assert_eq!(
+            line["events"][0]["messageId"],
+            raw(sent.identify())["messageId"]
+        );
+        assert_eq!(
+            line["events"][1]["messageId"],
+            raw(sent.track())["messageId"]
+        );
+        let other = preview_lines(body);
+        assert_eq!(other[0]["message_id_namespace"], events::NO_KEY_NAMESPACE);
+        assert_ne!(
+            other[0]["events"][0]["messageId"],
+            line["events"][0]["messageId"]
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! none (unknown routes, requests refused before routing): a request can never add a series.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
@@ -70,6 +71,39 @@ impl Outcome {
     }
 }
 
+/// What the intake has done since it started (see [`IntakeMetrics::totals`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IntakeTotals {
+    /// Requests answered, by outcome, in [`Outcome::ALL`] order.
+    pub requests: [u64; Outcome::ALL.len()],
+    /// Messages the broker confirmed.
+    pub messages: u64,
+}
+
+impl IntakeTotals {
+    pub fn since(&self, earlier: &IntakeTotals) -> IntakeTotals {
+        IntakeTotals {
+            requests: std::array::from_fn(|i| self.requests[i] - earlier.requests[i]),
+            messages: self.messages - earlier.messages,
+        }
+    }
+
+    /// "12 queued, 1 unauthorized": the outcomes that happened, or "none".
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = Outcome::ALL
+            .iter()
+            .zip(self.requests)
+            .filter(|(_, n)| *n > 0)
+            .map(|(o, n)| format!("{n} {}", o.as_str()))
+            .collect();
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
 const HELP: &[(&str, &str)] = &[
     (
         REQUESTS,
@@ -106,6 +140,9 @@ pub struct IntakeMetrics {
     connected: Gauge,
     connects: Counter,
     channel_replacements: Counter,
+    /// Requests by outcome ([`Outcome::ALL`] order), all sources together, then messages
+    /// queued: read back by the progress and shutdown log lines.
+    totals: [AtomicU64; Outcome::ALL.len() + 1],
     // Keeps the handles' storage alive.
     _recorder: PrometheusRecorder,
 }
@@ -155,6 +192,7 @@ impl IntakeMetrics {
             handle,
             requests,
             messages,
+            totals: Default::default(),
             _recorder: recorder,
         }
     }
@@ -171,12 +209,22 @@ impl IntakeMetrics {
             .position(|o| *o == outcome)
             .expect("every outcome is in ALL");
         counters[i].increment(1);
+        self.totals[i].fetch_add(1, Relaxed);
     }
 
     /// `n` messages of `source` confirmed by the broker.
     pub fn queued(&self, source: &str, n: u64) {
         if let Some(counter) = self.messages.get(source) {
             counter.increment(n);
+            self.totals[Outcome::ALL.len()].fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Requests answered since start, by outcome, and messages queued.
+    pub fn totals(&self) -> IntakeTotals {
+        IntakeTotals {
+            requests: std::array::from_fn(|i| self.totals[i].load(Relaxed)),
+            messages: self.totals[Outcome::ALL.len()].load(Relaxed),
         }
     }
 
@@ -233,5 +281,9 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(!text.contains("passwd"), "{text}");
+        let totals = m.totals();
+        assert_eq!(totals.messages, 3);
+        assert_eq!(totals.summary(), "2 queued, 2 not_found");
+        assert_eq!(totals.since(&totals).summary(), "none");
     }
 }

@@ -3,10 +3,10 @@
 //! A [`Link`] is a connection that consumes (its channel carries every ack for its
 //! deliveries) and a connection that publishes, in confirm mode: dead letters, and the
 //! copies of deliveries handed back. Each delivery becomes a [`Ticket`], which the
-//! pipeline settles exactly once:
-//! - [`Ticket::ack`]: Segment took its events, or there was nothing to send;
-//! - [`Ticket::dead_letter`]: bad input, moved to the dead-letter queue with its reason;
-//! - [`Ticket::hand_back`]: it must be tried again later through no fault of its own
+//! pipeline settles exactly once (through `Settle`):
+//! - `Settle::ack`: Segment took its events, or there was nothing to send;
+//! - `Settle::dead_letter`: bad input, moved to the dead-letter queue with its reason;
+//! - `Settle::hand_back`: it must be tried again later through no fault of its own
 //!   (Segment down past the hold limit, a refused write key, shutdown). Dropping an
 //!   unsettled ticket hands it back too.
 //!
@@ -31,7 +31,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -41,9 +41,11 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::ack::{Ack, AckTracker};
+use super::settle::Settle;
 use crate::amqp::headers::{for_copy, with_error_header};
 use crate::amqp::{
     Unconfirmed, confirm_channel, confirmed, connect, connect_as, ensure_queue, publish_mandatory,
@@ -60,7 +62,7 @@ pub struct Message {
 
 /// How a ticket is settled, and the link's other orders to its acker.
 #[derive(Debug)]
-enum Settle {
+enum Order {
     Ack(u64),
     /// The deliveries of one batch that Segment accepted: one message, not one per ticket.
     Acks(Vec<u64>),
@@ -90,77 +92,22 @@ enum Target {
     HandBack,
 }
 
-/// One delivery in the pipeline. Settle it once with [`ack`](Self::ack),
-/// [`hand_back`](Self::hand_back) or [`dead_letter`](Self::dead_letter); dropping it
-/// unsettled hands it back.
+/// One delivery in the pipeline. Settle it once through `Settle`: `ack`, `hand_back`
+/// or `dead_letter`; dropping it unsettled hands it back.
 #[derive(Debug)]
 pub struct Ticket {
     tag: u64,
     received: Instant,
     message: Option<Message>,
-    settle: mpsc::UnboundedSender<Settle>,
+    settle: mpsc::UnboundedSender<Order>,
     link_alive: Arc<AtomicBool>,
 }
 
 impl Ticket {
-    /// False once the connection it came on is lost: the broker redelivers it on the new
-    /// one, so sending it again here would only make a duplicate.
-    pub fn is_live(&self) -> bool {
-        self.link_alive.load(Ordering::Relaxed)
-    }
-
-    /// When the delivery reached this worker; bounds how long it may be held.
-    pub fn received(&self) -> Instant {
-        self.received
-    }
-
     pub fn message(&self) -> &Message {
         self.message
             .as_ref()
             .expect("an unsettled ticket holds its message")
-    }
-
-    /// Segment took the session's events, or there was nothing to send.
-    pub fn ack(mut self) {
-        let tag = std::mem::take(&mut self.tag);
-        let _ = self.settle.send(Settle::Ack(tag));
-    }
-
-    /// Acknowledges every ticket, sending one message to each link's acker rather than
-    /// one per ticket (a batch's tickets normally all come from one link).
-    pub fn ack_all(tickets: impl IntoIterator<Item = Ticket>) {
-        let mut tags = Vec::new();
-        let mut to: Option<mpsc::UnboundedSender<Settle>> = None;
-        for mut ticket in tickets {
-            match &to {
-                Some(settle) if settle.same_channel(&ticket.settle) => {}
-                _ => {
-                    if let Some(settle) = to.take() {
-                        let _ = settle.send(Settle::Acks(std::mem::take(&mut tags)));
-                    }
-                    to = Some(ticket.settle.clone());
-                }
-            }
-            // Settled: its drop must not hand it back.
-            tags.push(std::mem::take(&mut ticket.tag));
-        }
-        if let Some(settle) = to {
-            // After a lost connection the acker is gone; the broker redelivers them.
-            let _ = settle.send(Settle::Acks(tags));
-        }
-    }
-
-    /// Puts the message back on the queue, unchanged and without spending its delivery
-    /// count, for a later attempt: published again with a confirm, then acknowledged.
-    pub fn hand_back(mut self) {
-        self.publish(Target::HandBack);
-    }
-
-    /// Moves the message to the dead-letter queue with `reason`, then acknowledges it. If
-    /// the dead-letter queue does not confirm, it is retried until the delivery has been
-    /// held for `retry.max_hold_s` (or the link closes), and then handed back.
-    pub fn dead_letter(mut self, reason: String, code: &'static str) {
-        self.publish(Target::DeadLetter { reason, code });
     }
 
     fn publish(&mut self, target: Target) {
@@ -170,13 +117,66 @@ impl Ticket {
             .take()
             .expect("an unsettled ticket holds its message");
         // After a lost connection the acker is gone; the broker redelivers the message.
-        let _ = self.settle.send(Settle::Publish(Box::new(Job {
+        let _ = self.settle.send(Order::Publish(Box::new(Job {
             tag,
             received: self.received,
             message,
             target,
             failures: 0,
         })));
+    }
+}
+
+impl Settle for Ticket {
+    fn is_live(&self) -> bool {
+        self.link_alive.load(Ordering::Relaxed)
+    }
+
+    fn received(&self) -> Instant {
+        self.received
+    }
+
+    fn session_id(&self) -> String {
+        super::session_id(self)
+    }
+
+    fn ack(mut self) {
+        let tag = std::mem::take(&mut self.tag);
+        let _ = self.settle.send(Order::Ack(tag));
+    }
+
+    /// A batch's tickets normally all come from one link: one message to its acker.
+    fn ack_all(tickets: impl IntoIterator<Item = Ticket>) {
+        let mut tags = Vec::new();
+        let mut to: Option<mpsc::UnboundedSender<Order>> = None;
+        for mut ticket in tickets {
+            match &to {
+                Some(settle) if settle.same_channel(&ticket.settle) => {}
+                _ => {
+                    if let Some(settle) = to.take() {
+                        let _ = settle.send(Order::Acks(std::mem::take(&mut tags)));
+                    }
+                    to = Some(ticket.settle.clone());
+                }
+            }
+            // Settled: its drop must not hand it back.
+            tags.push(std::mem::take(&mut ticket.tag));
+        }
+        if let Some(settle) = to {
+            // After a lost connection the acker is gone; the broker redelivers them.
+            let _ = settle.send(Order::Acks(tags));
+        }
+    }
+
+    /// Published again with a confirm, then acknowledged.
+    fn hand_back(mut self) {
+        self.publish(Target::HandBack);
+    }
+
+    /// If the dead-letter queue does not confirm, it is retried until the delivery has
+    /// been held for `retry.max_hold_s` (or the link closes), and then handed back.
+    fn dead_letter(mut self, reason: String, code: &'static str) {
+        self.publish(Target::DeadLetter { reason, code });
     }
 }
 
@@ -195,7 +195,7 @@ impl Drop for Ticket {
 pub struct Link {
     connection: Connection,
     consume: Channel,
-    settle: mpsc::UnboundedSender<Settle>,
+    settle: mpsc::UnboundedSender<Order>,
     acker: JoinHandle<()>,
     alive: Arc<AtomicBool>,
 }
@@ -289,11 +289,7 @@ impl Link {
     /// broker did (`None`); held deliveries stay ours to settle, acknowledged in order.
     pub async fn cancel(&self, consumer_tag: Option<ShortString>) -> lapin::Result<()> {
         let (done, result) = oneshot::channel();
-        if self
-            .settle
-            .send(Settle::Cancel(consumer_tag, done))
-            .is_err()
-        {
+        if self.settle.send(Order::Cancel(consumer_tag, done)).is_err() {
             return Ok(());
         }
         result.await.unwrap_or(Ok(()))
@@ -403,7 +399,7 @@ struct Acker {
 }
 
 impl Acker {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Settle>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Order>) {
         let mut open = true;
         let mut tick = tokio::time::interval(STRAGGLER_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -423,7 +419,7 @@ impl Acker {
                     None => {
                         open = false;
                         self.closing.cancel();
-                        patience.as_mut().reset(tokio::time::Instant::now() + CLOSING_PATIENCE);
+                        patience.as_mut().reset(Instant::now() + CLOSING_PATIENCE);
                     }
                 },
                 () = &mut patience, if !open && !self.pending.is_empty() => {
@@ -471,14 +467,14 @@ impl Acker {
         let _ = self.publisher.close(200, "OK".into()).await;
     }
 
-    async fn handle(&mut self, settle: Settle) {
+    async fn handle(&mut self, settle: Order) {
         match settle {
-            Settle::Ack(tag) => self.tracker.settle(tag, true),
-            Settle::Acks(tags) => tags
+            Order::Ack(tag) => self.tracker.settle(tag, true),
+            Order::Acks(tags) => tags
                 .into_iter()
                 .for_each(|tag| self.tracker.settle(tag, true)),
-            Settle::Publish(job) => self.start(job).await,
-            Settle::Cancel(consumer_tag, done) => {
+            Order::Publish(job) => self.start(job).await,
+            Order::Cancel(consumer_tag, done) => {
                 // What was decided before goes out before the cancel.
                 self.send_acks().await;
                 self.tracker.in_order_only();
@@ -492,6 +488,15 @@ impl Acker {
                 };
                 let _ = done.send(result);
             }
+        }
+    }
+
+    /// Counts a job given up on with its channel. A hand-back was counted as handed back
+    /// when it was decided (it goes back to the queue either way); a dead letter is
+    /// counted only once confirmed, so one that never was is let go to the broker.
+    fn let_go(&self, job: &Job) {
+        if matches!(job.target, Target::DeadLetter { .. }) {
+            self.metrics.released(1);
         }
     }
 
@@ -512,6 +517,7 @@ impl Acker {
     async fn start(&mut self, job: Box<Job>) {
         if !self.alive() {
             // The broker took the delivery back with its channel; a copy would be a duplicate.
+            self.let_go(&job);
             return self.tracker.settle(job.tag, false);
         }
         let properties = match &job.target {
@@ -630,7 +636,10 @@ impl Acker {
                 .await;
                 return self.tracker.settle(job.tag, false);
             }
-            Err(_) if !self.alive() => return self.tracker.settle(job.tag, false),
+            Err(_) if !self.alive() => {
+                self.let_go(&job);
+                return self.tracker.settle(job.tag, false);
+            }
             Err(e) => e,
         };
         job.failures += 1;

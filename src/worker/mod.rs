@@ -13,11 +13,16 @@
 //! that Segment has not taken.
 //!
 //! Every way a delivery goes back to the queue for a later attempt (the hold limit, a
-//! refused write key, shutdown) is a hand-back ([`Ticket::hand_back`]): a copy published
+//! refused write key, shutdown) is a hand-back (`Settle::hand_back`): a copy published
 //! with a confirm, then the original acknowledged, so that a quorum queue's delivery limit
 //! is not spent on what is not the message's fault. On shutdown the worker stops
 //! consuming, reads what the broker had already sent, sends what it holds, and hands back
 //! what Segment has not taken shortly before the grace period ends.
+//!
+//! The batching (`gather`) and the sending (`sender`) see a delivery only through
+//! `settle::Settle` and Segment only through [`segment::Post`]: the live [`Ticket`] and
+//! [`Sink`] in the program, a fake and a scripted Segment in their tests, which run on
+//! paused time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +31,6 @@ use futures_util::{FutureExt, StreamExt};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::RetryPolicy;
@@ -40,13 +44,17 @@ use crate::segment::{self, HttpSink, Sink};
 use crate::session::{Session, peek_session_id};
 
 mod ack;
+#[cfg(test)]
+mod fake;
 mod gather;
 pub mod link;
 mod sender;
+mod settle;
 
 use gather::Gather;
 use link::{Link, Ticket};
 use sender::{Deliverer, run_sender};
+use settle::Settle;
 
 /// Everything a running worker shares.
 pub struct Worker {
@@ -63,7 +71,7 @@ pub enum WorkerError {
 }
 
 /// Unbounded on purpose: the broker's prefetch bounds how many deliveries are held.
-type Sender = mpsc::UnboundedSender<Batch<Ticket>>;
+type Sender<T> = mpsc::UnboundedSender<Batch<T>>;
 
 /// Backoff between attempts to reach the broker.
 const RECONNECT: RetryPolicy = RetryPolicy {
@@ -108,11 +116,14 @@ impl Worker {
         });
         let _stop_timer = abandon.clone().drop_guard();
         let mut batchers = JoinSet::new();
-        let mut senders: [Option<Sender>; 2] = [None, None];
+        let mut senders: [Option<Sender<Ticket>>; 2] = [None, None];
         let stdout = Arc::new(std::sync::Mutex::new(std::io::stdout()));
         for region in Region::ALL {
             let sink = if self.dry_run {
-                Sink::DryRun(stdout.clone())
+                Sink::DryRun {
+                    out: stdout.clone(),
+                    region,
+                }
             } else if self.config.has_write_key(region) {
                 let endpoint = self.config.endpoint(region);
                 Sink::Http(HttpSink::new(
@@ -169,7 +180,7 @@ impl Worker {
         while closing.join_next().await.is_some() {}
         self.health.set_connected(false);
         self.metrics.amqp_connected(false);
-        tracing::info!("All held deliveries are settled.");
+        tracing::info!("Stopped: what was held is sent, handed back or left to the broker.");
         Ok(())
     }
 
@@ -177,7 +188,7 @@ impl Worker {
     /// so that its acknowledgements can finish before it closes.
     async fn consume(
         &self,
-        gather: &mut Gather,
+        gather: &mut Gather<Ticket>,
         closing: &mut JoinSet<()>,
         shutdown: &CancellationToken,
         stop_consuming: &CancellationToken,
@@ -186,10 +197,6 @@ impl Worker {
         let mut backoff = RECONNECT.backoff();
         let options = self.config.mapping_options();
         let max_hold = self.config.max_hold();
-        // One timer for the batches' flush deadlines, reset only when the earliest changes.
-        let flush = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(flush);
-        let mut armed: Option<Instant> = None;
         // Made once, not once per delivery: each new one would register with its token.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
@@ -230,13 +237,6 @@ impl Worker {
             }
             let mut still_ours = false;
             let lost = loop {
-                let due = gather.next_deadline();
-                if due != armed {
-                    if let Some(at) = due {
-                        flush.as_mut().reset(at);
-                    }
-                    armed = due;
-                }
                 tokio::select! {
                     biased;
                     () = &mut cancelled, if !stopped => {
@@ -262,10 +262,7 @@ impl Worker {
                         }
                         return Some(link);
                     }
-                    () = &mut flush, if armed.is_some() => {
-                        armed = None;
-                        gather.flush_due(Instant::now());
-                    }
+                    () = gather.flush_when_due() => {}
                     delivery = consumer.next() => match delivery {
                         Some(Ok(delivery)) => self.handle(link.ticket(delivery), gather, &options),
                         Some(Err(e)) => break e.to_string(),
@@ -322,7 +319,7 @@ impl Worker {
     }
 
     /// Parses and maps one delivery, then settles it or adds it to its region's batch.
-    fn handle(&self, ticket: Ticket, gather: &mut Gather, options: &events::Options) {
+    fn handle(&self, ticket: Ticket, gather: &mut Gather<Ticket>, options: &events::Options) {
         self.metrics.delivery_received();
         let message = ticket.message();
         if let Some(count) = crate::amqp::headers::delivery_count(&message.properties) {

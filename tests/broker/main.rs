@@ -1,133 +1,30 @@
-//! Tests that change the broker itself: a restart, a lowered consumer timeout. They run in
+//! Tests that change the broker itself: a restart, a lowered consumer timeout. They run
+//! only when `SEGMENT_BRIDGE_TEST_BROKER_RESTART=1` is set (`.ci/run` sets it): a
+//! developer's broker is not theirs to restart. They run in
 //! a test binary of their own (cargo runs test binaries one after another), each holding
 //! the broker lock exclusively (no other test, run or benchmark uses the broker
 //! meanwhile), and each puts the broker back as it found it when it ends, also when it
 //! fails.
 
-#[path = "../it/broker_lock.rs"]
-mod broker_lock;
-#[path = "../it/helpers.rs"]
-#[allow(dead_code)]
-mod helpers;
-
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use helpers::*;
+use segment_bridge_testkit::app::{config, spawn_app};
+use segment_bridge_testkit::broker::{
+    BrokerLock, BrokerSettings, Queues, StoppedBroker, restarts_allowed, wait_drained,
+};
+use segment_bridge_testkit::segment::{
+    FakeSegment, bodies, fake_segment, message_ids_of, session_ids, tracked, wait_all_tracked,
+};
 
 const WITHIN: Duration = Duration::from_secs(60);
 
-/// Runs `rabbitmqctl` and waits for it, from a destructor too.
-fn rabbitmqctl_blocking(args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run rabbitmqctl: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "rabbitmqctl {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// The broker's application stopped (`rabbitmqctl stop_app`) until [`start`](Self::start)
-/// or until dropped.
-struct StoppedBroker {
-    started: bool,
-}
-
-impl StoppedBroker {
-    async fn stop() -> StoppedBroker {
-        // The guard first: whatever happens next, its drop starts the broker again.
-        let guard = StoppedBroker { started: false };
-        tokio::task::spawn_blocking(|| rabbitmqctl_blocking(&["stop_app"]))
-            .await
-            .unwrap()
-            .expect("the broker stops");
-        guard
-    }
-
-    async fn start(mut self) {
-        self.started = true;
-        tokio::task::spawn_blocking(start_broker)
-            .await
-            .unwrap()
-            .expect("the broker starts again");
-    }
-}
-
-fn start_broker() -> Result<String, String> {
-    rabbitmqctl_blocking(&["start_app"])?;
-    rabbitmqctl_blocking(&["await_startup", "--timeout", "60"])
-}
-
-impl Drop for StoppedBroker {
-    fn drop(&mut self) {
-        if !self.started
-            && let Err(e) = start_broker()
-        {
-            eprintln!("could not start the broker again: {e}; run `rabbitmqctl start_app`");
-        }
-    }
-}
-
-/// Broker-wide settings of the `rabbit` application, changed for one test and put back
-/// (or unset, if they were unset) when dropped.
-struct BrokerSettings {
-    previous: Vec<(&'static str, Option<String>)>,
-}
-
-impl BrokerSettings {
-    /// Each setting's old value is in the guard before the setting changes, so that a
-    /// failure halfway still restores what was changed.
-    fn set(settings: &[(&'static str, &'static str)]) -> BrokerSettings {
-        let mut guard = BrokerSettings {
-            previous: Vec::new(),
-        };
-        for (key, value) in settings {
-            let now =
-                rabbitmqctl_blocking(&["eval", &format!("application:get_env(rabbit, {key}).")])
-                    .expect("the setting can be read");
-            // `{ok,1800000}` or `undefined`.
-            let was = now
-                .trim()
-                .strip_prefix("{ok,")
-                .and_then(|v| v.strip_suffix('}'))
-                .map(str::to_owned);
-            guard.previous.push((key, was));
-            rabbitmqctl_blocking(&[
-                "eval",
-                &format!("application:set_env(rabbit, {key}, {value})."),
-            ])
-            .expect("the setting can be changed");
-        }
-        guard
-    }
-}
-
-impl Drop for BrokerSettings {
-    fn drop(&mut self) {
-        for (key, was) in &self.previous {
-            let expr = match was {
-                Some(value) => format!("application:set_env(rabbit, {key}, {value})."),
-                None => format!("application:unset_env(rabbit, {key})."),
-            };
-            if let Err(e) = rabbitmqctl_blocking(&["eval", &expr]) {
-                eprintln!(
-                    "could not restore the broker setting {key}: {e}; run: rabbitmqctl eval '{expr}'"
-                );
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_midway_loses_no_session_and_dead_letters_none() {
+    if !restarts_allowed() {
+        return;
+    }
     let _lock = BrokerLock::exclusive();
     let queues = Queues::quorum("broker-restart", 5).await;
     let us = fake_segment(200, Duration::from_millis(100)).await;
@@ -168,6 +65,9 @@ async fn a_broker_restart_midway_loses_no_session_and_dead_letters_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_closed_by_the_consumer_timeout_is_reopened_and_every_session_arrives_once() {
+    if !restarts_allowed() {
+        return;
+    }
     let _lock = BrokerLock::exclusive();
     // RabbitMQ closes a channel whose delivery stays unacknowledged past consumer_timeout,
     // checked on each channel tick: 5 s and 1 s here instead of 30 min and 60 s.

@@ -351,6 +351,64 @@ async fn redelivered_sessions_carry_the_same_message_ids() {
 }
 
 #[tokio::test]
+async fn the_same_session_to_two_segment_sources_gets_other_ids_in_each_and_the_same_after_a_restart()
+ {
+    // A staging and a production deployment fed the same session: two queues, two
+    // workers with different write keys, two Segment sources.
+    let (staging_q, production_q) = (
+        Queues::new("ids-staging").await,
+        Queues::new("ids-prod").await,
+    );
+    let (staging, production) = (FakeSegment::ok().await, FakeSegment::ok().await);
+    let mut production_config = config(&production_q, Some(&production), None);
+    production_config.segment.us.write_key = secrecy::SecretString::from("us-production-key");
+    let body = session("both-sources", "us");
+    let mut ids = Vec::new();
+    for (queues, sink, config) in [
+        (
+            &staging_q,
+            &staging,
+            config(&staging_q, Some(&staging), None),
+        ),
+        (&production_q, &production, production_config),
+    ] {
+        let app = spawn_app(config).await;
+        queues.publish([&body]).await;
+        let events = sink.wait_accepted(2, WITHIN).await;
+        app.stop().await;
+        ids.push(
+            [
+                message_ids_of(&events, "identify"),
+                message_ids_of(&events, "track"),
+            ]
+            .concat(),
+        );
+    }
+    let distinct: HashSet<&String> = ids.iter().flatten().collect();
+    assert_eq!(distinct.len(), 4, "{ids:?}");
+    assert!(
+        ids.iter()
+            .flatten()
+            .all(|id| !id.contains("production") && !id.contains(US_KEY)),
+        "no id holds a write key: {ids:?}"
+    );
+
+    // The staging worker restarted: the same session gets the same ids.
+    let app = spawn_app(config(&staging_q, Some(&staging), None)).await;
+    staging_q.publish([&body]).await;
+    let events = staging.wait_accepted(4, WITHIN).await;
+    app.stop().await;
+    assert_eq!(
+        [
+            message_ids_of(&events[2..], "identify"),
+            message_ids_of(&events[2..], "track")
+        ]
+        .concat(),
+        ids[0]
+    );
+}
+
+#[tokio::test]
 async fn batches_respect_the_event_limit_and_the_flush_interval() {
     let queues = Queues::new("batching").await;
     let us = FakeSegment::ok().await;

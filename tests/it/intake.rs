@@ -6,10 +6,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
@@ -97,17 +95,7 @@ fn http() -> reqwest::Client {
     segment_bridge::segment::http_client(Duration::from_secs(20)).unwrap()
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// The `x-jebbit-signature` Jebbit would send for `body` now.
-fn signed(secret: &str, body: &[u8]) -> String {
-    sign(secret.as_bytes(), now(), body)
-}
+use segment_bridge_testkit::jebbit::{signature as signed, unix_now as now};
 
 /// An intake running in this process, with its side port.
 struct Intake {
@@ -191,11 +179,8 @@ impl Intake {
     }
 
     async fn wait_ready(&self) {
-        let start = Instant::now();
-        while self.probe("/readyz").await.0 != 200 {
-            assert!(start.elapsed() < WITHIN, "the intake did not become ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let done = wait_until(WITHIN, async || self.probe("/readyz").await.0 == 200).await;
+        assert!(done.is_ok(), "the intake did not become ready");
     }
 
     fn metric(&self, series: &str) -> f64 {
@@ -740,11 +725,8 @@ async fn after_the_broker_drops_and_refuses_it_the_intake_reconnects_and_queues_
 
     user.deny().await;
     assert_eq!(user.close_connections().await, 1, "one connection");
-    let start = Instant::now();
-    while intake.probe("/readyz").await.0 != 503 {
-        assert!(start.elapsed() < WITHIN, "it never noticed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let done = wait_until(WITHIN, async || intake.probe("/readyz").await.0 == 503).await;
+    assert!(done.is_ok(), "it never noticed");
     let answer = intake.jebbit("jebbit_eu", FIXTURE).await;
     assert_eq!(answer.status, 503, "{answer:?}");
 
@@ -934,103 +916,103 @@ async fn signed_webhooks_reach_segment_as_identify_and_track_through_the_queue_a
 
 // ---- The binary: signals, start-up, log lines -------------------------------------------
 
-/// `segment-bridge intake` as a child process, configured by the environment only, its log
-/// in a file. Killed when dropped.
-struct IntakeDaemon {
-    child: std::process::Child,
-    addr: SocketAddr,
-    probes: String,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
+/// `segment-bridge intake` as a child process, configured by the environment only, with
+/// the sources `jebbit_eu` and `cta`; returns it and the address it takes webhooks on.
+fn intake_daemon(queues: &Queues, settings: &[(&str, &str)]) -> (Running, SocketAddr) {
+    let addr = free_port();
+    let base = [
+        ("AMQP__URL", AMQP_URL.to_owned()),
+        ("AMQP__QUEUE", queues.main.clone()),
+        ("AMQP__DEAD_LETTER_QUEUE", queues.dead.clone()),
+        ("INTAKE__LISTEN", addr.to_string()),
+        ("INTAKE__SOURCES__JEBBIT_EU__KIND", "jebbit".into()),
+        ("INTAKE__SOURCES__JEBBIT_EU__REGION", "eu".into()),
+        ("INTAKE__SOURCES__JEBBIT_EU__SECRET", JEBBIT_SECRET.into()),
+        ("INTAKE__SOURCES__CTA__KIND", "joturl".into()),
+        ("INTAKE__SOURCES__CTA__SECRET", JOTURL_TOKEN.into()),
+        ("SHUTDOWN__GRACE_PERIOD_S", "5".into()),
+    ];
+    let mut bridge = bridge("intake", base);
+    bridge.probes();
+    for (key, value) in settings {
+        bridge.set(key, value);
+    }
+    (bridge.spawn(), addr)
 }
 
-impl IntakeDaemon {
-    fn spawn(queues: &Queues, settings: &[(&str, &str)]) -> IntakeDaemon {
-        let dir = tempfile::tempdir().unwrap();
-        let (addr, probes) = (free_port(), free_port());
-        let base = [
-            ("AMQP__URL", AMQP_URL.to_owned()),
-            ("AMQP__QUEUE", queues.main.clone()),
-            ("AMQP__DEAD_LETTER_QUEUE", queues.dead.clone()),
-            ("SERVER__LISTEN", probes.to_string()),
-            ("INTAKE__LISTEN", addr.to_string()),
-            ("INTAKE__SOURCES__JEBBIT_EU__KIND", "jebbit".into()),
-            ("INTAKE__SOURCES__JEBBIT_EU__REGION", "eu".into()),
-            ("INTAKE__SOURCES__JEBBIT_EU__SECRET", JEBBIT_SECRET.into()),
-            ("INTAKE__SOURCES__CTA__KIND", "joturl".into()),
-            ("INTAKE__SOURCES__CTA__SECRET", JOTURL_TOKEN.into()),
-            ("SHUTDOWN__GRACE_PERIOD_S", "5".into()),
-        ];
-        let extra = settings.iter().map(|(k, v)| (*k, (*v).to_owned()));
-        let (child, log) = spawn_bridge("intake", &dir, base.into_iter().chain(extra));
-        IntakeDaemon {
-            child,
-            addr,
-            probes: format!("http://{probes}"),
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_ready(&self) {
-        let start = Instant::now();
-        loop {
-            let ready = http().get(format!("{}/readyz", self.probes)).send().await;
-            if ready.is_ok_and(|r| r.status() == 200) {
-                return;
-            }
-            assert!(
-                start.elapsed() < WITHIN,
-                "the intake did not become ready:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < within,
-                "the intake did not exit within {within:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn terminate(&self) {
-        command("kill", &["-TERM", &self.child.id().to_string()]).await;
-    }
+/// Waits until the daemon's log has a line containing `needle`; returns that line.
+async fn wait_for_log_line(daemon: &Running, needle: &str) -> String {
+    eventually_some(
+        WITHIN,
+        async || {
+            let log = daemon.stderr();
+            log.lines().find(|l| l.contains(needle)).map(str::to_owned)
+        },
+        || format!("no {needle:?} in the log:\n{}", daemon.stderr()),
+    )
+    .await
 }
 
-impl Drop for IntakeDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_intake_logs_its_requests_by_outcome_while_they_come_and_a_total_when_it_stops() {
+    let queues = Queues::new("intake-progress").await;
+    let (mut daemon, addr) = intake_daemon(&queues, &[("SERVER__PROGRESS_INTERVAL_S", "1")]);
+    daemon.wait_ready(WITHIN).await;
+    let url = format!("http://{addr}/webhooks/jebbit_eu");
+    for (i, secret) in [JEBBIT_SECRET, JEBBIT_SECRET, "not-the-secret"]
+        .iter()
+        .enumerate()
+    {
+        let body = format!(r#"{{"session_id":"pr-{i}","data":{{"email":"pr{i}@example.com"}}}}"#);
+        http()
+            .post(&url)
+            .header("x-jebbit-signature", signed(secret, body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
     }
+
+    let progress = wait_for_log_line(&daemon, "Progress in the last 1 s.").await;
+    assert!(
+        progress.contains("requests=2 queued, 1 unauthorized")
+            && progress.contains("messages_queued=2"),
+        "{progress}"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        daemon.stderr().matches("Progress in the last").count(),
+        1,
+        "no line while idle:\n{}",
+        daemon.stderr()
+    );
+    daemon.terminate();
+    assert!(daemon.wait_exit(WITHIN).await.0.success());
+    let stopped = wait_for_log_line(&daemon, "Intake shut down.").await;
+    assert!(
+        stopped.contains("Since start: 3 requests answered; 2 messages queued."),
+        "{stopped}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_requests_in_flight_leaves_each_either_2xx_and_queued_or_not_2xx_and_exits_0()
 {
     let queues = Queues::new("intake-sigterm").await;
-    let mut daemon = IntakeDaemon::spawn(&queues, &[("INTAKE__DRAIN_DELAY_MS", "500")]);
-    daemon.wait_ready().await;
-    let addr = daemon.addr;
+    // The drain delay is long enough for the steps below on a busy machine; each step
+    // waits on what it needs (answers, not ready, refused) instead of a fixed time.
+    let drain = Duration::from_millis(2000);
+    let (mut daemon, addr) = intake_daemon(
+        &queues,
+        &[("INTAKE__DRAIN_DELAY_MS", &drain.as_millis().to_string())],
+    );
+    daemon.wait_ready(WITHIN).await;
     // Eight senders, each posting numbered webhooks as fast as it is answered.
     let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
     let mut senders = Vec::new();
     for sender in 0..8 {
-        let stop = stop.clone();
+        let (stop, answered) = (stop.clone(), answered.clone());
         senders.push(tokio::spawn(async move {
             let http = http();
             let mut answers: Vec<(String, Option<u16>)> = Vec::new();
@@ -1050,6 +1032,7 @@ async fn sigterm_with_requests_in_flight_leaves_each_either_2xx_and_queued_or_no
                     .ok()
                     .map(|r| r.status().as_u16());
                 answers.push((id, status));
+                answered.fetch_add(1, Ordering::Relaxed);
                 i += 1;
                 if status.is_none() {
                     // Refused: the listener is closed. Stop sending.
@@ -1059,21 +1042,21 @@ async fn sigterm_with_requests_in_flight_leaves_each_either_2xx_and_queued_or_no
             answers
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Enough requests answered that the signal lands among requests in flight.
+    eventually("the senders are under way", WITHIN, async || {
+        answered.load(Ordering::Relaxed) > 20
+    })
+    .await;
     // And one whose body is still arriving when the signal comes.
     let slow_body = br#"{"session_id":"slow","data":{"email":"slow@example.com"}}"#;
     let slow = start_slow_request(addr, slow_body).await;
 
-    daemon.terminate().await;
-    let signalled = Instant::now();
-    // Not ready at once, yet still answering during the drain delay.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let ready = http()
-        .get(format!("{}/readyz", daemon.probes))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503, "not ready after SIGTERM");
+    let signalled = daemon.terminate();
+    // Not ready, yet still answering during the drain delay.
+    eventually("not ready after SIGTERM", WITHIN, async || {
+        daemon.get("/readyz").await.is_some_and(|r| r.0 == 503)
+    })
+    .await;
     let late = r#"{"session_id":"late","data":{"email":"late@example.com"}}"#;
     let answer = http()
         .post(format!("http://{addr}/webhooks/jebbit_eu"))
@@ -1081,15 +1064,24 @@ async fn sigterm_with_requests_in_flight_leaves_each_either_2xx_and_queued_or_no
         .body(late)
         .send()
         .await
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "not answered during the drain delay ({:?} after the signal): {e}",
+                signalled.elapsed()
+            )
+        });
     assert_eq!(answer.status(), 200, "answered during the drain delay");
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The drain delay is over once new connections are refused.
+    eventually("the listener is closed", WITHIN, async || {
+        TcpStream::connect(addr).await.is_err()
+    })
+    .await;
     let (slow_status, _) = slow.finish().await;
     assert_eq!(slow_status, 200, "the request under way was finished");
     stop.store(true, Ordering::Relaxed);
 
-    let status = daemon.wait_exit(Duration::from_secs(10)).await;
-    let log = daemon.log();
+    let (status, _) = daemon.wait_exit(Duration::from_secs(10)).await;
+    let log = daemon.stderr();
     assert_eq!(status.code(), Some(0), "exit code 0 after SIGTERM:\n{log}");
     assert!(signalled.elapsed() < Duration::from_secs(7), "{log}");
 
@@ -1139,10 +1131,10 @@ async fn sigterm_with_requests_in_flight_leaves_each_either_2xx_and_queued_or_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_webhooks_are_logged_with_source_and_reason_never_a_signature_secret_or_token() {
     let queues = Queues::new("intake-log").await;
-    let mut daemon = IntakeDaemon::spawn(&queues, &[]);
-    daemon.wait_ready().await;
+    let (mut daemon, addr) = intake_daemon(&queues, &[]);
+    daemon.wait_ready(WITHIN).await;
     let http = http();
-    let url = |path: &str| format!("http://{}{path}", daemon.addr);
+    let url = |path: &str| format!("http://{addr}{path}");
     let stale = sign(JEBBIT_SECRET.as_bytes(), now() - 1000, FIXTURE);
     let wrong = sign(b"guessed", now(), FIXTURE);
     for signature in [&stale, &wrong] {
@@ -1169,17 +1161,10 @@ async fn refused_webhooks_are_logged_with_source_and_reason_never_a_signature_se
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let metrics = http
-        .get(format!("{}/metrics", daemon.probes))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    daemon.terminate().await;
-    assert_eq!(daemon.wait_exit(WITHIN).await.code(), Some(0));
-    let log = daemon.log();
+    let (_, metrics) = daemon.get("/metrics").await.unwrap();
+    daemon.terminate();
+    assert_eq!(daemon.wait_exit(WITHIN).await.0.code(), Some(0));
+    let log = daemon.stderr();
     let refused: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("Webhook refused"))
@@ -1216,21 +1201,21 @@ async fn refused_webhooks_are_logged_with_source_and_reason_never_a_signature_se
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_intake_refuses_to_start_with_a_source_without_secret_and_names_it() {
     let queues = Queues::new("intake-no-secret").await;
-    let mut daemon = IntakeDaemon::spawn(
+    let (mut daemon, addr) = intake_daemon(
         &queues,
         &[
             ("INTAKE__SOURCES__JEBBIT_US__KIND", "jebbit"),
             ("INTAKE__SOURCES__CTA__SECRET", ""),
         ],
     );
-    let status = daemon.wait_exit(WITHIN).await;
-    let log = daemon.log();
+    let (status, _) = daemon.wait_exit(WITHIN).await;
+    let log = daemon.stderr();
     assert_ne!(status.code(), Some(0), "{log}");
     assert!(log.contains("jebbit_us") || log.contains("cta"), "{log}");
     assert!(log.contains("SECRET"), "{log}");
     assert!(!log.contains(JEBBIT_SECRET), "{log}");
     // Nothing was served.
-    assert!(TcpStream::connect(daemon.addr).await.is_err());
+    assert!(TcpStream::connect(addr).await.is_err());
 }
 
 // ---- Clients that misbehave, and a broker that stops answering ------------------------
@@ -1342,7 +1327,7 @@ struct DeleteOnDrop(String);
 
 impl Drop for DeleteOnDrop {
     fn drop(&mut self) {
-        crate::broker_lock::delete_queues(vec![self.0.clone()]);
+        delete_queues(vec![self.0.clone()]);
     }
 }
 

@@ -27,7 +27,7 @@ async fn sigterm_midway_through_a_slow_stream_sends_what_is_held_and_exits_0_wit
     // the worker takes at once cannot all be sent within the 3 s grace period.
     let us = fake_segment(200, Duration::from_millis(400)).await;
     let ids = session_ids("t", 400);
-    let mut daemon = Daemon::spawn(
+    let mut daemon = daemon(
         &queues,
         &us,
         &[
@@ -35,13 +35,13 @@ async fn sigterm_midway_through_a_slow_stream_sends_what_is_held_and_exits_0_wit
             ("SHUTDOWN__GRACE_PERIOD_S", "3"),
         ],
     );
-    daemon.wait_ready().await;
+    daemon.wait_ready(WAIT).await;
     queues.publish(bodies(&ids)).await;
     us.wait_accepted(40, WITHIN).await;
 
-    let signalled = daemon.signal("TERM").await;
+    let signalled = daemon.signal("TERM");
     let (status, exited) = daemon.wait_exit(Duration::from_secs(10)).await;
-    let log = daemon.log();
+    let log = daemon.stderr();
     assert_eq!(status.code(), Some(0), "exit code 0 after SIGTERM:\n{log}");
     assert!(
         exited - signalled < Duration::from_secs(3) + Duration::from_millis(1500),
@@ -87,7 +87,7 @@ async fn sigint_flushes_a_batch_still_waiting_for_its_flush_interval_and_exits_0
     let queues = Queues::new("sigint-flush").await;
     let us = FakeSegment::ok().await;
     let ids = session_ids("i", 3);
-    let mut daemon = Daemon::spawn(
+    let mut daemon = daemon(
         &queues,
         &us,
         &[
@@ -95,25 +95,20 @@ async fn sigint_flushes_a_batch_still_waiting_for_its_flush_interval_and_exits_0
             ("SHUTDOWN__GRACE_PERIOD_S", "5"),
         ],
     );
-    daemon.wait_ready().await;
+    daemon.wait_ready(WAIT).await;
     queues.publish(bodies(&ids)).await;
-    let start = Instant::now();
-    while daemon
-        .metric("segment_bridge_deliveries_received_total")
-        .await
-        < 3.0
-    {
-        assert!(
-            start.elapsed() < WITHIN,
-            "the daemon did not take 3 sessions"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the daemon took 3 sessions", WITHIN, async || {
+        daemon
+            .metric("segment_bridge_deliveries_received_total")
+            .await
+            >= 3.0
+    })
+    .await;
     assert!(us.requests().is_empty(), "the batch waits for its interval");
 
-    let signalled = daemon.signal("INT").await;
+    let signalled = daemon.signal("INT");
     let (status, exited) = daemon.wait_exit(Duration::from_secs(10)).await;
-    let log = daemon.log();
+    let log = daemon.stderr();
     assert_eq!(status.code(), Some(0), "exit code 0 after SIGINT:\n{log}");
     assert!(
         exited - signalled < Duration::from_secs(3),
@@ -131,19 +126,16 @@ async fn sigterm_while_segment_is_down_exits_0_within_the_grace_period_and_every
     let queues = Queues::new("sigterm-down").await;
     let us = fake_segment(503, Duration::ZERO).await;
     let ids = session_ids("d", 30);
-    let mut daemon = Daemon::spawn(&queues, &us, &[("SHUTDOWN__GRACE_PERIOD_S", "2")]);
-    daemon.wait_ready().await;
+    let mut daemon = daemon(&queues, &us, &[("SHUTDOWN__GRACE_PERIOD_S", "2")]);
+    daemon.wait_ready(WAIT).await;
     queues.publish(bodies(&ids)).await;
-    let start = Instant::now();
-    while us.requests().len() < 3 {
-        assert!(start.elapsed() < WITHIN, "the daemon never tried Segment");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let done = wait_until(WITHIN, async || us.requests().len() >= 3).await;
+    assert!(done.is_ok(), "the daemon never tried Segment");
     assert_eq!(queues.ready().await.0, 0, "the daemon holds all 30");
 
-    let signalled = daemon.signal("TERM").await;
+    let signalled = daemon.signal("TERM");
     let (status, exited) = daemon.wait_exit(Duration::from_secs(10)).await;
-    let log = daemon.log();
+    let log = daemon.stderr();
     assert_eq!(status.code(), Some(0), "exit code 0 after SIGTERM:\n{log}");
     let took = exited - signalled;
     assert!(
@@ -161,12 +153,12 @@ async fn after_kill_9_midway_a_new_worker_delivers_every_session_at_least_once()
     let queues = Queues::new("kill9").await;
     let us = fake_segment(200, Duration::from_millis(100)).await;
     let ids = session_ids("k", 100);
-    let mut daemon = Daemon::spawn(&queues, &us, &[("SEGMENT__MAX_BATCH_EVENTS", "10")]);
-    daemon.wait_ready().await;
+    let mut daemon = daemon(&queues, &us, &[("SEGMENT__MAX_BATCH_EVENTS", "10")]);
+    daemon.wait_ready(WAIT).await;
     queues.publish(bodies(&ids)).await;
     us.wait_accepted(20, WITHIN).await;
 
-    daemon.signal("KILL").await;
+    daemon.signal("KILL");
     let (status, _) = daemon.wait_exit(Duration::from_secs(5)).await;
     assert_eq!(status.code(), None, "killed by the signal");
     let before = tracked(&us.accepted());
@@ -178,17 +170,14 @@ async fn after_kill_9_midway_a_new_worker_delivers_every_session_at_least_once()
     );
 
     let app = spawn_app(config(&queues, Some(&us), None)).await;
-    let start = Instant::now();
-    while tracked(&us.accepted()) != all(&ids) {
-        assert!(
-            start.elapsed() < WITHIN,
-            "sessions never delivered: {:?}",
-            all(&ids)
-                .difference(&tracked(&us.accepted()))
-                .collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let done = wait_until(WITHIN, async || tracked(&us.accepted()) == all(&ids)).await;
+    assert!(
+        done.is_ok(),
+        "sessions never delivered: {:?}",
+        all(&ids)
+            .difference(&tracked(&us.accepted()))
+            .collect::<Vec<_>>()
+    );
     assert!(
         app.metric("segment_bridge_deliveries_received_total") > 0.0,
         "the new worker took the killed one's deliveries"
@@ -241,16 +230,13 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_consumption_resumes()
         a.metric("segment_bridge_amqp_connections_total") >= 2.0
     })
     .await;
-    let start = Instant::now();
-    while tracked(&us.accepted()) != all(&ids) {
-        assert!(
-            start.elapsed() < WITHIN,
-            "{} of {} sessions delivered after the reconnect",
-            tracked(&us.accepted()).len(),
-            ids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let done = wait_until(WITHIN, async || tracked(&us.accepted()) == all(&ids)).await;
+    assert!(
+        done.is_ok(),
+        "{} of {} sessions delivered after the reconnect",
+        tracked(&us.accepted()).len(),
+        ids.len()
+    );
     assert!(
         us.requests().iter().any(|r| r.at > closed),
         "it sent more after the connection was closed"
@@ -310,11 +296,8 @@ async fn a_worker_the_broker_refuses_is_not_ready_until_it_reconnects_and_then_d
     })
     .await;
     let everything: Vec<String> = first.iter().chain(&second).cloned().collect();
-    let start = Instant::now();
-    while tracked(&us.accepted()) != all(&everything) {
-        assert!(start.elapsed() < WITHIN, "not everything delivered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let done = wait_until(WITHIN, async || tracked(&us.accepted()) == all(&everything)).await;
+    assert!(done.is_ok(), "not everything delivered");
     assert_eq!(app.probe("/readyz").await.0, 200);
     wait_drained(&queues.main).await;
     app.stop().await;
@@ -331,16 +314,16 @@ async fn a_daemon_started_while_the_broker_refuses_it_stays_up_not_ready_and_con
     let ids = session_ids("s", 10);
     queues.publish(bodies(&ids)).await;
     let url = user.url();
-    let mut daemon = Daemon::spawn(
+    let mut daemon = daemon(
         &queues,
         &us,
         &[("AMQP__URL", &url), ("SHUTDOWN__GRACE_PERIOD_S", "5")],
     );
-    let start = Instant::now();
-    while daemon.get("/healthz").await.map(|r| r.0) != Some(200) {
-        assert!(start.elapsed() < WITHIN, "no side port:\n{}", daemon.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let done = wait_until(WITHIN, async || {
+        daemon.get("/healthz").await.map(|r| r.0) == Some(200)
+    })
+    .await;
+    assert!(done.is_ok(), "no side port:\n{}", daemon.stderr());
     tokio::time::sleep(Duration::from_millis(700)).await;
     let (status, why) = daemon.get("/readyz").await.unwrap();
     assert_eq!(status, 503, "{why}");
@@ -352,15 +335,12 @@ async fn a_daemon_started_while_the_broker_refuses_it_stays_up_not_ready_and_con
     assert_eq!(queues.ready().await, (10, 0));
 
     user.allow().await;
-    daemon.wait_ready().await;
-    let start = Instant::now();
-    while tracked(&us.accepted()) != all(&ids) {
-        assert!(start.elapsed() < WITHIN, "not delivered:\n{}", daemon.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    daemon.signal("TERM").await;
+    daemon.wait_ready(WAIT).await;
+    let done = wait_until(WITHIN, async || tracked(&us.accepted()) == all(&ids)).await;
+    assert!(done.is_ok(), "not delivered:\n{}", daemon.stderr());
+    daemon.signal("TERM");
     let (status, _) = daemon.wait_exit(Duration::from_secs(7)).await;
-    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+    assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
     assert_eq!(queues.ready().await, (0, 0));
 }
 
@@ -398,11 +378,8 @@ async fn deliveries_held_past_max_hold_are_requeued_and_delivered_once_segment_r
         us.accepted().is_empty() && requeued_after < Duration::from_millis(2500),
         "requeued after about 1 s, while Segment was still down (after {requeued_after:?})"
     );
-    let start = Instant::now();
-    while tracked(&us.accepted()) != all(&ids) {
-        assert!(start.elapsed() < WITHIN, "not delivered after the recovery");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let done = wait_until(WITHIN, async || tracked(&us.accepted()) == all(&ids)).await;
+    assert!(done.is_ok(), "not delivered after the recovery");
     assert!(
         app.metric("segment_bridge_deliveries_received_total") > 20.0,
         "the requeued deliveries came back from the broker"
@@ -451,11 +428,8 @@ async fn no_delivery_stays_unacknowledged_past_max_hold_not_even_one_waiting_beh
     // Recover and clean up first, so that a failure leaves no worker behind.
 
     up.store(true, Ordering::SeqCst);
-    let start = Instant::now();
-    while tracked(&us.accepted()) != all(&ids) {
-        assert!(start.elapsed() < WITHIN, "not delivered after the recovery");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let done = wait_until(WITHIN, async || tracked(&us.accepted()) == all(&ids)).await;
+    assert!(done.is_ok(), "not delivered after the recovery");
     wait_drained(&queues.main).await;
     app.stop().await;
     assert!(
@@ -479,11 +453,8 @@ async fn while_segment_is_down_the_worker_holds_no_more_than_prefetch_and_delive
     let ids = session_ids("m", 300);
     queues.publish(bodies(&ids)).await;
 
-    let start = Instant::now();
-    while us.requests().len() < 5 {
-        assert!(start.elapsed() < WITHIN, "the worker never tried Segment");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let done = wait_until(WITHIN, async || us.requests().len() >= 5).await;
+    assert!(done.is_ok(), "the worker never tried Segment");
     for _ in 0..5 {
         let (ready, dead) = queues.ready().await;
         assert!(ready >= 250, "the worker took {} of 300", 300 - ready);
@@ -504,15 +475,12 @@ async fn while_segment_is_down_the_worker_holds_no_more_than_prefetch_and_delive
     assert!(attempted <= 100, "no batch beyond the 50 held sessions");
 
     up.store(true, Ordering::SeqCst);
-    let start = Instant::now();
-    while tracked(&us.accepted()) != all(&ids) {
-        assert!(
-            start.elapsed() < WITHIN,
-            "{} of 300 delivered after the recovery",
-            tracked(&us.accepted()).len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let done = wait_until(WITHIN, async || tracked(&us.accepted()) == all(&ids)).await;
+    assert!(
+        done.is_ok(),
+        "{} of 300 delivered after the recovery",
+        tracked(&us.accepted()).len()
+    );
     wait_drained(&queues.main).await;
     app.stop().await;
     assert_eq!(queues.ready().await, (0, 0));
@@ -543,11 +511,8 @@ async fn after_a_refused_write_key_a_restarted_worker_with_a_good_key_delivers_e
 
     let us = FakeSegment::ok().await;
     let app = spawn_app(config(&queues, Some(&us), None)).await;
-    let start = Instant::now();
-    while tracked(&us.accepted()) != all(&ids) {
-        assert!(start.elapsed() < WITHIN, "not delivered after the restart");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let done = wait_until(WITHIN, async || tracked(&us.accepted()) == all(&ids)).await;
+    assert!(done.is_ok(), "not delivered after the restart");
     assert_eq!(app.probe("/readyz").await.0, 200);
     assert_eq!(
         app.metric(r#"segment_bridge_sessions_total{outcome="delivered"}"#),
@@ -568,8 +533,8 @@ async fn with_the_first_of_two_nodes_down_the_worker_connects_and_reconnects_to_
     let user = BrokerUser::new().await;
     let us = FakeSegment::ok().await;
     let urls = format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", user.url());
-    let mut daemon = Daemon::spawn(&queues, &us, &[("AMQP__URL", urls.as_str())]);
-    daemon.wait_ready().await;
+    let mut daemon = daemon(&queues, &us, &[("AMQP__URL", urls.as_str())]);
+    daemon.wait_ready(WITHIN).await;
     let ids = session_ids("h", 6);
     queues.publish(bodies(&ids[..3])).await;
     wait_all_tracked(&us, &ids[..3], WITHIN).await;
@@ -580,16 +545,20 @@ async fn with_the_first_of_two_nodes_down_the_worker_connects_and_reconnects_to_
         assert!(user.close_connections().await >= 1);
         let start = Instant::now();
         while daemon.metric("segment_bridge_amqp_connections_total").await < f64::from(round) {
-            assert!(start.elapsed() < WITHIN, "no reconnect:\n{}", daemon.log());
+            assert!(
+                start.elapsed() < WITHIN,
+                "no reconnect:\n{}",
+                daemon.stderr()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        daemon.wait_ready().await;
+        daemon.wait_ready(WITHIN).await;
     }
     queues.publish(bodies(&ids[3..])).await;
     wait_all_tracked(&us, &ids, WITHIN).await;
-    let _ = daemon.signal("TERM").await;
+    let _ = daemon.signal("TERM");
     let _ = daemon.wait_exit(Duration::from_secs(10)).await;
-    let log = daemon.log();
+    let log = daemon.stderr();
     assert!(log.contains("127.0.0.1:5672"), "the node is logged:\n{log}");
     assert!(!log.contains(":secret@"), "no password in the log:\n{log}");
     // The node that is down was skipped within each connect, never waited out.

@@ -196,11 +196,9 @@ async fn three_competing_workers_one_killed_midway_deliver_every_session_with_on
         ("SEGMENT__MAX_BATCH_EVENTS", "40"),
         ("SEGMENT__MAX_IN_FLIGHT", "2"),
     ];
-    let mut daemons: Vec<Daemon> = (0..3)
-        .map(|_| Daemon::spawn(&queues, &us, &settings))
-        .collect();
+    let mut daemons: Vec<Running> = (0..3).map(|_| daemon(&queues, &us, &settings)).collect();
     for d in &daemons {
-        d.wait_ready().await;
+        d.wait_ready(WAIT).await;
     }
     // About 1,200 sessions/s with three workers: a stream of 3 s, killed after 0.25 s.
     let ids = session_ids("c", 3000);
@@ -208,7 +206,7 @@ async fn three_competing_workers_one_killed_midway_deliver_every_session_with_on
     us.wait_accepted(600, WITHIN).await;
 
     let mut killed = daemons.remove(0);
-    killed.signal("KILL").await;
+    killed.signal("KILL");
     let (status, _) = killed.wait_exit(Duration::from_secs(5)).await;
     assert_eq!(status.code(), None, "killed by the signal");
     let before = tracked(&us.accepted()).len();
@@ -223,9 +221,9 @@ async fn three_competing_workers_one_killed_midway_deliver_every_session_with_on
         );
     }
     for d in &mut daemons {
-        d.signal("TERM").await;
+        d.signal("TERM");
         let (status, _) = d.wait_exit(Duration::from_secs(30)).await;
-        assert_eq!(status.code(), Some(0), "{}", d.log());
+        assert_eq!(status.code(), Some(0), "{}", d.stderr());
     }
     assert_eq!(queues.ready().await, (0, 0), "nothing dead-lettered");
     let ids_per_event = message_ids_by_event(&us.accepted());

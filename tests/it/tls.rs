@@ -172,7 +172,30 @@ impl Drop for TlsSegment {
     }
 }
 
-async fn wait_metric(daemon: &Daemon, series: &str) -> f64 {
+/// `segment-bridge run` on the test's queues, region us posting to `endpoint`, with
+/// `SSL_CERT_FILE` set to `ca` if given.
+fn worker(queues: &Queues, endpoint: &str, ca: Option<&Path>) -> Running {
+    let mut bridge = bridge(
+        "run",
+        [
+            ("AMQP__URL", AMQP_URL.to_owned()),
+            ("AMQP__QUEUE", queues.main.clone()),
+            ("AMQP__DEAD_LETTER_QUEUE", queues.dead.clone()),
+            ("SEGMENT__US__ENDPOINT", endpoint.to_owned()),
+            ("SEGMENT__US__WRITE_KEY", US_KEY.to_owned()),
+            ("SEGMENT__FLUSH_INTERVAL_MS", "50".to_owned()),
+            ("RETRY__INITIAL_BACKOFF_MS", "10".to_owned()),
+            ("RETRY__MAX_BACKOFF_MS", "200".to_owned()),
+        ],
+    );
+    bridge.probes();
+    if let Some(ca) = ca {
+        bridge.env("SSL_CERT_FILE", ca.to_str().unwrap());
+    }
+    bridge.spawn()
+}
+
+async fn wait_metric(daemon: &Running, series: &str) -> f64 {
     let start = Instant::now();
     loop {
         let value = daemon.metric(series).await;
@@ -182,7 +205,7 @@ async fn wait_metric(daemon: &Daemon, series: &str) -> f64 {
         assert!(
             start.elapsed() < WITHIN,
             "{series} stayed 0:\n{}",
-            daemon.log()
+            daemon.stderr()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -194,24 +217,22 @@ async fn https_to_segment_works_with_the_test_ca_and_a_bad_certificate_is_named_
     let ca = make_certificates(dir.path());
     let good = TlsSegment::start(dir.path(), "good").await;
     let other = TlsSegment::start(dir.path(), "other").await;
-    let unused = FakeSegment::ok().await;
     let tls_retries = r#"segment_bridge_retries_total{region="us",cause="tls"}"#;
 
     // Trusted through SSL_CERT_FILE: delivered.
     let queues = Queues::new("tls-trusted").await;
     let good_url = good.url("localhost");
-    let daemon = Daemon::spawn_env(
-        &queues,
-        &unused,
-        &[("SEGMENT__US__ENDPOINT", good_url.as_str())],
-        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
-    );
-    daemon.wait_ready().await;
+    let daemon = worker(&queues, &good_url, Some(&ca));
+    daemon.wait_ready(WITHIN).await;
     let ids = session_ids("tls", 3);
     queues.publish(bodies(&ids)).await;
     let start = Instant::now();
     while tracked(&good.events.lock().unwrap()) != all(&ids) {
-        assert!(start.elapsed() < WITHIN, "not delivered:\n{}", daemon.log());
+        assert!(
+            start.elapsed() < WITHIN,
+            "not delivered:\n{}",
+            daemon.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(daemon.metric(tls_retries).await, 0.0);
@@ -220,16 +241,11 @@ async fn https_to_segment_works_with_the_test_ca_and_a_bad_certificate_is_named_
     // The CA trusted, the certificate for another name.
     let queues = Queues::new("tls-name").await;
     let other_url = other.url("localhost");
-    let daemon = Daemon::spawn_env(
-        &queues,
-        &unused,
-        &[("SEGMENT__US__ENDPOINT", other_url.as_str())],
-        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
-    );
-    daemon.wait_ready().await;
+    let daemon = worker(&queues, &other_url, Some(&ca));
+    daemon.wait_ready(WITHIN).await;
     queues.publish(bodies(&session_ids("tls-name", 1))).await;
     wait_metric(&daemon, tls_retries).await;
-    let log = daemon.log();
+    let log = daemon.stderr();
     assert!(log.contains("name mismatch"), "{log}");
     assert_eq!(
         daemon
@@ -241,22 +257,21 @@ async fn https_to_segment_works_with_the_test_ca_and_a_bad_certificate_is_named_
 
     // The CA not trusted: unknown issuer, named once however often it is retried.
     let queues = Queues::new("tls-untrusted").await;
-    let daemon = Daemon::spawn_env(
-        &queues,
-        &unused,
-        &[("SEGMENT__US__ENDPOINT", good_url.as_str())],
-        &[],
-    );
-    daemon.wait_ready().await;
+    let daemon = worker(&queues, &good_url, None);
+    daemon.wait_ready(WITHIN).await;
     queues
         .publish(bodies(&session_ids("tls-untrusted", 1)))
         .await;
     let start = Instant::now();
     while daemon.metric(tls_retries).await < 3.0 {
-        assert!(start.elapsed() < WITHIN, "not retried:\n{}", daemon.log());
+        assert!(
+            start.elapsed() < WITHIN,
+            "not retried:\n{}",
+            daemon.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let log = daemon.log();
+    let log = daemon.stderr();
     assert_eq!(log.matches("unknown issuer").count(), 1, "{log}");
     assert!(
         good.events.lock().unwrap().len() <= 6,

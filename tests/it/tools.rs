@@ -7,239 +7,45 @@
 //! killed when a test fails or times out.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::helpers::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_segment-bridge");
 /// Nothing listens on port 1: a command that needs the broker fails at once.
 const UNREACHABLE: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
 const WITHIN: Duration = Duration::from_secs(15);
 const ERROR_HEADER: &str = "x-segment-bridge-error";
 
-/// One invocation of the binary, configured by the environment, in an empty directory.
-struct Bridge {
-    cmd: Command,
-    dir: tempfile::TempDir,
+/// One invocation of the binary, configured by the environment, in an empty directory:
+/// the local broker, a side port on any free port, a short flush interval.
+fn tool(args: &[&str]) -> Bridge {
+    let mut bridge = Bridge::new(BIN, args);
+    bridge
+        .set("AMQP__URL", AMQP_URL)
+        .set("SERVER__LISTEN", "127.0.0.1:0")
+        .set("SEGMENT__FLUSH_INTERVAL_MS", "50");
+    bridge
 }
 
-impl Bridge {
-    fn new(args: &[&str]) -> Bridge {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).current_dir(dir.path());
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if k.starts_with("SEGMENT_BRIDGE") || k == "RUST_LOG" {
-                cmd.env_remove(&key);
-            }
+/// Waits until a line of standard error contains `needle`; returns that line.
+fn wait_for_stderr(running: &Running, needle: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let stderr = running.stderr();
+        if let Some(line) = stderr.lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
         }
-        let mut bridge = Bridge { cmd, dir };
-        bridge
-            .set("AMQP__URL", AMQP_URL)
-            .set("SERVER__LISTEN", "127.0.0.1:0")
-            .set("SEGMENT__FLUSH_INTERVAL_MS", "50");
-        bridge
-    }
-
-    /// Sets `SEGMENT_BRIDGE__<key>`.
-    fn set(&mut self, key: &str, value: &str) -> &mut Bridge {
-        self.cmd.env(format!("SEGMENT_BRIDGE__{key}"), value);
-        self
-    }
-
-    fn queues(&mut self, queues: &Queues) -> &mut Bridge {
-        self.set("AMQP__QUEUE", &queues.main)
-            .set("AMQP__DEAD_LETTER_QUEUE", &queues.dead)
-    }
-
-    /// A region with an endpoint and a write key.
-    fn region(&mut self, region: &str, endpoint: &str, key: &str) -> &mut Bridge {
-        let r = region.to_uppercase();
-        self.set(&format!("SEGMENT__{r}__ENDPOINT"), endpoint)
-            .set(&format!("SEGMENT__{r}__WRITE_KEY"), key)
-    }
-
-    fn env(&mut self, key: &str, value: &str) -> &mut Bridge {
-        self.cmd.env(key, value);
-        self
-    }
-
-    /// A file in the working directory.
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Runs to completion (killed and failed after `WITHIN`), feeding `stdin`.
-    async fn output(mut self, stdin: &[u8]) -> Output {
-        let stdin = stdin.to_vec();
-        tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let mut running = self.spawn_with_stdin();
-            let mut input = running.child.stdin.take().unwrap();
-            std::thread::spawn(move || {
-                let _ = input.write_all(&stdin);
-            });
-            let status = running.wait(WITHIN);
-            let out = Output {
-                status,
-                stdout: running.stdout_all(),
-                stderr: running.stderr(),
-                took: started.elapsed(),
-            };
-            drop(self.dir);
-            out
-        })
-        .await
-        .unwrap()
-    }
-
-    /// Starts it in the background, standard input closed.
-    fn spawn(&mut self) -> Running {
-        self.cmd.stdin(Stdio::null());
-        self.start()
-    }
-
-    fn spawn_with_stdin(&mut self) -> Running {
-        self.cmd.stdin(Stdio::piped());
-        self.start()
-    }
-
-    fn start(&mut self) -> Running {
-        let mut child = self
-            .cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let stdout_reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        let stderr_reader = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Running {
-            child,
-            lines,
-            seen: Vec::new(),
-            stderr,
-            readers: vec![stdout_reader, stderr_reader],
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-}
-
-impl Output {
-    fn both(&self) -> String {
-        format!("{}\n{}", self.stdout, self.stderr)
-    }
-}
-
-/// A child process; killed when dropped while still running.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    /// Every stdout line read so far.
-    seen: Vec<String>,
-    stderr: Arc<Mutex<String>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Running {
-    /// The next line of standard output, or `None` at the deadline or end of output.
-    fn next_line(&mut self, deadline: Instant) -> Option<String> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = self.lines.recv_timeout(left).ok()?;
-        self.seen.push(line.clone());
-        Some(line)
-    }
-
-    fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -TERM failed");
-    }
-
-    /// Waits for the exit; kills the child and fails the test after `within`.
-    fn wait(&mut self, within: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                for reader in self.readers.drain(..) {
-                    let _ = reader.join();
-                }
-                return status;
-            }
-            if start.elapsed() > within {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "segment-bridge did not exit within {within:?}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Every stdout line, including those not yet read by `next_line`; call after `wait`.
-    fn stdout_all(&mut self) -> String {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        self.seen.iter().map(|l| format!("{l}\n")).collect()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} on stderr within {within:?}:\n{stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -248,25 +54,6 @@ fn numbers(text: &str) -> Vec<u64> {
     text.split(|c: char| !c.is_ascii_digit())
         .filter_map(|w| w.parse().ok())
         .collect()
-}
-
-/// Publishes straight onto a queue (the dead-letter queue, say), with a confirm.
-async fn put(queue: &str, messages: &[(Vec<u8>, BasicProperties)]) {
-    let (conn, channel) = open_confirm_channel().await;
-    for (body, properties) in messages {
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body,
-                properties.clone(),
-            )
-            .await
-            .unwrap();
-        assert!(confirm.await.unwrap().is_ack());
-    }
-    let _ = conn.close(200, "OK".into()).await;
 }
 
 fn headers(pairs: Vec<(&str, AMQPValue)>) -> FieldTable {
@@ -324,11 +111,12 @@ async fn publish_puts_every_non_blank_line_on_the_queue_byte_for_byte_as_a_persi
     file.extend_from_slice(&lines[2]);
     file.extend_from_slice(b"\n\n");
     file.extend_from_slice(&lines[3]); // the last line has no newline
-    let mut bridge = Bridge::new(&["publish", "sessions.jsonl"]);
+    // A line that is not JSON is published only when asked for.
+    let mut bridge = tool(&["publish", "--allow-invalid", "sessions.jsonl"]);
     bridge.queues(&queues);
     std::fs::write(bridge.path("sessions.jsonl"), &file).unwrap();
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
     assert!(out.status.success(), "{out:?}");
     let report = out.stdout.replace(&queues.main, "QUEUE");
@@ -358,10 +146,10 @@ async fn publish_puts_every_non_blank_line_on_the_queue_byte_for_byte_as_a_persi
 #[tokio::test]
 async fn publish_of_a_missing_file_fails_naming_the_file_and_publishes_nothing() {
     let queues = Queues::new("tools-publish-missing").await;
-    let mut bridge = Bridge::new(&["publish", "no-such-sessions.jsonl"]);
+    let mut bridge = tool(&["publish", "no-such-sessions.jsonl"]);
     bridge.queues(&queues);
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
     assert!(!out.status.success(), "{out:?}");
     assert!(
@@ -369,6 +157,61 @@ async fn publish_of_a_missing_file_fails_naming_the_file_and_publishes_nothing()
         "the message names the file: {out:?}"
     );
     assert_eq!(queues.ready().await, (0, 0));
+}
+
+#[tokio::test]
+async fn publish_refuses_a_file_with_a_line_that_is_not_a_json_object_naming_the_line_and_publishes_nothing()
+ {
+    let queues = Queues::new("tools-publish-invalid").await;
+    // A pretty-printed session, as a newcomer might paste it: valid JSON, but not one
+    // object per line.
+    let file = format!(
+        "{}\n\n{{\n  \"session_id\": \"pretty\",\n  \"email\": \"a@b.c\"\n}}\n",
+        session("inv-1", "us")
+    );
+    let mut bridge = tool(&["publish", "sessions.jsonl"]);
+    bridge.queues(&queues);
+    std::fs::write(bridge.path("sessions.jsonl"), &file).unwrap();
+
+    let out = bridge.output(b"", WITHIN).await;
+
+    assert_eq!(out.status.code(), Some(2), "a usage error: {out:?}");
+    assert!(
+        out.stderr
+            .contains("sessions.jsonl line 3 is not a JSON object"),
+        "names the first bad line, counting blank ones: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("3 later lines are not either")
+            && out.stderr.contains("--allow-invalid"),
+        "{out:?}"
+    );
+    assert_eq!(queues.ready().await, (0, 0), "not even the good first line");
+}
+
+#[tokio::test]
+async fn publish_to_an_unreachable_broker_says_host_and_port_once_and_exits_3() {
+    let mut bridge = tool(&["publish", "sessions.jsonl"]);
+    bridge.set("AMQP__URL", "amqp://guest:pw-3c9e1f@127.0.0.1:1/%2f");
+    std::fs::write(bridge.path("sessions.jsonl"), session("unr-1", "us")).unwrap();
+
+    let out = bridge.output(b"", WITHIN).await;
+
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        out.stderr.contains("cannot reach RabbitMQ at 127.0.0.1:1"),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.stderr.matches("Connection refused").count(),
+        1,
+        "the cause once, not once per error in its chain: {out:?}"
+    );
+    assert!(!out.both().contains("pw-3c9e1f"), "{out:?}");
+    assert!(
+        !out.stderr.contains('\x1b'),
+        "no colour codes when standard error is not a terminal: {out:?}"
+    );
 }
 
 // replay-dead --------------------------------------------------------------------------
@@ -407,10 +250,10 @@ async fn replay_dead_moves_dead_letters_back_unchanged_but_for_the_error_header(
     ];
     put(&queues.dead, &dead).await;
     queues.wait_ready((0, 3), WITHIN).await;
-    let mut bridge = Bridge::new(&["replay-dead"]);
+    let mut bridge = tool(&["replay-dead"]);
     bridge.queues(&queues);
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
     assert!(out.status.success(), "{out:?}");
     let report = out
@@ -460,10 +303,10 @@ async fn replay_dead_with_a_limit_moves_exactly_that_many_oldest_first() {
         .collect();
     put(&queues.dead, &dead).await;
     queues.wait_ready((0, 5), WITHIN).await;
-    let mut bridge = Bridge::new(&["replay-dead", "--limit", "2"]);
+    let mut bridge = tool(&["replay-dead", "--limit", "2"]);
     bridge.queues(&queues);
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
     assert!(out.status.success(), "{out:?}");
     assert_eq!(queues.ready().await, (2, 3), "exactly 2 moved: {out:?}");
@@ -502,9 +345,9 @@ async fn a_session_the_worker_dead_lettered_is_replayed_with_its_original_body_a
     queues.wait_ready((0, 1), WITHIN).await;
     app.stop().await;
 
-    let mut bridge = Bridge::new(&["replay-dead"]);
+    let mut bridge = tool(&["replay-dead"]);
     bridge.queues(&queues);
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(queues.ready().await, (1, 0), "{out:?}");
     let (got_body, got) = queues.take_main().await.pop().unwrap();
@@ -541,7 +384,7 @@ async fn check_passes_with_a_write_key_and_a_reachable_broker_names_both_regions
 {
     let queues = Queues::new("tools-check").await;
     let key = "wk-check-7f3a9c51d2";
-    let mut bridge = Bridge::new(&["check", "--config", "bridge.toml"]);
+    let mut bridge = tool(&["check", "--config", "bridge.toml"]);
     std::fs::write(
         bridge.path("bridge.toml"),
         format!(
@@ -553,7 +396,7 @@ async fn check_passes_with_a_write_key_and_a_reachable_broker_names_both_regions
     .unwrap();
     bridge.set("SEGMENT__US__WRITE_KEY", key);
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
     assert!(out.status.success(), "{out:?}");
     let report = out
@@ -578,15 +421,15 @@ async fn check_passes_with_a_write_key_and_a_reachable_broker_names_both_regions
 #[tokio::test]
 async fn check_fails_on_an_invalid_value_naming_the_key() {
     let queues = Queues::new("tools-check-invalid").await;
-    let mut bridge = Bridge::new(&["check"]);
+    let mut bridge = tool(&["check"]);
     bridge
         .queues(&queues)
         .region("us", "http://127.0.0.1:9/v1/batch", "wk-invalid")
         .set("SEGMENT__MAX_BATCH_EVENTS", "5000");
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
-    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(2), "a configuration error: {out:?}");
     assert!(
         out.both().contains("segment.max_batch_events"),
         "the message names the key: {out:?}"
@@ -596,16 +439,19 @@ async fn check_fails_on_an_invalid_value_naming_the_key() {
 
 #[tokio::test]
 async fn check_fails_when_the_broker_is_unreachable_without_printing_its_password() {
-    let mut bridge = Bridge::new(&["check"]);
+    let mut bridge = tool(&["check"]);
     bridge
         .set("AMQP__URL", "amqp://guest:pw-5e1d0a@127.0.0.1:1/%2f")
         .region("us", "http://127.0.0.1:9/v1/batch", "wk-unreachable");
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
-    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(out.took < Duration::from_secs(12), "{out:?}");
-    assert!(out.both().contains("broker"), "says what failed: {out:?}");
+    assert!(
+        out.stdout.contains("broker: unreachable at 127.0.0.1:1"),
+        "says what failed, and where: {out:?}"
+    );
     assert!(
         !out.both().contains("pw-5e1d0a") && !out.both().contains("wk-unreachable"),
         "{out:?}"
@@ -613,9 +459,77 @@ async fn check_fails_when_the_broker_is_unreachable_without_printing_its_passwor
 }
 
 #[tokio::test]
+async fn check_tells_a_refused_login_from_an_unreachable_broker() {
+    let mut bridge = tool(&["check"]);
+    let wrong = AMQP_URL.replacen("guest:guest@", "guest:wrong-pw-8d2b@", 1);
+    assert_ne!(wrong, AMQP_URL, "the test broker's URL names guest:guest");
+    bridge
+        .set("AMQP__URL", &wrong)
+        .region("us", "http://127.0.0.1:9/v1/batch", "wk-refused");
+
+    let out = bridge.output(b"", WITHIN).await;
+
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("broker: login refused at 127.0.0.1:5672"),
+        "{out:?}"
+    );
+    assert!(!out.stdout.contains("unreachable"), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("check the user, password and vhost in amqp.url"),
+        "says what to do: {out:?}"
+    );
+    assert!(
+        !out.both().contains("wrong-pw-8d2b") && !out.both().contains("wk-refused"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_write_key_with_a_trailing_newline_is_refused_naming_the_key_not_the_value() {
+    let mut bridge = tool(&["check"]);
+    bridge.region("eu", "http://127.0.0.1:9/v1/batch", "wk-newline-41ab\n");
+
+    let out = bridge.output(b"", WITHIN).await;
+
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("segment.eu.write_key has white space at its start or end"),
+        "{out:?}"
+    );
+    assert!(!out.both().contains("wk-newline-41ab"), "{out:?}");
+}
+
+#[tokio::test]
+async fn a_variable_one_underscore_short_of_an_override_is_warned_about_by_name_only() {
+    let mut bridge = tool(&["preview"]);
+    bridge
+        .set("AMQP__URL", UNREACHABLE)
+        .env("SEGMENT_BRIDGE_SEGMENT__US__WRITE_KEY", "wk-misspelt-93c1")
+        .env("SEGMENT_BRIDGE_SERVICE_HOST", "10.0.0.1");
+
+    let out = bridge.output(b"", WITHIN).await;
+
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("SEGMENT_BRIDGE_SEGMENT__US__WRITE_KEY")
+            && out.stderr.contains("not read"),
+        "{out:?}"
+    );
+    assert!(
+        !out.stderr.contains("SEGMENT_BRIDGE_SERVICE_HOST"),
+        "Kubernetes' own variables are left alone: {out:?}"
+    );
+    assert!(!out.both().contains("wk-misspelt-93c1"), "{out:?}");
+}
+
+#[tokio::test]
 async fn check_works_with_no_config_file_when_the_environment_holds_the_queues_and_a_write_key() {
     let queues = Queues::new("tools-check-nofile").await;
-    let mut bridge = Bridge::new(&["check"]);
+    let mut bridge = tool(&["check"]);
     // What an operator sets: the broker, the queues, and one region's write key. The
     // endpoint is left at its default.
     bridge
@@ -624,7 +538,7 @@ async fn check_works_with_no_config_file_when_the_environment_holds_the_queues_a
         .set("SEGMENT__EU__WRITE_KEY", "wk-env-only");
     assert!(!bridge.path("config.toml").exists());
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
     assert!(out.status.success(), "{out:?}");
     let report = out
@@ -649,7 +563,7 @@ async fn check_offline_refuses_batch_limits_that_run_refuses_naming_the_key() {
     // Both are below what one session (two events) needs; a copy of the rules elsewhere
     // once accepted them.
     for key in ["max_batch_events", "max_batch_bytes"] {
-        let mut bridge = Bridge::new(&["check", "--offline", "--config", "bridge.toml"]);
+        let mut bridge = tool(&["check", "--offline", "--config", "bridge.toml"]);
         std::fs::write(
             bridge.path("bridge.toml"),
             format!("[segment]\n{key} = 1\n\n[segment.us]\nwrite_key = \"wk-offline-bad\"\n"),
@@ -657,7 +571,7 @@ async fn check_offline_refuses_batch_limits_that_run_refuses_naming_the_key() {
         .unwrap();
         bridge.set("AMQP__URL", UNREACHABLE);
 
-        let out = bridge.output(b"").await;
+        let out = bridge.output(b"", WITHIN).await;
 
         assert!(!out.status.success(), "{key} = 1 is refused: {out:?}");
         assert!(
@@ -670,7 +584,7 @@ async fn check_offline_refuses_batch_limits_that_run_refuses_naming_the_key() {
 
 #[tokio::test]
 async fn check_offline_passes_a_good_file_without_a_broker_and_reports_regions_and_sources() {
-    let mut bridge = Bridge::new(&["check", "--offline", "--config", "bridge.toml"]);
+    let mut bridge = tool(&["check", "--offline", "--config", "bridge.toml"]);
     std::fs::write(
         bridge.path("bridge.toml"),
         format!(
@@ -681,12 +595,12 @@ async fn check_offline_passes_a_good_file_without_a_broker_and_reports_regions_a
     )
     .unwrap();
     // The file's URL, whose port nothing listens on, not the harness's broker.
-    bridge.cmd.env_remove("SEGMENT_BRIDGE__AMQP__URL");
+    bridge.env_remove("SEGMENT_BRIDGE__AMQP__URL");
     bridge
         .set("INTAKE__SOURCES__JEBBIT_EU__SECRET", "sec-offline-71d2")
         .set("INTAKE__SOURCES__CTA__SECRET", "tok-offline-88a0");
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
     assert!(out.status.success(), "{out:?}");
     assert!(out.took < Duration::from_secs(5), "no broker wait: {out:?}");
@@ -710,13 +624,13 @@ async fn check_offline_passes_a_good_file_without_a_broker_and_reports_regions_a
 
 #[tokio::test]
 async fn check_offline_refuses_a_source_without_its_secret_naming_the_source() {
-    let mut bridge = Bridge::new(&["check", "--offline"]);
+    let mut bridge = tool(&["check", "--offline"]);
     bridge
         .set("AMQP__URL", UNREACHABLE)
         .set("SEGMENT__US__WRITE_KEY", "wk-offline-src")
         .set("INTAKE__SOURCES__JEBBIT_US__KIND", "jebbit");
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
     assert!(!out.status.success(), "{out:?}");
     assert!(
@@ -741,10 +655,10 @@ async fn preview_prints_one_line_per_session_with_its_events_skip_or_error_witho
         session("pv-1", "eu"),
         r#"{"session_id":"pv-no-email","opt_in":true}"#,
     );
-    let mut bridge = Bridge::new(&["preview"]);
+    let mut bridge = tool(&["preview"]);
     bridge.set("AMQP__URL", UNREACHABLE);
 
-    let out = bridge.output(input.as_bytes()).await;
+    let out = bridge.output(input.as_bytes(), WITHIN).await;
 
     assert!(out.status.success(), "exit 0 even with a bad line: {out:?}");
     let lines: Vec<Value> = out
@@ -801,10 +715,10 @@ async fn preview_reports_a_line_that_is_not_utf8_as_an_error_and_goes_on_with_th
     input.extend_from_slice(b"\n{\"session_id\":\"latin1\",\"email\":\"caf\xe9@example.com\"}\n");
     input.extend_from_slice(session("u8-3", "us").as_bytes());
     input.push(b'\n');
-    let mut bridge = Bridge::new(&["preview"]);
+    let mut bridge = tool(&["preview"]);
     bridge.set("AMQP__URL", UNREACHABLE);
 
-    let out = bridge.output(&input).await;
+    let out = bridge.output(&input, WITHIN).await;
 
     assert!(out.status.success(), "exit 0 even with a bad line: {out:?}");
     let lines: Vec<Value> = out
@@ -859,8 +773,10 @@ async fn run_dry_run_prints_each_batch_as_a_json_line_acknowledges_and_exits_0_o
             session(ids[2], "non-eu"),
         ])
         .await;
-    let mut bridge = Bridge::new(&["run", "--dry-run"]);
-    bridge.queues(&queues);
+    let mut bridge = tool(&["run", "--dry-run"]);
+    bridge
+        .queues(&queues)
+        .set("SERVER__PROGRESS_INTERVAL_S", "1");
     let mut running = bridge.spawn();
 
     let batches = tokio::task::block_in_place(|| read_batches(&mut running, &ids));
@@ -873,9 +789,22 @@ async fn run_dry_run_prints_each_batch_as_a_json_line_acknowledges_and_exits_0_o
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys, BTreeSet::from(["batch", "sentAt"]), "{batch}");
+        assert_eq!(
+            keys,
+            BTreeSet::from(["batch", "region", "sentAt"]),
+            "{batch}"
+        );
         let sent_at = batch["sentAt"].as_str().expect("sentAt");
         assert!(sent_at.ends_with('Z') && sent_at.contains('T'), "{sent_at}");
+        // dr-2 is for the EU; dr-1 and dr-3 (no known region) for the US.
+        for e in batch["batch"].as_array().unwrap() {
+            let want = if e["userId"] == sha256_hex("dr-2@example.com") {
+                "eu"
+            } else {
+                "us"
+            };
+            assert_eq!(batch["region"], want, "{batch}");
+        }
         events.extend(batch["batch"].as_array().unwrap().iter().cloned());
     }
     assert_eq!(
@@ -898,9 +827,32 @@ async fn run_dry_run_prints_each_batch_as_a_json_line_acknowledges_and_exits_0_o
         );
     }
 
+    // A progress line while work flows; then none while idle.
+    let progress = wait_for_stderr(&running, "Progress in the last 1 s.", WITHIN);
+    assert!(
+        progress.contains("delivered=3")
+            && progress.contains("events_us=4")
+            && progress.contains("events_eu=2")
+            && progress.contains("held=0"),
+        "{progress}"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        running.stderr().matches("Progress in the last").count(),
+        1,
+        "no line while idle: {}",
+        running.stderr()
+    );
     running.terminate();
     let status = tokio::task::block_in_place(|| running.wait(Duration::from_secs(10)));
     assert_eq!(status.code(), Some(0), "stderr:\n{}", running.stderr());
+    assert!(
+        running.stderr().contains(
+            "Since start: 3 sessions written out (dry run) and acknowledged, 0 handed back to the queue, 0 left unacknowledged to the broker"
+        ),
+        "the shutdown line counts: {}",
+        running.stderr()
+    );
     // Had the deliveries not been acknowledged, closing the connection would have put
     // them back.
     assert_eq!(queues.ready().await, (0, 0), "the queue is drained");
@@ -917,12 +869,12 @@ async fn run_dry_run_prints_each_batch_as_a_json_line_acknowledges_and_exits_0_o
 async fn run_without_a_write_key_or_dry_run_refuses_to_start_and_says_why() {
     let queues = Queues::new("tools-run-no-key").await;
     queues.publish([session("nk-1", "us")]).await;
-    let mut bridge = Bridge::new(&["run"]);
+    let mut bridge = tool(&["run"]);
     bridge.queues(&queues);
 
-    let out = bridge.output(b"").await;
+    let out = bridge.output(b"", WITHIN).await;
 
-    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(2), "a configuration error: {out:?}");
     assert!(out.took < Duration::from_secs(5), "quickly: {out:?}");
     assert!(out.stderr.contains("no write key"), "{out:?}");
     assert!(out.stderr.contains("--dry-run"), "{out:?}");
@@ -934,7 +886,7 @@ async fn run_without_a_write_key_or_dry_run_refuses_to_start_and_says_why() {
 async fn with_json_log_format_every_stderr_line_of_run_is_a_json_object() {
     let queues = Queues::new("tools-json-logs").await;
     queues.publish([session("jl-1", "us")]).await;
-    let mut bridge = Bridge::new(&["run", "--dry-run"]);
+    let mut bridge = tool(&["run", "--dry-run"]);
     bridge
         .queues(&queues)
         .env("SEGMENT_BRIDGE_LOG_FORMAT", "json");
@@ -965,7 +917,7 @@ async fn run_never_prints_or_logs_the_write_key_even_at_debug_level() {
     let us = FakeSegment::ok().await;
     let key = "wk-run-9b8e77a0c4";
     queues.publish([session("sk-1", "us")]).await;
-    let mut bridge = Bridge::new(&["run"]);
+    let mut bridge = tool(&["run"]);
     bridge
         .queues(&queues)
         .region("us", &us.url(), key)
@@ -997,6 +949,43 @@ async fn run_never_prints_or_logs_the_write_key_even_at_debug_level() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_segment_unreachable_the_cause_is_logged_and_the_shutdown_line_says_it_handed_back() {
+    let queues = Queues::new("tools-run-unreachable").await;
+    queues.publish([session("ur-1", "us")]).await;
+    let mut bridge = tool(&["run"]);
+    bridge.queues(&queues).region(
+        "us",
+        "http://127.0.0.1:1/v1/batch",
+        "wk-unreachable-segment",
+    );
+    let mut running = bridge.spawn();
+
+    let retry = tokio::task::block_in_place(|| {
+        wait_for_stderr(&running, "Segment did not take the batch", WITHIN)
+    });
+    assert!(
+        retry.contains("status=transport") && retry.contains("Connection refused"),
+        "the transport failure's cause, on the same line: {retry}"
+    );
+    running.terminate();
+    let status = tokio::task::block_in_place(|| running.wait(Duration::from_secs(20)));
+    let stderr = running.stderr();
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains(
+            "Since start: 0 sessions sent to Segment and acknowledged, 1 handed back to the queue, 0 left unacknowledged to the broker"
+        ),
+        "the shutdown line tells what happened: {stderr}"
+    );
+    assert!(!stderr.contains("every held delivery"), "{stderr}");
+    assert_eq!(
+        queues.ready().await,
+        (1, 0),
+        "the session is back on the queue"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_dry_run_keeps_each_batch_on_a_line_of_its_own_while_both_regions_print() {
     let queues = Queues::new("tools-dry-run-both").await;
     let ids: Vec<String> = (0..600).map(|i| format!("both-{i:03}")).collect();
@@ -1007,7 +996,7 @@ async fn run_dry_run_keeps_each_batch_on_a_line_of_its_own_while_both_regions_pr
                 .map(|(i, id)| session(id, ["us", "eu"][i % 2])),
         )
         .await;
-    let mut bridge = Bridge::new(&["run", "--dry-run"]);
+    let mut bridge = tool(&["run", "--dry-run"]);
     bridge
         .queues(&queues)
         .set("SEGMENT__MAX_BATCH_EVENTS", "2")
