@@ -281,3 +281,52 @@ async fn shutting_down_while_the_dead_letter_queue_is_missing_hands_the_dead_let
         "it is a fresh copy: no delivery spent"
     );
 }
+
+/// A dead letter the broker nacks (its queue full, `reject-publish`) replaces the
+/// dead-letter channel with a fresh one before the retry, and lands once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_dead_letter_gets_a_fresh_channel_and_lands_once_there_is_room() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let queues = Queues::new("dl-nack").await;
+    queues.set_dead_letter_queue(false).await;
+    let mut full = FieldTable::default();
+    full.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    full.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    let channel = queues.channel().await;
+    channel
+        .queue_declare(
+            queues.dead.as_str().into(),
+            QueueDeclareOptions::durable(),
+            full,
+        )
+        .await
+        .unwrap();
+    let us = FakeSegment::ok().await;
+    let mut config = config(&queues, Some(&us), None);
+    config.amqp.declare = false;
+    let app = spawn_app(config).await;
+    app.wait_until("consuming", WITHIN, |a| a.health.readiness().is_ok())
+        .await;
+    let bad: Vec<String> = (0..2).map(|i| format!("not json {i}")).collect();
+    queues.publish(&bad).await;
+    app.wait_until("a nacked dead letter replaced its channel", WITHIN, |a| {
+        a.metric("segment_bridge_amqp_channel_replacements_total") >= 1.0
+    })
+    .await;
+    queues.set_dead_letter_queue(false).await;
+    queues.set_dead_letter_queue(true).await;
+    queues.wait_ready((0, 2), WITHIN).await;
+    app.stop().await;
+    let mut bodies: Vec<String> = queues
+        .take_dead()
+        .await
+        .iter()
+        .map(|(b, _)| String::from_utf8(b.clone()).unwrap())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, bad, "exactly one copy of each");
+}
