@@ -190,7 +190,9 @@ async fn a_delivery_near_the_queues_delivery_limit_is_logged_and_counted_and_sti
 async fn three_competing_workers_one_killed_midway_deliver_every_session_with_one_message_id_per_event()
  {
     let queues = Queues::quorum("qq-replicas", 3).await;
-    let us = fake_segment(200, Duration::from_millis(100)).await;
+    // Slow enough that the stream outlasts the kill on a busy machine: each worker takes
+    // at most 2 requests of 20 sessions per 250 ms.
+    let us = fake_segment(200, Duration::from_millis(250)).await;
     let settings = [
         ("AMQP__PREFETCH", "100"),
         ("SEGMENT__MAX_BATCH_EVENTS", "40"),
@@ -200,7 +202,8 @@ async fn three_competing_workers_one_killed_midway_deliver_every_session_with_on
     for d in &daemons {
         d.wait_ready(WAIT).await;
     }
-    // About 1,200 sessions/s with three workers: a stream of 3 s, killed after 0.25 s.
+    // At most about 480 sessions/s with three workers: a stream of over 6 s, killed after
+    // about a fifth of it.
     let ids = session_ids("c", 3000);
     queues.publish(bodies(&ids)).await;
     us.wait_accepted(600, WITHIN).await;
