@@ -913,7 +913,7 @@ impl Config {
 /// Whether an environment variable looks meant as an override but is not read as one:
 /// it starts with `SEGMENT_BRIDGE_` and one `_` short of the prefix, and goes on like a
 /// key (a section's name, or `__` between keys). Other `SEGMENT_BRIDGE_…` variables are
-/// left alone: `SEGMENT_BRIDGE_LOG_FORMAT`, test switches, and the `…_SERVICE_HOST` /
+/// left alone: `SEGMENT_BRIDGE_LOG_FORMAT`, `SEGMENT_BRIDGE_INTAKE_THREADS`, test switches, and the `…_SERVICE_HOST` /
 /// `…_PORT…` variables Kubernetes sets for a Service named `segment-bridge`.
 pub fn looks_like_a_misspelt_override(name: &str) -> bool {
     const SECTIONS: [&str; 8] = [
@@ -927,6 +927,10 @@ pub fn looks_like_a_misspelt_override(name: &str) -> bool {
         return false;
     }
     let rest = rest.trim_start_matches('_');
+    // The binary's own variables outside the configuration.
+    if ["LOG_FORMAT", "INTAKE_THREADS"].contains(&rest) {
+        return false;
+    }
     let kubernetes = rest.contains("SERVICE_HOST")
         || rest.contains("SERVICE_PORT")
         || rest == "PORT"
@@ -1532,6 +1536,7 @@ mod tests {
         for name in [
             "SEGMENT_BRIDGE__SEGMENT__US__WRITE_KEY",
             "SEGMENT_BRIDGE_LOG_FORMAT",
+            "SEGMENT_BRIDGE_INTAKE_THREADS",
             "SEGMENT_BRIDGE_BIN",
             "SEGMENT_BRIDGE_TEST_CLUSTER",
             "SEGMENT_BRIDGE_SERVICE_HOST",
