@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use secrecy::SecretString;
@@ -95,6 +95,7 @@ fn http() -> reqwest::Client {
     segment_bridge::segment::http_client(Duration::from_secs(20)).unwrap()
 }
 
+use segment_bridge_testkit::broker::declare_durable;
 use segment_bridge_testkit::jebbit::{signature as signed, unix_now as now};
 
 /// An intake running in this process, with its side port.
@@ -629,14 +630,7 @@ async fn a_message_the_broker_returns_or_nacks_is_answered_503() {
         "x-overflow".into(),
         AMQPValue::LongString("reject-publish".into()),
     );
-    channel
-        .queue_declare(
-            limited.as_str().into(),
-            QueueDeclareOptions::durable(),
-            args,
-        )
-        .await
-        .unwrap();
+    declare_durable(&channel, &limited, args).await.unwrap();
     let mut config = intake_config(&queues);
     config.amqp.queue = limited.clone();
     let intake = spawn_intake(config).await;
