@@ -9,10 +9,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-use segment_bridge::app::{AppError, IntakeApp, Stopped};
 use segment_bridge::config::Config;
 
 use crate::fake_jebbit::{self, FakeJebbit};
@@ -177,22 +174,10 @@ auth_url = "{url}"
 
     /// Starts the intake in this process on the chosen ports.
     async fn spawn_intake(&self, secrets: &[(&str, &str)]) -> Intake {
-        let app = IntakeApp::build(self.config(secrets)).await.unwrap();
-        assert_eq!(app.addr(), self.intake);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(app.run(shutdown.clone()));
-        let http = segment_bridge::segment::http_client(Duration::from_secs(5)).unwrap();
-        let start = Instant::now();
-        while !http
-            .get(format!("http://{}/readyz", self.probes))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            assert!(start.elapsed() < WITHIN, "the intake did not become ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Intake { shutdown, task }
+        let intake = start_intake(self.config(secrets), WITHIN).await;
+        assert_eq!(intake.addr, self.intake);
+        intake.wait_ready().await;
+        intake
     }
 
     /// No output of the binary holds a secret: a `shared_secret`, a token Jebbit issued,
@@ -217,22 +202,6 @@ auth_url = "{url}"
                 }
             }
         }
-    }
-}
-
-struct Intake {
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<Stopped, AppError>>,
-}
-
-impl Intake {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(WITHIN, self.task)
-            .await
-            .expect("the intake stops")
-            .unwrap()
-            .unwrap();
     }
 }
 
