@@ -143,6 +143,19 @@ struct Which {
     id: Option<String>,
 }
 
+impl Which {
+    /// `onboard::act` on this integration.
+    async fn act(
+        &self,
+        client: &onboard::jebbit::Client,
+        action: onboard::Action,
+        io: &mut onboard::Io<'_>,
+    ) -> Result<(), onboard::OnboardError> {
+        let (source, id) = (self.source.as_deref(), self.id.as_deref());
+        onboard::act(client, source, id, action, io).await
+    }
+}
+
 #[derive(clap::Args)]
 struct HandoverArgs {
     /// Write the secret to this file, mode 0600 [default: <NAME>.secret, unless
@@ -297,30 +310,18 @@ async fn jebbit(config: &Config, command: JebbitCommand) -> Result<(), onboard::
             onboard::test(config, &client, &args, io).await
         }
         JebbitCommand::Deactivate { which } => {
-            onboard::set_active(
-                &client,
-                which.source.as_deref(),
-                which.id.as_deref(),
-                false,
-                io,
-            )
-            .await
+            which
+                .act(&client, onboard::Action::SetActive(false), io)
+                .await
         }
         JebbitCommand::Activate { which } => {
-            onboard::set_active(
-                &client,
-                which.source.as_deref(),
-                which.id.as_deref(),
-                true,
-                io,
-            )
-            .await
+            which
+                .act(&client, onboard::Action::SetActive(true), io)
+                .await
         }
-        JebbitCommand::Delete { which } => {
-            onboard::delete(&client, which.source.as_deref(), which.id.as_deref(), io).await
-        }
+        JebbitCommand::Delete { which } => which.act(&client, onboard::Action::Delete, io).await,
         JebbitCommand::Backfill { which } => {
-            onboard::backfill(&client, which.source.as_deref(), which.id.as_deref(), io).await
+            which.act(&client, onboard::Action::Backfill, io).await
         }
         JebbitCommand::BackfillStatus { id } => onboard::backfill_status(&client, &id, io).await,
     }

@@ -110,7 +110,11 @@ pub fn unique() -> String {
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// Declares the durable queue `name` with `arguments` on `channel`.
-pub async fn declare_durable(channel: &Channel, name: &str, arguments: FieldTable) -> lapin::Result<()> {
+pub async fn declare_durable(
+    channel: &Channel,
+    name: &str,
+    arguments: FieldTable,
+) -> lapin::Result<()> {
     channel
         .queue_declare(name.into(), QueueDeclareOptions::durable(), arguments)
         .await
