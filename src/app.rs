@@ -218,12 +218,7 @@ impl WorkerApp {
         let grace = config.grace_period();
         let m = metrics.clone();
         let read = move || m.totals();
-        spawn_progress(
-            config.progress_interval(),
-            read,
-            log_worker_progress,
-            &shutdown,
-        );
+        spawn_progress(&config, read, log_worker_progress, &shutdown);
         // Spawned rather than awaited here, so that it runs as the runtime's own task.
         let mut worker = tokio::spawn(
             Worker::new(config, health, metrics.clone(), dry_run).run(shutdown.clone()),
@@ -361,12 +356,7 @@ impl IntakeApp {
         ));
         let m = metrics.clone();
         let read = move || m.totals();
-        spawn_progress(
-            config.progress_interval(),
-            read,
-            log_intake_progress,
-            &shutdown,
-        );
+        spawn_progress(&config, read, log_intake_progress, &shutdown);
         let bound = config.intake.drain_delay() + config.grace_period() + Duration::from_secs(5);
         let mut intake = tokio::spawn(intake::run(
             config,
@@ -438,15 +428,16 @@ async fn report_progress<T: PartialEq>(
     }
 }
 
-/// Starts [`report_progress`] when the configuration asks for progress lines (`every`),
+/// Starts [`report_progress`] when the configuration asks for progress lines (its
+/// `progress_interval`),
 /// with `log` writing the line of each interval in which something changed.
 fn spawn_progress<T: PartialEq + Send + 'static>(
-    every: Option<Duration>,
+    config: &Config,
     read: impl Fn() -> T + Send + 'static,
     log: fn(&T, &T, Duration),
     shutdown: &CancellationToken,
 ) {
-    if let Some(every) = every {
+    if let Some(every) = config.progress_interval() {
         let log = move |now: &T, last: &T| log(now, last, every);
         tokio::spawn(report_progress(read, log, every, shutdown.clone()));
     }

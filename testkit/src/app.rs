@@ -151,17 +151,14 @@ pub struct Answer {
 /// the waits for it to be ready and to stop.
 pub async fn start_intake(config: Config, within: Duration) -> Intake {
     let app = IntakeApp::build(config).await.unwrap();
-    let (addr, probes) = (app.addr(), format!("http://{}", app.probes_addr()));
-    let metrics = app.metrics();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(app.run(shutdown.clone()));
     Intake {
-        addr,
-        probes,
-        metrics,
+        addr: app.addr(),
+        probes: format!("http://{}", app.probes_addr()),
+        metrics: app.metrics(),
         within,
-        shutdown,
-        task,
+        shutdown: shutdown.clone(),
+        task: tokio::spawn(app.run(shutdown)),
         // rustls needs its crypto provider installed first: the service's client does.
         http: segment_bridge::segment::http_client(Duration::from_secs(20)).unwrap(),
     }

@@ -121,22 +121,26 @@ async fn good_sessions_are_delivered_skips_acknowledged_and_bad_input_dead_lette
         a.metric(r#"segment_bridge_sessions_total{outcome="dead_lettered"}"#) == 7.0
     })
     .await;
-    assert_eq!(
-        app.metric(r#"segment_bridge_sessions_total{outcome="delivered"}"#),
-        10.0
-    );
-    assert_eq!(
-        app.metric(r#"segment_bridge_sessions_total{outcome="skipped_no_email"}"#),
-        2.0
-    );
-    assert_eq!(
-        app.metric(r#"segment_bridge_dead_letters_total{reason="no_write_key"}"#),
-        1.0
-    );
-    assert_eq!(
-        app.metric(r#"segment_bridge_dead_letters_total{reason="too_large"}"#),
-        1.0
-    );
+    for (series, want) in [
+        (
+            r#"segment_bridge_sessions_total{outcome="delivered"}"#,
+            10.0,
+        ),
+        (
+            r#"segment_bridge_sessions_total{outcome="skipped_no_email"}"#,
+            2.0,
+        ),
+        (
+            r#"segment_bridge_dead_letters_total{reason="no_write_key"}"#,
+            1.0,
+        ),
+        (
+            r#"segment_bridge_dead_letters_total{reason="too_large"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(app.metric(series), want, "{series}");
+    }
     app.stop().await;
 
     assert_eq!(us.accepted().len(), 20);
