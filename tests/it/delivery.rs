@@ -9,6 +9,8 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 
+use segment_bridge::config::Config;
+
 use crate::helpers::*;
 
 const WITHIN: Duration = Duration::from_secs(20);
@@ -412,16 +414,30 @@ async fn the_same_session_to_two_segment_sources_gets_other_ids_in_each_and_the_
     );
 }
 
+/// The worker's configuration for `queues` and `us`, with batches of at most `events`
+/// events.
+fn batching(queues: &Queues, us: &FakeSegment, events: usize) -> Config {
+    let mut config = config(queues, Some(us), None);
+    config.segment.max_batch_events = events;
+    config
+}
+
+/// Publishes `n` sessions of region us, with ids `<prefix>0`, `<prefix>1`, ….
+async fn publish_us_sessions(queues: &Queues, prefix: &str, n: usize) {
+    let bodies: Vec<String> = (0..n)
+        .map(|i| session(&format!("{prefix}{i}"), "us"))
+        .collect();
+    queues.publish(&bodies).await;
+}
+
 #[tokio::test]
 async fn batches_respect_the_event_limit_and_the_flush_interval() {
     let queues = Queues::new("batching").await;
     let us = FakeSegment::ok().await;
-    let mut config = config(&queues, Some(&us), None);
-    config.segment.max_batch_events = 10;
+    let mut config = batching(&queues, &us, 10);
     config.segment.flush_interval_ms = 300;
     let app = spawn_app(config).await;
-    let bodies: Vec<String> = (0..23).map(|i| session(&format!("b{i}"), "us")).collect();
-    queues.publish(&bodies).await;
+    publish_us_sessions(&queues, "b", 23).await;
     us.wait_accepted(46, WITHIN).await;
     app.stop().await;
 
@@ -460,12 +476,10 @@ async fn a_slow_segment_gets_several_requests_in_flight_per_region() {
         })
         .await
     };
-    let mut config = config(&queues, Some(&us), None);
-    config.segment.max_batch_events = 4;
+    let mut config = batching(&queues, &us, 4);
     config.segment.max_in_flight = 3;
     let app = spawn_app(config).await;
-    let bodies: Vec<String> = (0..30).map(|i| session(&format!("f{i}"), "us")).collect();
-    queues.publish(&bodies).await;
+    publish_us_sessions(&queues, "f", 30).await;
     us.wait_accepted(60, WITHIN).await;
     queues.wait_ready((0, 0), WITHIN).await;
     app.stop().await;
