@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use lapin::BasicProperties;
@@ -83,6 +84,18 @@ pub async fn spawn_app(config: Config) -> App {
         metrics,
         probes,
     }
+}
+
+/// A worker for `queues` whose Segment (us) is down until the returned switch is set;
+/// it holds each delivery at most `max_hold_s` before handing it back.
+pub async fn spawn_app_segment_down(
+    queues: &Queues,
+    max_hold_s: u64,
+) -> (App, FakeSegment, Arc<AtomicBool>) {
+    let (us, up) = FakeSegment::down_until_up().await;
+    let mut config = config(queues, Some(&us), None);
+    config.retry.max_hold_s = max_hold_s;
+    (spawn_app(config).await, us, up)
 }
 
 impl App {
