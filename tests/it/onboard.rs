@@ -40,6 +40,29 @@ impl Run {
         assert!(!self.status.success(), "it succeeded: {}", self.text());
         self
     }
+
+    /// Asserts that standard output holds `want`.
+    #[track_caller]
+    fn out_has(&self, want: &str) {
+        self.expect(self.stdout.contains(want), want);
+    }
+
+    /// Asserts that standard output starts with `want`.
+    #[track_caller]
+    fn out_starts(&self, want: &str) {
+        self.expect(self.stdout.starts_with(want), want);
+    }
+
+    /// Asserts that standard error holds `want`.
+    #[track_caller]
+    fn err_has(&self, want: &str) {
+        self.expect(self.stderr.contains(want), want);
+    }
+
+    #[track_caller]
+    fn expect(&self, found: bool, want: &str) {
+        assert!(found, "{want:?} not where expected in:\n{}", self.text());
+    }
 }
 
 /// A working directory with a configuration (the test's queues, a Jebbit source
@@ -126,6 +149,15 @@ auth_url = "{url}"
 
     /// Runs the binary in the working directory (which holds `config.toml`), with the
     /// Jebbit credentials in the environment and nothing inherited that could configure it.
+    /// `jebbit connect --source jebbit_eu --public-url <the intake's URL>` and `extra`.
+    async fn connect(&mut self, extra: &[&str]) -> Run {
+        let public = self.public_url();
+        let mut args = vec!["jebbit", "connect", "--source", "jebbit_eu", "--public-url"];
+        args.push(&public);
+        args.extend_from_slice(extra);
+        self.run(&args).await
+    }
+
     async fn run(&mut self, args: &[&str]) -> Run {
         let mut cmd = std::process::Command::new(BIN);
         cmd.args(args).current_dir(self.dir.path());
@@ -205,6 +237,14 @@ auth_url = "{url}"
     }
 }
 
+/// A fake Jebbit whose token covers several businesses.
+fn multi_business() -> fake_jebbit::Options {
+    fake_jebbit::Options {
+        multi_business: true,
+        ..Default::default()
+    }
+}
+
 fn mode(path: &std::path::Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -223,11 +263,8 @@ fn session_ids(events: &[Value]) -> std::collections::BTreeSet<String> {
 async fn connect_test_and_backfill_deliver_every_session_and_print_no_secret() {
     let mut o = Onboarding::new(
         "onboard_e2e",
-        fake_jebbit::Options {
-            // The token covers several businesses: every call must name one.
-            multi_business: true,
-            ..Default::default()
-        },
+        // The token covers several businesses: every call must name one.
+        multi_business(),
     )
     .await;
     let business = o.fake.options().business_id.clone();
@@ -235,19 +272,11 @@ async fn connect_test_and_backfill_deliver_every_session_and_print_no_secret() {
     let public = o.public_url();
 
     let whoami = o.run(&["jebbit", "whoami"]).await.ok();
-    assert!(whoami.stdout.contains(&business), "{}", whoami.text());
+    whoami.out_has(&business);
 
     // Connect: the integration posts to the source's URL, with its region; the secret is
     // in a 0600 file, and the output says what to do next.
-    let connect = [
-        "jebbit",
-        "connect",
-        "--source",
-        "jebbit_eu",
-        "--public-url",
-        &public,
-    ];
-    let connected = o.run(&connect).await.ok();
+    let connected = o.connect(&[]).await.ok();
     let text = connected.text();
     let endpoint = format!("{public}/webhooks/jebbit_eu");
     for want in [
@@ -275,7 +304,7 @@ async fn connect_test_and_backfill_deliver_every_session_and_print_no_secret() {
     assert_eq!(mode(&secret_file), 0o600);
 
     // Connecting again updates the same integration and keeps the secret.
-    let again = o.run(&connect).await.ok();
+    let again = o.connect(&[]).await.ok();
     assert!(again.text().contains("updated"), "{}", again.text());
     assert_eq!(o.fake.integrations().len(), 1);
     assert_eq!(std::fs::read_to_string(&secret_file).unwrap(), secret);
@@ -319,7 +348,7 @@ async fn connect_test_and_backfill_deliver_every_session_and_print_no_secret() {
         ])
         .await
         .ok();
-    assert!(test.stdout.starts_with("verified"), "{}", test.text());
+    test.out_starts("verified");
     let sent = o.fake.sent();
     assert!(
         sent.iter().any(|s| s.test
@@ -391,37 +420,18 @@ async fn a_wrong_client_secret_a_missing_scope_and_a_refused_region_are_each_one
         },
     )
     .await;
-    let public = o.public_url();
-    let connect = [
-        "jebbit",
-        "connect",
-        "--source",
-        "jebbit_eu",
-        "--public-url",
-        &public,
-    ];
 
     // Missing scope: reading works, creating does not.
     o.run(&["jebbit", "list"]).await.ok();
-    let refused = o.run(&connect).await.failed();
-    assert!(
-        refused
-            .stderr
-            .contains("lack the scope `write:integration`"),
-        "{}",
-        refused.text()
-    );
+    let refused = o.connect(&[]).await.failed();
+    refused.err_has("lack the scope `write:integration`");
 
     // A wrong client secret.
     let wrong = format!("wrong-{}", fake_jebbit::random_string(20));
     o.set_env("JEBBIT_CLIENT_SECRET", &wrong);
     let denied = o.run(&["jebbit", "whoami"]).await.failed();
-    assert!(
-        denied.stderr.contains(
-            "refused the client credentials (401): check JEBBIT_CLIENT_ID and JEBBIT_CLIENT_SECRET"
-        ),
-        "{}",
-        denied.text()
+    denied.err_has(
+        "refused the client credentials (401): check JEBBIT_CLIENT_ID and JEBBIT_CLIENT_SECRET",
     );
     assert!(!denied.text().contains(&wrong), "{}", denied.text());
     assert_eq!(denied.status.code(), Some(1), "a failure at Jebbit");
@@ -429,48 +439,24 @@ async fn a_wrong_client_secret_a_missing_scope_and_a_refused_region_are_each_one
     o.set_env("JEBBIT_CLIENT_SECRET", &missing);
 
     // A token covering several businesses, without the business header.
-    let mut multi = Onboarding::new(
-        "onboard_business",
-        fake_jebbit::Options {
-            multi_business: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut multi = Onboarding::new("onboard_business", multi_business()).await;
     let unnamed = multi.run(&["jebbit", "list"]).await.failed();
-    assert!(
-        unnamed.stderr.contains("JEBBIT_BUSINESS_ID"),
-        "{}",
-        unnamed.text()
-    );
+    unnamed.err_has("JEBBIT_BUSINESS_ID");
     multi.assert_no_secret(&[], &[]);
 
     // A region Jebbit refuses, with Jebbit's own words; no secret file appears.
     let mut full = Onboarding::new("onboard_region", fake_jebbit::Options::default()).await;
-    let region = full
-        .run(&[&connect[..], &["--region", "apac"]].concat())
-        .await
-        .failed();
-    assert!(
-        region
-            .stderr
-            .contains("(400): region must be a valid region (us|eu)."),
-        "{}",
-        region.text()
-    );
+    let region = full.connect(&["--region", "apac"]).await.failed();
+    region.err_has("(400): region must be a valid region (us|eu).");
     assert!(!full.path("jebbit_eu.secret").exists());
 
     // A secret file that cannot be written: refused before Jebbit creates anything.
     let nowhere = full.path("no-such-directory/jebbit_eu.secret");
     let unwritable = full
-        .run(&[&connect[..], &["--secret-file", nowhere.to_str().unwrap()]].concat())
+        .connect(&["--secret-file", nowhere.to_str().unwrap()])
         .await
         .failed();
-    assert!(
-        unwritable.stderr.contains("cannot write the secret to"),
-        "{}",
-        unwritable.text()
-    );
+    unwritable.err_has("cannot write the secret to");
     assert!(full.fake.integrations().is_empty());
 
     // 5xx answers are retried with backoff.
@@ -483,20 +469,8 @@ async fn a_wrong_client_secret_a_missing_scope_and_a_refused_region_are_each_one
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_submission_that_never_arrives_or_does_not_verify_is_reported_as_such() {
     let mut o = Onboarding::new("onboard_unverified", fake_jebbit::Options::default()).await;
-    let public = o.public_url();
     let metrics = o.metrics_url();
-    o.run(&[
-        "jebbit",
-        "connect",
-        "--source",
-        "jebbit_eu",
-        "--public-url",
-        &public,
-        "--secret-file",
-        "handed-over",
-    ])
-    .await
-    .ok();
+    o.connect(&["--secret-file", "handed-over"]).await.ok();
     assert_eq!(mode(&o.path("handed-over")), 0o600);
     let test = [
         "jebbit",
@@ -511,8 +485,8 @@ async fn a_test_submission_that_never_arrives_or_does_not_verify_is_reported_as_
 
     // The intake is down.
     let down = o.run(&test).await.failed();
-    assert!(down.stdout.starts_with("never arrived"), "{}", down.text());
-    assert!(down.stdout.contains("not running"), "{}", down.text());
+    down.out_starts("never arrived");
+    down.out_has("not running");
 
     // The intake holds another secret.
     let other = format!("another-secret-{}", fake_jebbit::random_string(20));
@@ -520,20 +494,8 @@ async fn a_test_submission_that_never_arrives_or_does_not_verify_is_reported_as_
         .spawn_intake(&[("jebbit_eu", &other), ("cta", "some-joturl-token")])
         .await;
     let wrong = o.run(&test).await.failed();
-    assert!(
-        wrong
-            .stdout
-            .starts_with("arrived but the signature did not verify"),
-        "{}",
-        wrong.text()
-    );
-    assert!(
-        wrong
-            .stdout
-            .contains("SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_EU__SECRET"),
-        "{}",
-        wrong.text()
-    );
+    wrong.out_starts("arrived but the signature did not verify");
+    wrong.out_has("SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_EU__SECRET");
     intake.stop().await;
     o.assert_no_secret(&[], &[]);
 }
@@ -542,20 +504,7 @@ async fn a_test_submission_that_never_arrives_or_does_not_verify_is_reported_as_
 async fn a_kubernetes_secret_is_printed_only_when_asked_and_integrations_can_be_switched_off_and_deleted()
  {
     let mut o = Onboarding::new("onboard_k8s", fake_jebbit::Options::default()).await;
-    let public = o.public_url();
-    let manifest = o
-        .run(&[
-            "jebbit",
-            "connect",
-            "--source",
-            "jebbit_eu",
-            "--public-url",
-            &public,
-            "--k8s-secret",
-            "sb-jebbit-eu",
-        ])
-        .await
-        .ok();
+    let manifest = o.connect(&["--k8s-secret", "sb-jebbit-eu"]).await.ok();
     let secret = o.fake.secrets().remove(0);
     assert!(
         manifest
@@ -579,9 +528,9 @@ async fn a_kubernetes_secret_is_printed_only_when_asked_and_integrations_can_be_
         .run(&["jebbit", "deactivate", "--source", "jebbit_eu"])
         .await
         .ok();
-    assert!(off.stdout.contains("active=false"), "{}", off.text());
+    off.out_has("active=false");
     let list = o.run(&["jebbit", "list"]).await.ok();
-    assert!(list.stdout.contains("active=false"), "{}", list.text());
+    list.out_has("active=false");
     let id = o.fake.integrations()[0]["id"].as_str().unwrap().to_owned();
     o.run(&["jebbit", "delete", "--id", &id]).await.ok();
     assert!(o.fake.integrations().is_empty());
@@ -589,11 +538,7 @@ async fn a_kubernetes_secret_is_printed_only_when_asked_and_integrations_can_be_
         .run(&["jebbit", "test", "--source", "jebbit_eu"])
         .await
         .failed();
-    assert!(
-        gone.stderr.contains("jebbit connect --source jebbit_eu"),
-        "{}",
-        gone.text()
-    );
+    gone.err_has("jebbit connect --source jebbit_eu");
     assert_eq!(gone.status.code(), Some(2), "a usage error");
     o.assert_no_secret(&[], &[]);
 }
