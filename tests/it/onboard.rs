@@ -158,6 +158,15 @@ auth_url = "{url}"
         self.run(&args).await
     }
 
+    /// `jebbit test --source jebbit_eu`, reading the intake's metrics, waiting `within`
+    /// seconds.
+    async fn jebbit_test(&mut self, within: &str) -> Run {
+        let metrics = self.metrics_url();
+        let args = ["jebbit", "test", "--source", "jebbit_eu", "--metrics-url"];
+        self.run(&[&args[..], &[&metrics, "--within", within]].concat())
+            .await
+    }
+
     async fn run(&mut self, args: &[&str]) -> Run {
         let mut cmd = std::process::Command::new(BIN);
         cmd.args(args).current_dir(self.dir.path());
@@ -334,20 +343,7 @@ async fn connect_test_and_backfill_deliver_every_session_and_print_no_secret() {
     let intake = o
         .spawn_intake(&[("jebbit_eu", &secret), ("cta", &token)])
         .await;
-    let metrics = o.metrics_url();
-    let test = o
-        .run(&[
-            "jebbit",
-            "test",
-            "--source",
-            "jebbit_eu",
-            "--metrics-url",
-            &metrics,
-            "--within",
-            "15",
-        ])
-        .await
-        .ok();
+    let test = o.jebbit_test("15").await.ok();
     test.out_starts("verified");
     let sent = o.fake.sent();
     assert!(
@@ -469,22 +465,11 @@ async fn a_wrong_client_secret_a_missing_scope_and_a_refused_region_are_each_one
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_submission_that_never_arrives_or_does_not_verify_is_reported_as_such() {
     let mut o = Onboarding::new("onboard_unverified", fake_jebbit::Options::default()).await;
-    let metrics = o.metrics_url();
     o.connect(&["--secret-file", "handed-over"]).await.ok();
     assert_eq!(mode(&o.path("handed-over")), 0o600);
-    let test = [
-        "jebbit",
-        "test",
-        "--source",
-        "jebbit_eu",
-        "--metrics-url",
-        &metrics,
-        "--within",
-        "3",
-    ];
 
     // The intake is down.
-    let down = o.run(&test).await.failed();
+    let down = o.jebbit_test("3").await.failed();
     down.out_starts("never arrived");
     down.out_has("not running");
 
@@ -493,7 +478,7 @@ async fn a_test_submission_that_never_arrives_or_does_not_verify_is_reported_as_
     let intake = o
         .spawn_intake(&[("jebbit_eu", &other), ("cta", "some-joturl-token")])
         .await;
-    let wrong = o.run(&test).await.failed();
+    let wrong = o.jebbit_test("3").await.failed();
     wrong.out_starts("arrived but the signature did not verify");
     wrong.out_has("SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_EU__SECRET");
     intake.stop().await;
