@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use segment_bridge::app::{self, AppError, IntakeApp, WorkerApp, exit};
 use segment_bridge::config::Config;
-use segment_bridge::onboard;
+use segment_bridge::onboard::{self, Action};
 use segment_bridge::tools::{self, ToolError};
 
 /// Forwards quiz and survey sessions from RabbitMQ to Segment.
@@ -148,7 +148,7 @@ impl Which {
     async fn act(
         &self,
         client: &onboard::jebbit::Client,
-        action: onboard::Action,
+        action: Action,
         io: &mut onboard::Io<'_>,
     ) -> Result<(), onboard::OnboardError> {
         let (source, id) = (self.source.as_deref(), self.id.as_deref());
@@ -310,19 +310,11 @@ async fn jebbit(config: &Config, command: JebbitCommand) -> Result<(), onboard::
             onboard::test(config, &client, &args, io).await
         }
         JebbitCommand::Deactivate { which } => {
-            which
-                .act(&client, onboard::Action::SetActive(false), io)
-                .await
+            which.act(&client, Action::SetActive(false), io).await
         }
-        JebbitCommand::Activate { which } => {
-            which
-                .act(&client, onboard::Action::SetActive(true), io)
-                .await
-        }
-        JebbitCommand::Delete { which } => which.act(&client, onboard::Action::Delete, io).await,
-        JebbitCommand::Backfill { which } => {
-            which.act(&client, onboard::Action::Backfill, io).await
-        }
+        JebbitCommand::Activate { which } => which.act(&client, Action::SetActive(true), io).await,
+        JebbitCommand::Delete { which } => which.act(&client, Action::Delete, io).await,
+        JebbitCommand::Backfill { which } => which.act(&client, Action::Backfill, io).await,
         JebbitCommand::BackfillStatus { id } => onboard::backfill_status(&client, &id, io).await,
     }
 }
