@@ -388,7 +388,7 @@ async fn ceiling(queue: &str, body: &str, o: &Options) -> Result<Run> {
                 let confirm = publish_mandatory(&channel, &queue, &body, properties.clone())
                     .await
                     .map_err(|e| e.to_string())?;
-                confirmed(confirm).await?;
+                confirmed(confirm).await.map_err(|e| e.to_string())?;
                 latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
             }
             Ok::<_, String>(latencies)

@@ -42,8 +42,15 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Amqp {
-    /// The broker, as an AMQP URI. Secret: it usually holds a password.
+    /// The broker, as an AMQP URI, or the nodes of a cluster: a TOML array of URIs, or (from
+    /// the environment) URIs separated by commas. Each connection goes to the first node,
+    /// in a shuffled order, that accepts it. Secret: it usually holds a password. Read the
+    /// nodes with [`Amqp::urls`].
+    #[serde(deserialize_with = "amqp_urls")]
     pub url: SecretString,
+    /// A PEM file of CA certificates trusted for `amqps://` besides the system's (which
+    /// `SSL_CERT_FILE` replaces): for a broker whose certificate a private CA signed.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// The queue consumed.
     pub queue: String,
     /// Where messages that cannot become events are moved, with the reason in a header.
@@ -58,10 +65,30 @@ pub struct Amqp {
     pub delivery_limit: u32,
 }
 
+impl Amqp {
+    /// The nodes of `amqp.url`, in their written order: split at each comma that starts
+    /// another `amqp://` or `amqps://` URI (a comma inside a password stays in it).
+    pub fn urls(&self) -> Vec<SecretString> {
+        let all = self.url.expose_secret();
+        let mut urls = Vec::new();
+        let mut start = 0;
+        for (i, _) in all.match_indices(',') {
+            let next = all[i + 1..].trim_start();
+            if next.starts_with("amqp://") || next.starts_with("amqps://") {
+                urls.push(all[start..i].trim());
+                start = i + 1;
+            }
+        }
+        urls.push(all[start..].trim());
+        urls.into_iter().map(SecretString::from).collect()
+    }
+}
+
 impl Default for Amqp {
     fn default() -> Self {
         Amqp {
             url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            tls_ca_file: None,
             queue: "segment-bridge.sessions".into(),
             dead_letter_queue: "segment-bridge.sessions.dead".into(),
             prefetch: 2000,
@@ -557,12 +584,27 @@ impl Config {
                 &source.previous_secret,
             )?;
         }
-        let url = self.amqp.url.expose_secret();
-        if url.parse::<lapin::uri::AMQPUri>().is_err() {
-            // The URL holds the password: name the key, not the value.
+        for (i, url) in self.amqp.urls().iter().enumerate() {
+            let url = url.expose_secret();
+            let scheme_ok = url.starts_with("amqp://") || url.starts_with("amqps://");
+            if !scheme_ok || url.parse::<lapin::uri::AMQPUri>().is_err() {
+                // The URL holds the password: name the key and the position, not the value.
+                return Err(invalid(
+                    "amqp.url",
+                    format!(
+                        "node {} of {} is not an AMQP URI (amqp:// or amqps://user:password@host:port/vhost)",
+                        i + 1,
+                        self.amqp.urls().len()
+                    ),
+                ));
+            }
+        }
+        if let Some(path) = &self.amqp.tls_ca_file
+            && std::fs::metadata(path).is_err()
+        {
             return Err(invalid(
-                "amqp.url",
-                "is not an AMQP URI (amqp://user:password@host:port/vhost)",
+                "amqp.tls_ca_file",
+                format!("cannot read {}", path.display()),
             ));
         }
         if self.amqp.queue.is_empty() {
@@ -910,6 +952,24 @@ fn region<'de, D: Deserializer<'de>>(d: D) -> Result<Region, D::Error> {
     })
 }
 
+/// `amqp.url`: one URI, or a list of them, kept joined by commas (see [`Amqp::urls`]).
+fn amqp_urls<'de, D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    // No value in the error: it would hold the password.
+    let urls = OneOrMany::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("amqp.url must be a string or an array of strings")
+    })?;
+    Ok(SecretString::from(match urls {
+        OneOrMany::One(url) => url,
+        OneOrMany::Many(urls) => urls.join(","),
+    }))
+}
+
 /// An optional region: empty means none.
 fn optional_region<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Region>, D::Error> {
     let s = String::deserialize(d)?;
@@ -939,6 +999,62 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text.as_bytes()).unwrap();
         f
+    }
+
+    #[test]
+    fn amqp_url_is_one_node_or_a_list_from_toml_or_a_comma_separated_environment() {
+        let nodes = |c: &Config| -> Vec<String> {
+            c.amqp
+                .urls()
+                .iter()
+                .map(|u| u.expose_secret().to_owned())
+                .collect()
+        };
+        let one = Config::load(None, env(&[])).unwrap();
+        assert_eq!(nodes(&one), ["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+
+        let f = file("[amqp]\nurl = [\"amqp://u:p@h1:5672/%2f\", \"amqps://u:p@h2:5671/%2f\"]\n");
+        let listed = Config::load(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(
+            nodes(&listed),
+            ["amqp://u:p@h1:5672/%2f", "amqps://u:p@h2:5671/%2f"]
+        );
+
+        // A comma inside a password is not a separator; one before a URI is.
+        let from_env = Config::load(
+            None,
+            env(&[(
+                "SEGMENT_BRIDGE__AMQP__URL",
+                "amqp://u:p,q@h1:5672/%2f, amqp://u:p@h2:5672/%2f",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            nodes(&from_env),
+            ["amqp://u:p,q@h1:5672/%2f", "amqp://u:p@h2:5672/%2f"]
+        );
+        // Other keys keep their types (no list parsing of the environment).
+        assert_eq!(from_env.amqp.queue, "segment-bridge.sessions");
+
+        let bad = Config::load(
+            None,
+            env(&[(
+                "SEGMENT_BRIDGE__AMQP__URL",
+                "amqp://u:s3cret@h1:5672/%2f,amqp://u:s3cret@h2:notaport/%2f",
+            )]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("amqp.url") && bad.contains("node 2 of 2"),
+            "{bad}"
+        );
+        assert!(!bad.contains("s3cret"), "{bad}");
+        let f = file("[amqp]\ntls_ca_file = \"/nonexistent/ca.pem\"\n");
+        let err = Config::load(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("amqp.tls_ca_file"), "{err}");
     }
 
     #[test]

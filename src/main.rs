@@ -375,13 +375,20 @@ async fn shutdown_signal() -> &'static str {
 /// it logs an expected "no queue" on the first start as an error, and every failure that
 /// matters is logged by the worker itself (`RUST_LOG=info,lapin=debug` shows them). Its
 /// `returned_messages` lines are always off: they print a returned message's whole body,
-/// email address included.
+/// email address included. So are rustls-platform-verifier's, one per refused certificate.
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,lapin=off"))
         .add_directive(
             "lapin::returned_messages=off"
+                .parse()
+                .expect("a valid directive"),
+        )
+        // It logs every refused certificate, at each retry; the worker logs the problem
+        // once (segment.rs) and counts it (`cause="tls"`).
+        .add_directive(
+            "rustls_platform_verifier=off"
                 .parse()
                 .expect("a valid directive"),
         );

@@ -27,6 +27,7 @@ pub const RETRIES: &str = "segment_bridge_retries_total";
 pub const IN_FLIGHT: &str = "segment_bridge_in_flight_requests";
 pub const AMQP_CONNECTED: &str = "segment_bridge_amqp_connected";
 pub const AMQP_CONNECTS: &str = "segment_bridge_amqp_connections_total";
+pub const AMQP_CHANNEL_REPLACEMENTS: &str = "segment_bridge_amqp_channel_replacements_total";
 pub const REGION_MISCONFIGURED: &str = "segment_bridge_region_misconfigured";
 pub const REQUEUE_FALLBACKS: &str = "segment_bridge_requeue_fallbacks_total";
 pub const HIGH_DELIVERY_COUNT: &str = "segment_bridge_high_delivery_count_total";
@@ -72,6 +73,10 @@ const HELP: &[(&str, &str)] = &[
     (
         AMQP_CONNECTS,
         "Connections made to RabbitMQ (more than one means reconnects).",
+    ),
+    (
+        AMQP_CHANNEL_REPLACEMENTS,
+        "Publishing channels replaced by a fresh one after the broker refused a publish (nack).",
     ),
     (
         REGION_MISCONFIGURED,
@@ -159,6 +164,7 @@ pub struct Metrics {
     in_flight: Gauge,
     amqp_connected: Gauge,
     amqp_connects: Counter,
+    channel_replacements: Counter,
     high_delivery_count: Counter,
     totals: Totals,
 }
@@ -199,6 +205,7 @@ impl Metrics {
             in_flight: recorder.register_gauge(&key(IN_FLIGHT, &[]), &METADATA),
             amqp_connected: recorder.register_gauge(&key(AMQP_CONNECTED, &[]), &METADATA),
             amqp_connects: counter(AMQP_CONNECTS, &[]),
+            channel_replacements: counter(AMQP_CHANNEL_REPLACEMENTS, &[]),
             high_delivery_count: counter(HIGH_DELIVERY_COUNT, &[]),
             totals: Totals::default(),
             handle,
@@ -311,6 +318,11 @@ impl Metrics {
 
     pub fn in_flight(&self, delta: f64) {
         self.in_flight.increment(delta);
+    }
+
+    /// A dead-letter or hand-back channel replaced after a nack.
+    pub fn channel_replaced(&self) {
+        self.channel_replacements.increment(1);
     }
 
     pub fn amqp_connected(&self, connected: bool) {

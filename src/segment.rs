@@ -35,6 +35,10 @@ pub enum Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryCause {
     Transport,
+    /// The TLS handshake failed on Segment's (or the endpoint's) certificate: unknown
+    /// issuer, expired, name mismatch. Retried like any transport error, but counted apart,
+    /// as it usually needs an operator (a CA bundle, a clock, an endpoint).
+    Tls,
     Timeout,
     Throttled,
     ServerError,
@@ -44,6 +48,7 @@ impl RetryCause {
     pub fn as_str(self) -> &'static str {
         match self {
             RetryCause::Transport => "transport",
+            RetryCause::Tls => "tls",
             RetryCause::Timeout => "timeout",
             RetryCause::Throttled => "throttled",
             RetryCause::ServerError => "server_error",
@@ -134,6 +139,9 @@ pub struct HttpSink {
     write_key: SecretString,
     max_retry_after: Duration,
     compression: Compression,
+    /// The certificate problem last logged; cleared by an answer. A problem is logged
+    /// once when it appears, not at every retry.
+    tls_problem: Mutex<Option<String>>,
 }
 
 impl HttpSink {
@@ -150,6 +158,7 @@ impl HttpSink {
             write_key,
             max_retry_after,
             compression,
+            tls_problem: Mutex::new(None),
         }
     }
 }
@@ -270,11 +279,21 @@ impl HttpSink {
         let response = match sent {
             Ok(r) => r,
             Err(e) => {
+                let problem = certificate_problem(&e);
                 let cause = if e.is_timeout() {
                     RetryCause::Timeout
+                } else if problem.is_some() {
+                    RetryCause::Tls
                 } else {
                     RetryCause::Transport
                 };
+                if let Some(problem) = problem {
+                    let mut last = self.tls_problem.lock().unwrap_or_else(|e| e.into_inner());
+                    if last.as_deref() != Some(problem.as_str()) {
+                        tracing::error!(endpoint = %self.endpoint, problem = %problem, "Segment's TLS certificate is not trusted; retrying. Check the endpoint, the clock, and the CA certificates (SSL_CERT_FILE).");
+                        *last = Some(problem);
+                    }
+                }
                 return Response {
                     status: cause.as_str().into(),
                     outcome: Outcome::Retry { after: None, cause },
@@ -282,6 +301,9 @@ impl HttpSink {
                 };
             }
         };
+        if let Ok(mut last) = self.tls_problem.lock() {
+            *last = None;
+        }
         let status = response.status().as_u16();
         let retry_after = response.headers().get(RETRY_AFTER).cloned();
         // Only a rejection's body is worth reading: it says what Segment disliked.
@@ -304,6 +326,42 @@ impl HttpSink {
     }
 }
 
+/// The certificate problem behind a failed request, if a TLS handshake failed on the
+/// server's certificate: `unknown issuer`, `expired`, `name mismatch`, or rustls's words
+/// for another one.
+pub fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        // io::Error's source() skips the error it wraps (reqwest's is an io::Error around
+        // tokio-rustls's io::Error around rustls's): unwrap them one by one.
+        let mut candidate = Some(e);
+        while let Some(c) = candidate {
+            if let Some(rustls::Error::InvalidCertificate(cert)) = c.downcast_ref::<rustls::Error>()
+            {
+                return Some(describe(cert));
+            }
+            candidate = c
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
+        }
+        next = e.source();
+    }
+    None
+}
+
+fn describe(cert: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as C;
+    match cert {
+        C::UnknownIssuer => "unknown issuer".into(),
+        C::Expired | C::ExpiredContext { .. } => "expired".into(),
+        C::NotValidYet | C::NotValidYetContext { .. } => "not valid yet".into(),
+        C::NotValidForName | C::NotValidForNameContext { .. } => "name mismatch".into(),
+        C::Revoked => "revoked".into(),
+        other => format!("{other:?}"),
+    }
+}
+
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut cut = max;
@@ -321,6 +379,29 @@ mod tests {
     use super::*;
 
     const CAP: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn a_certificate_problem_is_found_inside_the_io_error_that_carries_it() {
+        use rustls::CertificateError as C;
+        let wrapped = |cert: C| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(cert),
+            )
+        };
+        for (cert, named) in [
+            (C::UnknownIssuer, "unknown issuer"),
+            (C::Expired, "expired"),
+            (C::NotValidForName, "name mismatch"),
+        ] {
+            // As reqwest hands it over: an io::Error around tokio-rustls's.
+            let io = std::io::Error::other(wrapped(cert));
+            assert_eq!(certificate_problem(&io).as_deref(), Some(named));
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(certificate_problem(&refused), None);
+        assert_eq!(RetryCause::Tls.as_str(), "tls");
+    }
 
     fn outcome(status: u16, retry_after: Option<&str>) -> Outcome {
         let header = retry_after.map(|v| HeaderValue::from_str(v).unwrap());

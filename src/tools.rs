@@ -300,10 +300,10 @@ async fn publish_lines(
     let mut pending = FuturesUnordered::new();
     let (mut total, mut failed, mut first_error) = (0u64, 0u64, None);
     let mut read = 0u64;
-    let mut settle = |result: Result<(), String>, failed: &mut u64| {
+    let mut settle = |result: Result<(), amqp::Unconfirmed>, failed: &mut u64| {
         if let Err(e) = result {
             *failed += 1;
-            first_error.get_or_insert(e);
+            first_error.get_or_insert(e.to_string());
         }
     };
     for line in reader.split(b'\n') {
@@ -431,7 +431,7 @@ async fn replay(
             return Err(ToolError::Unconfirmed {
                 failed: 1,
                 total: moved + 1,
-                first: e,
+                first: e.to_string(),
             });
         }
         channel

@@ -18,6 +18,7 @@ pub const MESSAGES: &str = "segment_bridge_intake_messages_queued_total";
 pub const PUBLISH: &str = "segment_bridge_intake_publish_seconds";
 pub const AMQP_CONNECTED: &str = crate::metrics::AMQP_CONNECTED;
 pub const AMQP_CONNECTS: &str = crate::metrics::AMQP_CONNECTS;
+pub const AMQP_CHANNEL_REPLACEMENTS: &str = crate::metrics::AMQP_CHANNEL_REPLACEMENTS;
 
 /// The `source` label of requests that name no configured source.
 pub const NO_SOURCE: &str = "-";
@@ -121,6 +122,10 @@ const HELP: &[(&str, &str)] = &[
         AMQP_CONNECTS,
         "Connections made to RabbitMQ (more than one means reconnects).",
     ),
+    (
+        AMQP_CHANNEL_REPLACEMENTS,
+        "Publishing channels replaced by a fresh one after the broker refused a publish (nack).",
+    ),
 ];
 
 static METADATA: Metadata<'static> =
@@ -134,6 +139,7 @@ pub struct IntakeMetrics {
     publish: Histogram,
     connected: Gauge,
     connects: Counter,
+    channel_replacements: Counter,
     /// Requests by outcome ([`Outcome::ALL`] order), all sources together, then messages
     /// queued: read back by the progress and shutdown log lines.
     totals: [AtomicU64; Outcome::ALL.len() + 1],
@@ -181,6 +187,8 @@ impl IntakeMetrics {
             publish: recorder.register_histogram(&Key::from_name(PUBLISH), &METADATA),
             connected: recorder.register_gauge(&Key::from_name(AMQP_CONNECTED), &METADATA),
             connects: recorder.register_counter(&Key::from_name(AMQP_CONNECTS), &METADATA),
+            channel_replacements: recorder
+                .register_counter(&Key::from_name(AMQP_CHANNEL_REPLACEMENTS), &METADATA),
             handle,
             requests,
             messages,
@@ -224,6 +232,11 @@ impl IntakeMetrics {
         self.publish.record(took.as_secs_f64());
     }
 
+    /// The publishing channel replaced after a nack.
+    pub fn channel_replaced(&self) {
+        self.channel_replacements.increment(1);
+    }
+
     pub fn amqp_connected(&self, connected: bool) {
         if connected {
             self.connects.increment(1);
@@ -262,6 +275,7 @@ mod tests {
             r#"segment_bridge_intake_publish_seconds_bucket{le="0.005"} 1"#,
             "segment_bridge_amqp_connected 1",
             "segment_bridge_amqp_connections_total 1",
+            "segment_bridge_amqp_channel_replacements_total 0",
             "# HELP segment_bridge_intake_requests_total Webhook requests answered",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");

@@ -8,6 +8,15 @@
 //! sender retries. While the connection is down, or the broker blocks publishers (a
 //! memory or disk alarm), requests are answered 503 at once instead of waiting.
 //!
+//! A nack does not end a request at once: the first nack on the current channel replaces
+//! it with a fresh one on the same connection (as does a publish not confirmed in time;
+//! counted in
+//! `segment_bridge_amqp_channel_replacements_total`), and the refused messages are sent
+//! again until the publish timeout (see [`Publisher::publish`]). RabbitMQ 3.10 keeps
+//! nacking on a channel whose first publish to a quorum queue came while the queue's
+//! leader's node was down; without a new channel the intake refused every webhook until
+//! that node came back.
+//!
 //! Requests publish concurrently on the one channel. lapin hands a message the broker
 //! returned to whichever confirmation completes next on the channel, which may be another
 //! request's; as every message goes to the same queue, either all are routed or all are
@@ -26,7 +35,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{self, confirmed, publish_mandatory};
+use crate::amqp::{self, Unconfirmed, confirmed, publish_mandatory};
 use crate::backoff::RetryPolicy;
 use crate::config;
 
@@ -38,6 +47,11 @@ pub const RECONNECT: RetryPolicy = RetryPolicy {
     initial: Duration::from_millis(250),
     max: Duration::from_secs(10),
 };
+
+/// After a nack and a fresh channel, refused messages are sent again at once, then after
+/// this delay each time until `intake.publish_timeout_ms`: a channel opened before the
+/// queue's new leader is elected may refuse too, and the replacements stay this far apart.
+pub const RETRY_NACKED_AFTER: Duration = Duration::from_millis(250);
 
 /// How often the supervisor looks at the connection's state besides its events.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
@@ -63,7 +77,13 @@ pub struct Batch {
 }
 
 pub struct Publisher {
-    channel: RwLock<Option<Channel>>,
+    /// The connection and the confirm channel requests publish on.
+    channel: RwLock<Option<(Arc<Connection>, Channel)>>,
+    /// Held while a nacking channel is replaced.
+    replacing: tokio::sync::Mutex<()>,
+    /// The channel on which a publish was not confirmed in time, for the supervisor to
+    /// replace.
+    stuck: std::sync::Mutex<Option<u16>>,
     blocked: AtomicBool,
     /// A publish failed: the supervisor looks at the connection at once.
     failed: Notify,
@@ -82,6 +102,8 @@ impl Publisher {
     ) -> Publisher {
         Publisher {
             channel: RwLock::new(None),
+            replacing: tokio::sync::Mutex::new(()),
+            stuck: std::sync::Mutex::new(None),
             blocked: AtomicBool::new(false),
             failed: Notify::new(),
             queue: queue.into(),
@@ -93,57 +115,116 @@ impl Publisher {
 
     /// Publishes every message of `batch` and waits for all their confirms, at most the
     /// publish timeout. `Ok` means every message is on the queue.
+    ///
+    /// A message the broker refuses (nack) is published again on a fresh channel, within
+    /// the same timeout: RabbitMQ 3.10 keeps refusing every publish on a channel whose
+    /// first publish to a quorum queue came while the queue's leader's node was down,
+    /// while a channel opened after the new leader's election is fine. So the first nack
+    /// on the current channel replaces it (one request replaces it; the others retry on
+    /// the new one), and the refused messages (only those: the confirmed ones are queued)
+    /// are sent again at once, then every [`RETRY_NACKED_AFTER`], until the timeout.
     pub async fn publish(&self, batch: Batch) -> Result<(), PublishError> {
-        let channel = self
-            .channel
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or(PublishError::NotConnected)?;
         if self.blocked.load(Ordering::Relaxed) {
             return Err(PublishError::Blocked);
         }
         let started = Instant::now();
-        let queue = self.queue.clone();
-        // The confirms are awaited in a task of their own: one that times out goes on to
-        // its end, so that no unresolved confirm is dropped (lapin would keep it).
-        let confirms = tokio::spawn(async move {
-            let mut pending = Vec::with_capacity(batch.ranges.len());
-            let mut first_error = None;
-            for range in batch.ranges {
-                match publish_mandatory(
-                    &channel,
-                    &queue,
-                    &batch.body[range],
+        let deadline = tokio::time::Instant::from_std(started + self.timeout);
+        let mut ranges = batch.ranges;
+        let mut attempt = 0u32;
+        let result = loop {
+            let Some((connection, channel)) = self.current() else {
+                break Err(PublishError::NotConnected);
+            };
+            let nacked = match tokio::time::timeout_at(
+                deadline,
+                publish_all(
+                    channel.clone(),
+                    self.queue.clone(),
+                    batch.body.clone(),
+                    ranges,
                     batch.properties.clone(),
-                )
-                .await
-                {
-                    Ok(confirm) => pending.push(confirm),
-                    Err(e) => {
-                        first_error = Some(e.to_string());
-                        break;
-                    }
+                ),
+            )
+            .await
+            {
+                Err(_) => {
+                    // A channel stuck the same way (its first publish waiting on the
+                    // down node) confirms nothing: the supervisor replaces it, so that
+                    // this request is answered now and the next ones get a fresh one.
+                    *self.stuck.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel.id());
+                    break Err(PublishError::Timeout);
                 }
-            }
-            for confirm in pending {
-                if let Err(e) = confirmed(confirm).await {
-                    first_error.get_or_insert(e);
+                Ok(Ok(nacked)) if nacked.is_empty() => break Ok(()),
+                Ok(Ok(nacked)) => nacked,
+                Ok(Err(refused)) => break Err(PublishError::Refused(refused)),
+            };
+            // Bounded: a broker that does not answer must not hold the request longer.
+            let _ = tokio::time::timeout_at(deadline, self.replace(&connection, &channel)).await;
+            attempt += 1;
+            if attempt > 1 {
+                let wake = tokio::time::Instant::now() + RETRY_NACKED_AFTER;
+                if wake >= deadline {
+                    break Err(PublishError::Refused(Unconfirmed::Nack.to_string()));
                 }
+                tokio::time::sleep_until(wake).await;
             }
-            first_error.map_or(Ok(()), Err)
-        });
-        let result = match tokio::time::timeout(self.timeout, confirms).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(refused))) => Err(PublishError::Refused(refused)),
-            Ok(Err(panicked)) => Err(PublishError::Refused(panicked.to_string())),
-            Err(_) => Err(PublishError::Timeout),
+            ranges = nacked;
         };
         self.metrics.publish_took(started.elapsed());
         if result.is_err() {
             self.failed.notify_one();
         }
         result
+    }
+
+    /// The connection and its confirm channel, if connected.
+    fn current(&self) -> Option<(Arc<Connection>, Channel)> {
+        self.channel
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces `nacking` (a channel that nacked, or did not confirm within the publish
+    /// timeout) with a fresh confirm channel on `connection`, unless another
+    /// request already replaced it (or the connection was replaced meanwhile). The old
+    /// channel is closed once the publishes still under way on it have had their time.
+    async fn replace(&self, connection: &Arc<Connection>, nacking: &Channel) {
+        let _one_at_a_time = self.replacing.lock().await;
+        let still_current = self.current().is_some_and(|(_, channel)| {
+            channel.id() == nacking.id() && channel.status().connected()
+        });
+        if !still_current {
+            return;
+        }
+        match amqp::confirm_channel(connection).await {
+            Ok(fresh) => {
+                {
+                    let mut slot = self.channel.write().unwrap_or_else(|e| e.into_inner());
+                    match slot.as_ref() {
+                        Some((_, channel)) if channel.id() == nacking.id() => {
+                            *slot = Some((connection.clone(), fresh));
+                        }
+                        // Reconnected meanwhile: the fresh channel is of the old connection.
+                        _ => return,
+                    }
+                }
+                self.metrics.channel_replaced();
+                tracing::warn!(
+                    channel = nacking.id(),
+                    "RabbitMQ refused (nack) or did not confirm a publish; publishing on a fresh channel from now on."
+                );
+                let (old, patience) = (nacking.clone(), self.timeout);
+                tokio::spawn(async move {
+                    tokio::time::sleep(patience).await;
+                    let _ = old.close(200, "OK".into()).await;
+                });
+            }
+            Err(e) => {
+                // The supervisor looks at the connection (a failed publish notifies it).
+                tracing::warn!(error = %e, "Cannot open a fresh channel after a nack.");
+            }
+        }
     }
 
     /// Keeps a confirm channel open until `shutdown`, reconnecting with backoff: the
@@ -168,16 +249,21 @@ impl Publisher {
                 }
             };
             backoff = RECONNECT.backoff();
+            let connection = Arc::new(connection);
             let mut events = connection.events_listener();
             self.blocked.store(false, Ordering::Relaxed);
-            *self.channel.write().unwrap_or_else(|e| e.into_inner()) = Some(channel.clone());
+            *self.channel.write().unwrap_or_else(|e| e.into_inner()) =
+                Some((connection.clone(), channel.clone()));
             self.health.set_connected(true);
             self.metrics.amqp_connected(true);
             tracing::info!(queue = %amqp.queue, "Connected to RabbitMQ; publishing webhooks.");
 
             let mut watch = tokio::time::interval(WATCH_EVERY);
             let lost = loop {
-                let alive = connection.status().connected() && channel.status().connected();
+                // The channel in use: a nacking one may have been replaced.
+                let channel = self.current().map(|(_, channel)| channel);
+                let alive = connection.status().connected()
+                    && channel.is_some_and(|c| c.status().connected());
                 if !alive {
                     break "the connection or its channel closed".to_owned();
                 }
@@ -202,7 +288,15 @@ impl Publisher {
                         Some(_) => {}
                         None => break "the connection's events ended".to_owned(),
                     },
-                    _ = self.failed.notified() => {}
+                    _ = self.failed.notified() => {
+                        let stuck = self.stuck.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let (Some(id), Some((connection, channel))) = (stuck, self.current())
+                            && channel.id() == id
+                        {
+                            let replaced = self.replace(&connection, &channel);
+                            let _ = tokio::time::timeout(self.timeout, replaced).await;
+                        }
+                    }
                     _ = watch.tick() => {}
                 }
             };
@@ -221,6 +315,48 @@ impl Publisher {
         self.health.set_connected(false);
         self.metrics.amqp_connected(false);
     }
+}
+
+/// Publishes the `ranges` of `body` on `channel` and waits for every confirm: the ranges
+/// the broker refused (nack), or why the others are not known to be queued. Runs in a
+/// task of its own: one that times out goes on to its end, so that no unresolved confirm
+/// is dropped (lapin would keep it).
+async fn publish_all(
+    channel: Channel,
+    queue: ShortString,
+    body: Bytes,
+    ranges: Vec<Range<usize>>,
+    properties: BasicProperties,
+) -> Result<Vec<Range<usize>>, String> {
+    let confirms = tokio::spawn(async move {
+        let mut pending = Vec::with_capacity(ranges.len());
+        let mut first_error = None;
+        for range in ranges {
+            match publish_mandatory(&channel, &queue, &body[range.clone()], properties.clone())
+                .await
+            {
+                Ok(confirm) => pending.push((range, confirm)),
+                Err(e) => {
+                    first_error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        let mut nacked = Vec::new();
+        for (range, confirm) in pending {
+            match confirmed(confirm).await {
+                Ok(()) => {}
+                Err(Unconfirmed::Nack) => nacked.push(range),
+                Err(e) => {
+                    first_error.get_or_insert(e.to_string());
+                }
+            }
+        }
+        first_error.map_or(Ok(nacked), Err)
+    });
+    confirms
+        .await
+        .unwrap_or_else(|panicked| Err(panicked.to_string()))
 }
 
 /// Connects, makes sure the queue exists (declaring it when `amqp.declare`), and opens a

@@ -522,21 +522,25 @@ impl Client {
                             return Err(ApiError::Transport {
                                 call: call.to_string(),
                                 attempts: attempt,
-                                error: e.without_url().to_string(),
+                                error: crate::segment::error_chain(&e.without_url()),
                             });
                         }
                         Err(_) => {}
                     }
                 }
+                // The whole chain: reqwest's own message says only "error sending
+                // request"; the cause (a name that does not resolve, a refused
+                // connection, a certificate) is in its sources.
                 Err(e) if last => {
                     return Err(ApiError::Transport {
                         call: call.to_string(),
                         attempts: attempt,
-                        error: format!("{} ({url})", e.without_url()),
+                        error: format!("{} ({url})", crate::segment::error_chain(&e.without_url())),
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(call = %call, attempt, error = %e.without_url(), "Cannot reach Jebbit; trying again.");
+                    let error = crate::segment::error_chain(&e.without_url());
+                    tracing::warn!(call = %call, attempt, error = %error, "Cannot reach Jebbit; trying again.");
                 }
             }
             tokio::time::sleep(backoff.next_delay(None)).await;

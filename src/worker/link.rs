@@ -19,6 +19,10 @@
 //! carries the same messageIds. Only when the broker refuses the copy three times is the
 //! original returned with `nack(requeue)`, logged as an error.
 //!
+//! A nack replaces the route's channel with a fresh one before the retry (see
+//! `Acker::replace_nacking`): RabbitMQ 3.10 can keep nacking on a channel that first
+//! published to a quorum queue while its leader's node was down.
+//!
 //! Settlements go to the link's acker task, which owns the consume channel's
 //! acknowledgements and coalesces them (see [`super::ack`]). A ticket only ever settles on
 //! the channel it came from: after a lost connection or channel, the broker has already
@@ -44,7 +48,7 @@ use super::ack::{Ack, AckTracker};
 use super::settle::Settle;
 use crate::amqp::headers::{for_copy, with_error_header};
 use crate::amqp::{
-    confirm_channel, confirmed, connect, connect_as, ensure_queue, publish_mandatory,
+    Unconfirmed, confirm_channel, confirmed, connect, connect_as, ensure_queue, publish_mandatory,
 };
 use crate::config;
 use crate::metrics::Metrics;
@@ -318,6 +322,9 @@ const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(30);
 /// publishers) must not keep the acks of everything else from going out before the
 /// process exits. What is given up on is redelivered by the broker.
 const CLOSING_PATIENCE: Duration = Duration::from_secs(1);
+/// How long a publishing channel replaced after a nack stays open for the confirms still
+/// due on it.
+const OLD_CHANNEL_LINGER: Duration = Duration::from_secs(10);
 /// How long opening the publishing connection again may take.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Finished deliveries waiting behind an unfinished one are acknowledged one by one once
@@ -333,8 +340,8 @@ fn retry_delay(failures: u32) -> Duration {
 
 /// What a pending publish came to.
 enum Published {
-    /// The broker confirmed it, or refused it (with why).
-    Done(Box<Job>, Result<(), String>),
+    /// The broker confirmed it, or refused it (with why), on the channel of this id.
+    Done(Box<Job>, Result<(), Unconfirmed>, Option<u16>),
     /// Its retry delay is over (or the link is closing): publish it again.
     Due(Box<Job>),
 }
@@ -425,7 +432,10 @@ impl Acker {
                 Some(published) = self.pending.next(), if !self.pending.is_empty() => {
                     match published {
                         Published::Due(job) => self.start(job).await,
-                        Published::Done(job, result) => {
+                        Published::Done(job, result, channel) => {
+                            if result == Err(Unconfirmed::Nack) {
+                                self.replace_nacking(&job.target, channel).await;
+                            }
                             let route = self.route(&job.target);
                             route.in_flight -= 1;
                             let next = route.waiting.pop_front();
@@ -533,10 +543,12 @@ impl Acker {
         match reopened {
             Some(Ok(channel)) => route.channel = channel,
             Some(Err(e)) => {
-                let result = Err(format!("cannot reopen the publishing channel: {e}"));
+                let result = Err(Unconfirmed::Failed(format!(
+                    "cannot reopen the publishing channel: {e}"
+                )));
                 return self
                     .pending
-                    .push(Box::pin(async move { Published::Done(job, result) }));
+                    .push(Box::pin(async move { Published::Done(job, result, None) }));
             }
             None => {}
         }
@@ -545,10 +557,40 @@ impl Acker {
             let sent = publish_mandatory(&channel, &queue, &job.message.body, properties).await;
             let result = match sent {
                 Ok(confirm) => confirmed(confirm).await,
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(Unconfirmed::Failed(e.to_string())),
             };
-            Published::Done(job, result)
+            Published::Done(job, result, Some(channel.id()))
         }));
+    }
+
+    /// After a nack on the channel `nacked` of `target`'s route, replaces that channel by a
+    /// fresh confirm channel (unless it was replaced already): RabbitMQ 3.10 can keep
+    /// refusing every publish to a quorum queue on a channel whose first publish came while
+    /// the queue's leader's node was down, while a channel opened later is fine. The job is
+    /// retried on the fresh channel after its usual delay (see [`finish`](Self::finish)).
+    /// Publishes still under way on the old channel get their confirms: it is closed after
+    /// [`OLD_CHANNEL_LINGER`].
+    async fn replace_nacking(&mut self, target: &Target, nacked: Option<u16>) {
+        let route = self.route(target);
+        if nacked != Some(route.channel.id()) || !route.channel.status().connected() {
+            return;
+        }
+        match self.reopen().await {
+            Ok(fresh) => {
+                let route = self.route(target);
+                let old = std::mem::replace(&mut route.channel, fresh);
+                let queue = route.queue.clone();
+                self.metrics.channel_replaced();
+                tracing::warn!(queue = %queue, channel = old.id(), "RabbitMQ refused a publish (nack); publishing on a fresh channel from now on.");
+                tokio::spawn(async move {
+                    tokio::time::sleep(OLD_CHANNEL_LINGER).await;
+                    let _ = old.close(200, "OK".into()).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot open a fresh publishing channel after a nack; trying again with the next publish.");
+            }
+        }
     }
 
     /// A new confirm channel on the publishing connection, which is opened again first if
@@ -571,7 +613,7 @@ impl Acker {
         confirm_channel(&self.publisher).await
     }
 
-    async fn finish(&mut self, mut job: Box<Job>, result: Result<(), String>) {
+    async fn finish(&mut self, mut job: Box<Job>, result: Result<(), Unconfirmed>) {
         let error = match result {
             Ok(()) => {
                 let Target::DeadLetter { code, .. } = job.target else {

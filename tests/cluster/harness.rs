@@ -1,9 +1,10 @@
 //! RabbitMQ nodes of the test's own on this machine: a cluster of N nodes (or one node,
 //! with a TLS listener), started as the current user from the package's own scripts,
 //! with node names, ports, data, logs, configuration and Erlang cookie of their own. The
-//! machine's broker (`rabbit@localhost` on 5672) is never touched. Plain std, tokio
-//! (a TCP forwarder), lapin (a few AMQP helpers) and serde_json (`cluster_status`), no
-//! project code: it can move into a shared test kit.
+//! machine's broker (`rabbit@localhost` on 5672) is never touched. Plain std (and
+//! haproxy, when installed, as a load balancer), tokio (a TCP forwarder), lapin (a few
+//! AMQP helpers) and serde_json (`cluster_status`), no project code: it can move into a
+//! shared test kit.
 //!
 //! Found on RabbitMQ 3.10.8 (Debian): `/etc/rabbitmq/rabbitmq-env.conf` (the machine
 //! broker's node name) is kept out with `RABBITMQ_CONF_ENV_FILE`; the default distribution
@@ -738,5 +739,71 @@ impl Forwarder {
 impl Drop for Forwarder {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// haproxy (Debian's package) in front of the cluster, in TCP mode on the loopback
+/// interface: each client connection goes to the first node in `backends` that its
+/// health checks (every 500 ms) find up; a connection a node refuses is sent to another
+/// (`option redispatch`). Run as a child process with a configuration in
+/// `dir`; stopped when dropped. `None` when haproxy is not installed.
+pub struct Haproxy {
+    pub port: u16,
+    child: Child,
+}
+
+impl Haproxy {
+    pub fn start(dir: &Path, backends: &[u16]) -> Option<Haproxy> {
+        let binary = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let port = free_port();
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("  server n{i} 127.0.0.1:{p} check inter 500ms fall 1 rise 2\n"))
+            .collect();
+        let config = dir.join(format!("haproxy-{port}.cfg"));
+        fs::write(
+            &config,
+            format!(
+                "global\n  maxconn 512\ndefaults\n  mode tcp\n  timeout connect 1s\n  \
+                 retries 2\n  option redispatch 1\n  \
+                 timeout client 1h\n  timeout server 1h\nfrontend amqp\n  \
+                 bind 127.0.0.1:{port}\n  default_backend nodes\nbackend nodes\n  \
+                 balance first\n{servers}"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(binary)
+            .arg("-db")
+            .arg("-f")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(dir.join(format!("haproxy-{port}.log"))).unwrap())
+            .spawn()
+            .expect("haproxy starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "haproxy did not listen on {port}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Some(Haproxy { port, child })
+    }
+
+    /// The AMQP URL of haproxy's frontend.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -536,24 +536,20 @@ async fn a_message_the_broker_returns_or_nacks_is_answered_503() {
     // A queue that takes one message and refuses the next (reject-publish: a nack).
     let limited = format!("{}.limited", queues.main);
     let _cleanup = DeleteOnDrop(limited.clone());
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
-    declare_durable(&channel, &limited, args).await.unwrap();
+    let (conn, channel) = declare_limited(&limited, 1).await;
     let mut config = intake_config(&queues);
     config.amqp.queue = limited.clone();
+    // A nack is retried on a fresh channel until the publish timeout.
+    config.intake.publish_timeout_ms = 700;
     let intake = spawn_intake(config).await;
     intake.wait_ready().await;
     assert_eq!(intake.jebbit("jebbit_eu", FIXTURE).await.status, 200);
     let answer = intake.jebbit("jebbit_eu", FIXTURE).await;
     assert_eq!(answer.status, 503, "nacked: {answer:?}");
+    assert!(
+        intake.metric("segment_bridge_amqp_channel_replacements_total") >= 1.0,
+        "a nack replaces the channel"
+    );
     assert!(
         answer.body["error"].as_str().unwrap().contains("nack"),
         "{answer:?}"
@@ -574,6 +570,63 @@ async fn a_message_the_broker_returns_or_nacks_is_answered_503() {
         "{answer:?}"
     );
     intake.stop().await;
+    let _ = conn.close(200, "OK".into()).await;
+}
+
+/// A nacked message is published again on a fresh channel within the publish timeout:
+/// once the broker takes it, the request is answered 200. Only the refused messages are
+/// sent again (no duplicate of an element the broker had confirmed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_message_is_retried_on_a_fresh_channel_and_answered_200_once_taken() {
+    let queues = Queues::new("intake-nack-retry").await;
+    // Room for two messages, one taken: of a two-element body, the second is refused.
+    let limited = format!("{}.limited", queues.main);
+    let _cleanup = DeleteOnDrop(limited.clone());
+    let (conn, channel) = declare_limited(&limited, 2).await;
+    let mut config = intake_config(&queues);
+    config.amqp.queue = limited.clone();
+    config.intake.publish_timeout_ms = 3000;
+    let intake = Arc::new(spawn_intake(config).await);
+    intake.wait_ready().await;
+    assert_eq!(
+        intake.jebbit("jebbit_eu", b"{\"first\":0}").await.status,
+        200
+    );
+
+    let started = Instant::now();
+    let request = {
+        let intake = intake.clone();
+        tokio::spawn(async move { intake.jebbit("jebbit_eu", b"[{\"a\":1},{\"b\":2}]").await })
+    };
+    // Refused for a while; then there is room again.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!request.is_finished(), "answered before there was room");
+    let first = channel
+        .basic_get(
+            limited.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the first message");
+    assert_eq!(first.delivery.data, b"{\"first\":0}");
+    let answer = request.await.unwrap();
+    assert_eq!(answer.status, 200, "retried until taken: {answer:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(intake.metric("segment_bridge_amqp_channel_replacements_total") >= 1.0);
+    let mut bodies = Vec::new();
+    while let Some(m) = channel
+        .basic_get(
+            limited.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        bodies.push(String::from_utf8(m.delivery.data).unwrap());
+    }
+    assert_eq!(bodies, [r#"{"a":1}"#, r#"{"b":2}"#], "each element once");
+    Arc::into_inner(intake).unwrap().stop().await;
     let _ = conn.close(200, "OK".into()).await;
 }
 
@@ -599,6 +652,36 @@ async fn after_the_broker_drops_and_refuses_it_the_intake_reconnects_and_queues_
     assert!(intake.metric("segment_bridge_amqp_connections_total") >= 2.0);
     assert_eq!(intake.jebbit("jebbit_eu", FIXTURE).await.status, 200);
     assert_eq!(take_queued(&queues, 2).await.len(), 2);
+    intake.stop().await;
+}
+
+/// `amqp.url` as a list whose first node is down: the intake connects (to the second) at
+/// start-up and again after its connection is closed, whatever order the shuffle picks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_first_of_two_nodes_down_the_intake_connects_and_reconnects_to_the_other() {
+    let queues = Queues::new("intake-host-list").await;
+    let user = BrokerUser::new().await;
+    let mut config = intake_config(&queues);
+    config.amqp.url = SecretString::from(format!("{UNREACHABLE},{}", user.url()));
+    let intake = spawn_intake(config).await;
+    intake.wait_ready().await;
+    assert_eq!(intake.jebbit("jebbit_eu", FIXTURE).await.status, 200);
+
+    for round in 0..3 {
+        assert_eq!(
+            user.close_connections().await,
+            1,
+            "round {round}: one connection"
+        );
+        let start = Instant::now();
+        while intake.metric("segment_bridge_amqp_connections_total") < f64::from(round + 2) {
+            assert!(start.elapsed() < WITHIN, "round {round}: no reconnect");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        intake.wait_ready().await;
+        assert_eq!(intake.jebbit("jebbit_eu", FIXTURE).await.status, 200);
+    }
+    assert_eq!(take_queued(&queues, 4).await.len(), 4);
     intake.stop().await;
 }
 
@@ -1137,6 +1220,23 @@ async fn read_response(stream: &mut TcpStream) -> Option<(u16, String)> {
 
 /// Deletes a queue of the test's own when dropped, even when the test panicked (as
 /// `Queues` does for its two).
+/// Declares `queue` (durable) to hold at most `max_length` messages and to refuse (nack)
+/// publishes beyond; the connection and channel that declared it.
+async fn declare_limited(queue: &str, max_length: i32) -> (Connection, lapin::Channel) {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(max_length));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    declare_durable(&channel, queue, args).await.unwrap();
+    (conn, channel)
+}
+
 struct DeleteOnDrop(String);
 
 impl Drop for DeleteOnDrop {

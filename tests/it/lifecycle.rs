@@ -517,3 +517,47 @@ async fn after_a_refused_write_key_a_restarted_worker_with_a_good_key_delivers_e
     assert_eq!(queues.ready().await, (0, 0));
     assert_eq!(us.accepted().len(), 50, "each session once");
 }
+
+/// The worker with `amqp.url` a list whose first node is down: it consumes from the other
+/// at start-up and after its connections are closed, and logs the node (never the
+/// password).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_first_of_two_nodes_down_the_worker_connects_and_reconnects_to_the_other() {
+    let queues = Queues::new("host-list").await;
+    let user = BrokerUser::new().await;
+    let us = FakeSegment::ok().await;
+    let urls = format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", user.url());
+    let mut daemon = daemon(&queues, &us, &[("AMQP__URL", urls.as_str())]);
+    daemon.wait_ready(WITHIN).await;
+    let ids = session_ids("h", 6);
+    queues.publish(bodies(&ids[..3])).await;
+    wait_all_tracked(&us, &ids[..3], WITHIN).await;
+
+    // Two connections (consuming, publishing) per link, each in its own shuffled order:
+    // over four links the node that is down comes first 1 - 1/256 of the time.
+    for round in 2..=4 {
+        assert!(user.close_connections().await >= 1);
+        let start = Instant::now();
+        while daemon.metric("segment_bridge_amqp_connections_total").await < f64::from(round) {
+            assert!(
+                start.elapsed() < WITHIN,
+                "no reconnect:\n{}",
+                daemon.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        daemon.wait_ready(WITHIN).await;
+    }
+    queues.publish(bodies(&ids[3..])).await;
+    wait_all_tracked(&us, &ids, WITHIN).await;
+    let _ = daemon.signal("TERM");
+    let _ = daemon.wait_exit(Duration::from_secs(10)).await;
+    let log = daemon.stderr();
+    assert!(log.contains("127.0.0.1:5672"), "the node is logged:\n{log}");
+    assert!(!log.contains(":secret@"), "no password in the log:\n{log}");
+    // The node that is down was skipped within each connect, never waited out.
+    assert!(
+        log.contains("trying the next one") && !log.contains("Cannot consume from RabbitMQ"),
+        "{log}"
+    );
+}

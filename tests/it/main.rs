@@ -8,4 +8,5 @@ mod intake;
 mod lifecycle;
 mod onboard;
 mod quorum;
+mod tls;
 mod tools;

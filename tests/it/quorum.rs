@@ -196,7 +196,9 @@ async fn a_delivery_near_the_queues_delivery_limit_is_logged_and_counted_and_sti
 async fn three_competing_workers_one_killed_midway_deliver_every_session_with_one_message_id_per_event()
  {
     let queues = Queues::quorum("qq-replicas", 3).await;
-    let us = fake_segment(200, Duration::from_millis(100)).await;
+    // Slow enough that the stream outlasts the kill on a busy machine: each worker takes
+    // at most 2 requests of 20 sessions per 250 ms.
+    let us = fake_segment(200, Duration::from_millis(250)).await;
     let settings = [
         ("AMQP__PREFETCH", "100"),
         ("SEGMENT__MAX_BATCH_EVENTS", "40"),
@@ -206,7 +208,8 @@ async fn three_competing_workers_one_killed_midway_deliver_every_session_with_on
     for d in &daemons {
         d.wait_ready(WAIT).await;
     }
-    // About 1,200 sessions/s with three workers: a stream of 3 s, killed after 0.25 s.
+    // At most about 480 sessions/s with three workers: a stream of over 6 s, killed after
+    // about a fifth of it.
     let ids = publish_sessions(&queues, "c", 3000).await;
     us.wait_accepted(600, WITHIN).await;
 
@@ -284,4 +287,53 @@ async fn shutting_down_while_the_dead_letter_queue_is_missing_hands_the_dead_let
         Some(0),
         "it is a fresh copy: no delivery spent"
     );
+}
+
+/// A dead letter the broker nacks (its queue full, `reject-publish`) replaces the
+/// dead-letter channel with a fresh one before the retry, and lands once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_dead_letter_gets_a_fresh_channel_and_lands_once_there_is_room() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let queues = Queues::new("dl-nack").await;
+    queues.set_dead_letter_queue(false).await;
+    let mut full = FieldTable::default();
+    full.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    full.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    let channel = queues.channel().await;
+    channel
+        .queue_declare(
+            queues.dead.as_str().into(),
+            QueueDeclareOptions::durable(),
+            full,
+        )
+        .await
+        .unwrap();
+    let us = FakeSegment::ok().await;
+    let mut config = config(&queues, Some(&us), None);
+    config.amqp.declare = false;
+    let app = spawn_app(config).await;
+    app.wait_until("consuming", WITHIN, |a| a.health.readiness().is_ok())
+        .await;
+    let bad: Vec<String> = (0..2).map(|i| format!("not json {i}")).collect();
+    queues.publish(&bad).await;
+    app.wait_until("a nacked dead letter replaced its channel", WITHIN, |a| {
+        a.metric("segment_bridge_amqp_channel_replacements_total") >= 1.0
+    })
+    .await;
+    queues.set_dead_letter_queue(false).await;
+    queues.set_dead_letter_queue(true).await;
+    queues.wait_ready((0, 2), WITHIN).await;
+    app.stop().await;
+    let mut bodies: Vec<String> = queues
+        .take_dead()
+        .await
+        .iter()
+        .map(|(b, _)| String::from_utf8(b.clone()).unwrap())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, bad, "exactly one copy of each");
 }
