@@ -36,9 +36,8 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 
 use segment_bridge::amqp::{confirmed, publish_mandatory};
-use segment_bridge::intake::signature::sign;
 use segment_bridge_testkit::bench::{Result, at_least_one, run};
-use segment_bridge_testkit::broker::AMQP_URL;
+use segment_bridge_testkit::broker::{AMQP_URL, declare_durable};
 use segment_bridge_testkit::jebbit::{self, unix_now};
 use segment_bridge_testkit::launch::{Bridge, Running, free_port};
 use segment_bridge_testkit::stats::{loadavg, median, percentile, proc_stats};
@@ -73,29 +72,11 @@ struct Options {
 
 /// A realistic Jebbit webhook body: a dozen answers, about 700 bytes.
 fn body() -> String {
-    serde_json::json!({
-        "data": {
-            "email": "Bench.User@Example.com",
-            "opt_in": "true",
-            "outcome": "example_outcome",
-            "favorite_colors": ["option 1", "option 4"],
-            "skin_type": "Dry & sensitive",
-            "hair_concern": "Frizz",
-            "age_range": "25-34",
-            "preferred_scent": "Citrus and green notes",
-            "budget": "$25–$50",
-            "shopping_frequency": "Weekly",
-            "product_interest": ["serum", "mask", "oil"],
-            "quiz_score": 42,
-            "loyalty_member": true,
-            "referral_source": "instagram"
-        },
-        "event": {"event_number": 0},
-        "campaign_id": "n3zrik6g",
-        "campaign_name": "New Quiz",
-        "traffic_source": "Owned+Web"
-    })
-    .to_string()
+    jebbit::webhook_body(
+        "Bench.User@Example.com",
+        0,
+        serde_json::json!({"loyalty_member": true, "referral_source": "instagram"}),
+    )
 }
 
 fn main() {
@@ -181,13 +162,7 @@ async fn parent(o: Options) -> Result<()> {
         for kind in order {
             let queue = format!("sb-bench.{}.intake.{round}.{kind:?}", std::process::id());
             let channel = broker.create_channel().await?;
-            channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions::durable(),
-                    FieldTable::default(),
-                )
-                .await?;
+            declare_durable(&channel, &queue, FieldTable::default()).await?;
             // Let the previous measurement's queue deletion and disk writes settle.
             tokio::time::sleep(Duration::from_secs(2)).await;
             let load_before = loadavg();
@@ -498,15 +473,7 @@ fn report(runs: &[Run], o: &Options) {
 
 /// What runs without oha or a broker: the pieces the measurements rely on.
 fn self_check() {
-    let body = body();
-    let header = sign(SECRET.as_bytes(), 1_700_000_000, body.as_bytes());
-    let signature = segment_bridge::intake::signature::Signature::parse(&header).unwrap();
-    assert!(
-        signature
-            .verify(body.as_bytes(), [SECRET.as_bytes()])
-            .is_ok()
-    );
-    assert!(segment_bridge::session::Session::parse(body.as_bytes()).is_ok());
+    jebbit::check_webhook(SECRET, &body());
     let report = serde_json::json!({
         "summary": {"requestsPerSec": 1001.0, "total": 14.99},
         "latencyPercentiles": {"p50": 0.002, "p99": 0.0125},

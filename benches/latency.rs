@@ -35,20 +35,20 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use clap::Parser;
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::Value;
 use tokio::sync::{Notify, Semaphore};
 
-use segment_bridge::intake::signature::sign;
+use segment_bridge_testkit::bench::{Result, run, self_check_only, two_threads};
+use segment_bridge_testkit::broker::{AMQP_URL, declare_durable};
+use segment_bridge_testkit::jebbit;
+use segment_bridge_testkit::launch::free_port;
+use segment_bridge_testkit::stats::{loadavg, median, proc_stats};
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const SECRET: &str = "bench-shared-secret-0123456789abcdef";
 const SOURCE: &str = "bench";
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
-type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The whole path timed: signed webhooks -> intake -> queue -> worker -> Segment stand-in.
 #[derive(Debug, Clone, Parser)]
@@ -122,22 +122,11 @@ fn main() {
         Err(e) if std::env::args().any(|a| a == "--bench") => e.exit(),
         Err(_) => Args::parse_from(["latency"]),
     };
-    if !args.bench {
-        self_check();
-        println!(
-            "latency: self-check passed; the measurement runs with `cargo bench --bench latency` (needs RabbitMQ)."
-        );
+    let how = "the measurement runs with `cargo bench --bench latency` (needs RabbitMQ)";
+    if self_check_only(args.bench, "latency", how, self_check) {
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    if let Err(e) = runtime.block_on(parent(args)) {
-        eprintln!("latency bench: {e}");
-        std::process::exit(1);
-    }
+    run("latency bench", two_threads(), parent(args));
 }
 
 async fn parent(mut args: Args) -> Result<()> {
@@ -187,13 +176,7 @@ async fn parent(mut args: Args) -> Result<()> {
                 let queue = format!("sb-bench.{}.latency.{round}.{rate}.{i}", std::process::id());
                 let channel = broker.create_channel().await?;
                 for q in [queue.clone(), format!("{queue}.dead")] {
-                    channel
-                        .queue_declare(
-                            q.as_str().into(),
-                            QueueDeclareOptions::durable(),
-                            FieldTable::default(),
-                        )
-                        .await?;
+                    declare_durable(&channel, &q, FieldTable::default()).await?;
                 }
                 // Let the previous measurement's processes and queue deletion settle.
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -251,9 +234,9 @@ async fn measure(
     std::fs::create_dir_all(&dir)?;
     let empty = dir.join("empty.toml");
     std::fs::write(&empty, "")?;
-    let intake_addr = free_port()?;
-    let intake_probes = free_port()?;
-    let worker_probes = free_port()?;
+    let intake_addr = free_port();
+    let intake_probes = free_port();
+    let worker_probes = free_port();
     let common = [
         ("AMQP__URL", AMQP_URL.to_owned()),
         ("AMQP__QUEUE", queue.to_owned()),
@@ -328,7 +311,7 @@ async fn measure(
         let due_us = sink.since_base(due.into_std());
         let permit = in_flight.clone().acquire_owned().await?;
         let body = webhook_body(seq, due_us);
-        let header = sign(SECRET.as_bytes(), unix_now(), body.as_bytes());
+        let header = jebbit::signature(SECRET, body.as_bytes());
         let request = client
             .post(&url)
             .header("content-type", "application/json")
@@ -401,29 +384,11 @@ async fn measure(
 /// A Jebbit webhook of about 700 bytes, like the intake bench's, with the sequence number
 /// and the due time (µs since the sink's base) among its answers.
 fn webhook_body(seq: u64, due_us: u64) -> String {
-    serde_json::json!({
-        "data": {
-            "email": format!("Latency.{seq}@Example.com"),
-            "opt_in": "true",
-            "outcome": "example_outcome",
-            "favorite_colors": ["option 1", "option 4"],
-            "skin_type": "Dry & sensitive",
-            "hair_concern": "Frizz",
-            "age_range": "25-34",
-            "preferred_scent": "Citrus and green notes",
-            "budget": "$25–$50",
-            "shopping_frequency": "Weekly",
-            "product_interest": ["serum", "mask", "oil"],
-            "quiz_score": 42,
-            "bench_seq": seq,
-            "bench_sent_us": due_us
-        },
-        "event": {"event_number": seq},
-        "campaign_id": "n3zrik6g",
-        "campaign_name": "New Quiz",
-        "traffic_source": "Owned+Web"
-    })
-    .to_string()
+    jebbit::webhook_body(
+        &format!("Latency.{seq}@Example.com"),
+        seq,
+        serde_json::json!({"bench_seq": seq, "bench_sent_us": due_us}),
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -638,39 +603,9 @@ fn scratch_dir() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("sb-bench-latency-{}", std::process::id()))
 }
 
-fn free_port() -> Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    proc_stats(pid).map(|s| s.cpu_s)
 }
 
 /// Nearest-rank percentile of sorted values (0 if there are none).
@@ -685,14 +620,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 /// What runs without a broker: the pieces the measurement relies on.
 fn self_check() {
     let body = webhook_body(7, 123_456);
-    let header = sign(SECRET.as_bytes(), 1_700_000_000, body.as_bytes());
-    let signature = segment_bridge::intake::signature::Signature::parse(&header).unwrap();
-    assert!(
-        signature
-            .verify(body.as_bytes(), [SECRET.as_bytes()])
-            .is_ok()
-    );
-    assert!(segment_bridge::session::Session::parse(body.as_bytes()).is_ok());
+    jebbit::check_webhook(SECRET, &body);
     let batch = serde_json::json!({"batch": [
         {"type": "identify", "traits": {"bench_seq": 1, "bench_sent_us": 5}},
         {"type": "track", "properties": {"bench_seq": 1, "bench_sent_us": 5}},

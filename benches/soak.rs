@@ -55,7 +55,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 use segment_bridge::events;
 use segment_bridge::session::Session;
-use segment_bridge_testkit::bench::{Result, at_least_one, count, run};
+use segment_bridge_testkit::bench::{Result, at_least_one, count, run, two_threads};
 use segment_bridge_testkit::broker::{
     AMQP_URL, BrokerLock, Queues, StoppedBroker, find_worker_connection, queue_messages,
     rabbitmqctl_blocking,
@@ -112,10 +112,7 @@ fn main() {
         );
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build();
+    let runtime = two_threads();
     if !run("soak", runtime, soak(options)) {
         std::process::exit(1);
     }

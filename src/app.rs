@@ -216,13 +216,9 @@ impl WorkerApp {
             shutdown.clone(),
         ));
         let grace = config.grace_period();
-        if let Some(every) = config.progress_interval() {
-            tokio::spawn(report_worker_progress(
-                metrics.clone(),
-                every,
-                shutdown.clone(),
-            ));
-        }
+        let m = metrics.clone();
+        let read = move || m.totals();
+        spawn_progress(&config, read, log_worker_progress, &shutdown);
         // Spawned rather than awaited here, so that it runs as the runtime's own task.
         let mut worker = tokio::spawn(
             Worker::new(config, health, metrics.clone(), dry_run).run(shutdown.clone()),
@@ -358,13 +354,9 @@ impl IntakeApp {
             }),
             probes_stop.clone(),
         ));
-        if let Some(every) = config.progress_interval() {
-            tokio::spawn(report_intake_progress(
-                metrics.clone(),
-                every,
-                shutdown.clone(),
-            ));
-        }
+        let m = metrics.clone();
+        let read = move || m.totals();
+        spawn_progress(&config, read, log_intake_progress, &shutdown);
         let bound = config.intake.drain_delay() + config.grace_period() + Duration::from_secs(5);
         let mut intake = tokio::spawn(intake::run(
             config,
@@ -436,47 +428,48 @@ async fn report_progress<T: PartialEq>(
     }
 }
 
+/// Starts [`report_progress`] when the configuration asks for progress lines (its
+/// `progress_interval`),
+/// with `log` writing the line of each interval in which something changed.
+fn spawn_progress<T: PartialEq + Send + 'static>(
+    config: &Config,
+    read: impl Fn() -> T + Send + 'static,
+    log: fn(&T, &T, Duration),
+    shutdown: &CancellationToken,
+) {
+    if let Some(every) = config.progress_interval() {
+        let log = move |now: &T, last: &T| log(now, last, every);
+        tokio::spawn(report_progress(read, log, every, shutdown.clone()));
+    }
+}
+
 /// The worker's progress line: sessions by outcome, events sent per region, retries, and
 /// how many deliveries are held now.
-async fn report_worker_progress(
-    metrics: Arc<Metrics>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    let log = |now: &WorkerTotals, last: &WorkerTotals| {
-        let d = now.since(last);
-        tracing::info!(
-            delivered = d.delivered,
-            skipped = d.skipped,
-            dead_lettered = d.dead_lettered,
-            handed_back = d.handed_back,
-            events_us = d.events_sent[Region::Us as usize],
-            events_eu = d.events_sent[Region::Eu as usize],
-            retries = d.retries,
-            held = now.unsettled(),
-            "Progress in the last {} s.",
-            every.as_secs()
-        );
-    };
-    report_progress(|| metrics.totals(), log, every, shutdown).await;
+fn log_worker_progress(now: &WorkerTotals, last: &WorkerTotals, every: Duration) {
+    let d = now.since(last);
+    tracing::info!(
+        delivered = d.delivered,
+        skipped = d.skipped,
+        dead_lettered = d.dead_lettered,
+        handed_back = d.handed_back,
+        events_us = d.events_sent[Region::Us as usize],
+        events_eu = d.events_sent[Region::Eu as usize],
+        retries = d.retries,
+        held = now.unsettled(),
+        "Progress in the last {} s.",
+        every.as_secs()
+    );
 }
 
 /// The intake's progress line: requests by outcome, and messages queued.
-async fn report_intake_progress(
-    metrics: Arc<IntakeMetrics>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    let log = |now: &IntakeTotals, last: &IntakeTotals| {
-        let d = now.since(last);
-        tracing::info!(
-            requests = %d.summary(),
-            messages_queued = d.messages,
-            "Progress in the last {} s.",
-            every.as_secs()
-        );
-    };
-    report_progress(|| metrics.totals(), log, every, shutdown).await;
+fn log_intake_progress(now: &IntakeTotals, last: &IntakeTotals, every: Duration) {
+    let d = now.since(last);
+    tracing::info!(
+        requests = %d.summary(),
+        messages_queued = d.messages,
+        "Progress in the last {} s.",
+        every.as_secs()
+    );
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use segment_bridge::app::{self, AppError, IntakeApp, WorkerApp, exit};
 use segment_bridge::config::Config;
-use segment_bridge::onboard;
+use segment_bridge::onboard::{self, Action};
 use segment_bridge::tools::{self, ToolError};
 
 /// Forwards quiz and survey sessions from RabbitMQ to Segment.
@@ -141,6 +141,19 @@ struct Which {
     /// The integration's id.
     #[arg(long)]
     id: Option<String>,
+}
+
+impl Which {
+    /// `onboard::act` on this integration.
+    async fn act(
+        &self,
+        client: &onboard::jebbit::Client,
+        action: Action,
+        io: &mut onboard::Io<'_>,
+    ) -> Result<(), onboard::OnboardError> {
+        let (source, id) = (self.source.as_deref(), self.id.as_deref());
+        onboard::act(client, source, id, action, io).await
+    }
 }
 
 #[derive(clap::Args)]
@@ -297,31 +310,11 @@ async fn jebbit(config: &Config, command: JebbitCommand) -> Result<(), onboard::
             onboard::test(config, &client, &args, io).await
         }
         JebbitCommand::Deactivate { which } => {
-            onboard::set_active(
-                &client,
-                which.source.as_deref(),
-                which.id.as_deref(),
-                false,
-                io,
-            )
-            .await
+            which.act(&client, Action::SetActive(false), io).await
         }
-        JebbitCommand::Activate { which } => {
-            onboard::set_active(
-                &client,
-                which.source.as_deref(),
-                which.id.as_deref(),
-                true,
-                io,
-            )
-            .await
-        }
-        JebbitCommand::Delete { which } => {
-            onboard::delete(&client, which.source.as_deref(), which.id.as_deref(), io).await
-        }
-        JebbitCommand::Backfill { which } => {
-            onboard::backfill(&client, which.source.as_deref(), which.id.as_deref(), io).await
-        }
+        JebbitCommand::Activate { which } => which.act(&client, Action::SetActive(true), io).await,
+        JebbitCommand::Delete { which } => which.act(&client, Action::Delete, io).await,
+        JebbitCommand::Backfill { which } => which.act(&client, Action::Backfill, io).await,
         JebbitCommand::BackfillStatus { id } => onboard::backfill_status(&client, &id, io).await,
     }
 }

@@ -329,8 +329,7 @@ async fn publish_lines(
         settle(result, &mut failed);
     }
     progress.done(total);
-    let _ = channel.close(200, "OK".into()).await;
-    let _ = conn.close(200, "OK".into()).await;
+    close(&channel, &conn).await;
     writeln!(
         out,
         "published {} of {total} sessions to queue {}",
@@ -428,8 +427,7 @@ async fn replay(
                     .await?;
             }
             // Closed, close-ok awaited, so that the ack above is not lost with the socket.
-            let _ = channel.close(200, "OK".into()).await;
-            let _ = conn.close(200, "OK".into()).await;
+            close(&channel, &conn).await;
             return Err(ToolError::Unconfirmed {
                 failed: 1,
                 total: moved + 1,
@@ -443,8 +441,7 @@ async fn replay(
         progress.tick(moved, (todo > 0).then(|| moved * 100 / todo));
     }
     progress.done(moved);
-    let _ = channel.close(200, "OK".into()).await;
-    let _ = conn.close(200, "OK".into()).await;
+    close(&channel, &conn).await;
     writeln!(
         out,
         "moved {moved} messages from {} back to {}",
@@ -582,6 +579,13 @@ async fn check_broker(
             Ok(Some(e.exit_code()))
         }
     }
+}
+
+/// Closes the channel and then the connection cleanly; a failure to close matters no
+/// more at the end of a tool's run.
+async fn close(channel: &lapin::Channel, conn: &lapin::Connection) {
+    let _ = channel.close(200, "OK".into()).await;
+    let _ = conn.close(200, "OK".into()).await;
 }
 
 /// A line on standard error at most once a second, for long runs.

@@ -591,11 +591,7 @@ impl Client {
     ) -> Result<(Integration, Option<SecretString>), ApiError> {
         let call = match id {
             None => Call::new(Method::POST, "/api/v1/integrations", WRITE_INTEGRATION),
-            Some(id) => Call::new(
-                Method::PATCH,
-                format!("/api/v1/integrations/{id}"),
-                WRITE_INTEGRATION,
-            ),
+            Some(id) => integration_call(Method::PATCH, id),
         };
         let body = self
             .api(call.clone(), Some(&integration_request(spec, id)))
@@ -605,11 +601,7 @@ impl Client {
 
     /// Switches an integration on or off.
     pub async fn set_active(&self, id: &str, active: bool) -> Result<Integration, ApiError> {
-        let call = Call::new(
-            Method::PATCH,
-            format!("/api/v1/integrations/{id}"),
-            WRITE_INTEGRATION,
-        );
+        let call = integration_call(Method::PATCH, id);
         let body = self
             .api(call.clone(), Some(&active_request(id, active)))
             .await?;
@@ -618,11 +610,7 @@ impl Client {
 
     /// `DELETE /api/v1/integrations/{id}`.
     pub async fn delete(&self, id: &str) -> Result<(), ApiError> {
-        let call = Call::new(
-            Method::DELETE,
-            format!("/api/v1/integrations/{id}"),
-            WRITE_INTEGRATION,
-        );
+        let call = integration_call(Method::DELETE, id);
         self.api(call, None).await.map(drop)
     }
 
@@ -660,6 +648,15 @@ impl Client {
         let body = self.api(call.clone(), None).await?;
         Self::read(&call, parse_backfill(&body))
     }
+}
+
+/// A call on the integration `id` (`/api/v1/integrations/{id}`).
+fn integration_call(method: Method, id: &str) -> Call {
+    Call::new(
+        method,
+        format!("/api/v1/integrations/{id}"),
+        WRITE_INTEGRATION,
+    )
 }
 
 /// `base` + `path`, keeping any path `base` already has (a test server's prefix).

@@ -549,56 +549,55 @@ pub async fn test(
     }
 }
 
-/// `jebbit deactivate` / `jebbit activate`.
-pub async fn set_active(
-    client: &Client,
-    source: Option<&str>,
-    id: Option<&str>,
-    active: bool,
-    io: &mut Io<'_>,
-) -> Result<(), OnboardError> {
-    let integration = find(client, source, id).await?;
-    let changed = client.set_active(&integration.id, active).await?;
-    writeln!(io.out, "{changed}")?;
-    Ok(())
+/// What `jebbit deactivate`, `activate`, `delete` and `backfill` do to the integration
+/// they name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `jebbit activate` (true) / `jebbit deactivate` (false).
+    SetActive(bool),
+    /// `jebbit delete`.
+    Delete,
+    /// `jebbit backfill`: asks Jebbit to re-send the integration's past sessions.
+    Backfill,
 }
 
-/// `jebbit delete`.
-pub async fn delete(
+/// Finds the integration posting to `source`, or the one with `id`, and does `action` to
+/// it.
+pub async fn act(
     client: &Client,
     source: Option<&str>,
     id: Option<&str>,
+    action: Action,
     io: &mut Io<'_>,
 ) -> Result<(), OnboardError> {
     let integration = find(client, source, id).await?;
-    client.delete(&integration.id).await?;
-    writeln!(
-        io.out,
-        "Deleted Jebbit integration {} ({}).",
-        integration.id, integration.endpoint
-    )?;
-    Ok(())
-}
-
-/// `jebbit backfill`: asks Jebbit to re-send the integration's past sessions.
-pub async fn backfill(
-    client: &Client,
-    source: Option<&str>,
-    id: Option<&str>,
-    io: &mut Io<'_>,
-) -> Result<(), OnboardError> {
-    let integration = find(client, source, id).await?;
-    let b = client.backfill(&integration.id).await?;
-    writeln!(
-        io.out,
-        "backfill {} of integration {}: {}",
-        b.id, integration.id, b.status
-    )?;
-    writeln!(
-        io.err,
-        "Jebbit re-sends past sessions to {}; the worker delivers them (duplicates keep their messageIds). Status: segment-bridge jebbit backfill-status --id {}",
-        integration.endpoint, b.id
-    )?;
+    match action {
+        Action::SetActive(active) => {
+            let changed = client.set_active(&integration.id, active).await?;
+            writeln!(io.out, "{changed}")?;
+        }
+        Action::Delete => {
+            client.delete(&integration.id).await?;
+            writeln!(
+                io.out,
+                "Deleted Jebbit integration {} ({}).",
+                integration.id, integration.endpoint
+            )?;
+        }
+        Action::Backfill => {
+            let b = client.backfill(&integration.id).await?;
+            writeln!(
+                io.out,
+                "backfill {} of integration {}: {}",
+                b.id, integration.id, b.status
+            )?;
+            writeln!(
+                io.err,
+                "Jebbit re-sends past sessions to {}; the worker delivers them (duplicates keep their messageIds). Status: segment-bridge jebbit backfill-status --id {}",
+                integration.endpoint, b.id
+            )?;
+        }
+    }
     Ok(())
 }
 

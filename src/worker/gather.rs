@@ -137,6 +137,14 @@ mod tests {
         )
     }
 
+    /// Roomy limits but for a batch of at most `n` events.
+    fn at_most_events(n: usize) -> Limits {
+        Limits {
+            max_events: n,
+            ..ROOMY
+        }
+    }
+
     /// The batches a region's sender has been given so far, as session ids.
     fn sent(rx: &mut mpsc::UnboundedReceiver<Batch<FakeTicket>>) -> Vec<Vec<u32>> {
         std::iter::from_fn(|| rx.try_recv().ok())
@@ -180,11 +188,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_batch_full_by_events_goes_at_once() {
         let link = Ledger::default().link();
-        let limits = Limits {
-            max_events: 5,
-            ..ROOMY
-        };
-        let (mut gather, [mut us, _eu]) = gather(limits);
+        let (mut gather, [mut us, _eu]) = gather(at_most_events(5));
         gather.push(Region::Us, link.entry(1, Region::Us));
         assert!(sent(&mut us).is_empty());
         gather.push(Region::Us, link.entry(2, Region::Us));
@@ -227,11 +231,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_two_regions_batches_are_independent() {
         let link = Ledger::default().link();
-        let limits = Limits {
-            max_events: 4,
-            ..ROOMY
-        };
-        let (mut gather, [mut us, mut eu]) = gather(limits);
+        let (mut gather, [mut us, mut eu]) = gather(at_most_events(4));
         let start = Instant::now();
         gather.push(Region::Us, link.entry(1, Region::Us));
         advance(300 * MS).await;

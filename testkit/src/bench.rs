@@ -35,3 +35,22 @@ pub fn count(v: &str) -> Result<u64, String> {
 pub fn at_least_one(v: &str) -> Result<u64, String> {
     Ok(count(v)?.max(1))
 }
+
+/// A runtime of two worker threads, for a benchmark that times the service's own
+/// multi-threaded paths.
+pub fn two_threads() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// Without `--bench` (`cargo test --benches`) a benchmark only runs its `check` and says
+/// `how` the measurement runs: true then, and the caller returns.
+pub fn self_check_only(bench: bool, name: &str, how: &str, check: impl FnOnce()) -> bool {
+    if !bench {
+        check();
+        println!("{name}: self-check passed; {how}.");
+    }
+    !bench
+}

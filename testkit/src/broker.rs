@@ -109,6 +109,18 @@ pub fn unique() -> String {
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// Declares the durable queue `name` with `arguments` on `channel`.
+pub async fn declare_durable(
+    channel: &Channel,
+    name: &str,
+    arguments: FieldTable,
+) -> lapin::Result<()> {
+    channel
+        .queue_declare(name.into(), QueueDeclareOptions::durable(), arguments)
+        .await
+        .map(drop)
+}
+
 /// The arguments of a quorum queue that drops a message after `delivery_limit` returns.
 pub fn quorum_arguments(delivery_limit: i64) -> FieldTable {
     let mut arguments = FieldTable::default();
@@ -164,13 +176,7 @@ impl Queues {
             _lock: lock,
         };
         for (name, arguments) in [(&q.main, main_arguments), (&q.dead, FieldTable::default())] {
-            q.channel()
-                .await
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions::durable(),
-                    arguments,
-                )
+            declare_durable(&q.channel().await, name, arguments)
                 .await
                 .unwrap();
         }
@@ -256,12 +262,7 @@ impl Queues {
     pub async fn set_dead_letter_queue(&self, exists: bool) {
         let channel = self.channel().await;
         if exists {
-            channel
-                .queue_declare(
-                    self.dead.as_str().into(),
-                    QueueDeclareOptions::durable(),
-                    FieldTable::default(),
-                )
+            declare_durable(&channel, &self.dead, FieldTable::default())
                 .await
                 .unwrap();
         } else {

@@ -18,3 +18,47 @@ pub fn unix_now() -> i64 {
 pub fn signature(secret: &str, body: &[u8]) -> String {
     sign(secret.as_bytes(), unix_now(), body)
 }
+
+/// A realistic Jebbit webhook body, about 700 bytes: a dozen quiz answers and `email`,
+/// with the answers of `extra` (an object) after them.
+pub fn webhook_body(email: &str, event_number: u64, extra: serde_json::Value) -> String {
+    let mut data = serde_json::json!({
+        "email": email,
+        "opt_in": "true",
+        "outcome": "example_outcome",
+        "favorite_colors": ["option 1", "option 4"],
+        "skin_type": "Dry & sensitive",
+        "hair_concern": "Frizz",
+        "age_range": "25-34",
+        "preferred_scent": "Citrus and green notes",
+        "budget": "$25–$50",
+        "shopping_frequency": "Weekly",
+        "product_interest": ["serum", "mask", "oil"],
+        "quiz_score": 42
+    });
+    if let (Some(data), serde_json::Value::Object(extra)) = (data.as_object_mut(), extra) {
+        data.extend(extra);
+    }
+    serde_json::json!({
+        "data": data,
+        "event": {"event_number": event_number},
+        "campaign_id": "n3zrik6g",
+        "campaign_name": "New Quiz",
+        "traffic_source": "Owned+Web"
+    })
+    .to_string()
+}
+
+/// What a benchmark's self-check asserts of its webhook: signed with `secret` at a fixed
+/// time, the signature parses and verifies, and the body parses as a session.
+pub fn check_webhook(secret: &str, body: &str) {
+    use segment_bridge::intake::signature::Signature;
+    let header = sign(secret.as_bytes(), 1_700_000_000, body.as_bytes());
+    let signature = Signature::parse(&header).unwrap();
+    assert!(
+        signature
+            .verify(body.as_bytes(), [secret.as_bytes()])
+            .is_ok()
+    );
+    assert!(segment_bridge::session::Session::parse(body.as_bytes()).is_ok());
+}

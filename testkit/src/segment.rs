@@ -244,6 +244,14 @@ pub fn bodies(ids: &[String]) -> Vec<String> {
     ids.iter().map(|id| session(id, "us")).collect()
 }
 
+/// Publishes [`session_ids`]`(prefix, n)` as sessions of region us to the main queue;
+/// returns their ids.
+pub async fn publish_sessions(queues: &Queues, prefix: &str, n: usize) -> Vec<String> {
+    let ids = session_ids(prefix, n);
+    queues.publish(bodies(&ids)).await;
+    ids
+}
+
 /// The `surveySessionId`s of the Track events among `events`.
 pub fn tracked(events: &[Value]) -> BTreeSet<String> {
     events

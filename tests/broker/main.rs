@@ -10,12 +10,12 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use segment_bridge_testkit::app::{config, spawn_app};
+use segment_bridge_testkit::app::{config, spawn_app, spawn_app_segment_down};
 use segment_bridge_testkit::broker::{
     BrokerLock, BrokerSettings, Queues, StoppedBroker, restarts_allowed, wait_drained,
 };
 use segment_bridge_testkit::segment::{
-    FakeSegment, bodies, fake_segment, message_ids_of, session_ids, tracked, wait_all_tracked,
+    fake_segment, message_ids_of, publish_sessions, tracked, wait_all_tracked,
 };
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -33,8 +33,7 @@ async fn a_broker_restart_midway_loses_no_session_and_dead_letters_none() {
     config.segment.max_batch_events = 20;
     config.segment.max_in_flight = 1;
     let app = spawn_app(config).await;
-    let ids = session_ids("b", 1000);
-    queues.publish(bodies(&ids)).await;
+    let ids = publish_sessions(&queues, "b", 1000).await;
     us.wait_accepted(200, WITHIN).await;
 
     let stopped = StoppedBroker::stop().await;
@@ -76,13 +75,9 @@ async fn a_channel_closed_by_the_consumer_timeout_is_reopened_and_every_session_
         ("channel_tick_interval", "1000"),
     ]);
     let queues = Queues::quorum("consumer-timeout", 5).await;
-    let (us, up) = FakeSegment::down_until_up().await;
-    let mut config = config(&queues, Some(&us), None);
-    // Longer than the broker's timeout, so that the broker acts first.
-    config.retry.max_hold_s = 60;
-    let app = spawn_app(config).await;
-    let ids = session_ids("t", 50);
-    queues.publish(bodies(&ids)).await;
+    // Holding longer than the broker's timeout, so that the broker acts first.
+    let (app, us, up) = spawn_app_segment_down(&queues, 60).await;
+    let ids = publish_sessions(&queues, "t", 50).await;
 
     app.wait_until(
         "the broker closed the channel and the worker reconnected",

@@ -9,6 +9,8 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 
+use segment_bridge::config::Config;
+
 use crate::helpers::*;
 
 const WITHIN: Duration = Duration::from_secs(20);
@@ -121,22 +123,26 @@ async fn good_sessions_are_delivered_skips_acknowledged_and_bad_input_dead_lette
         a.metric(r#"segment_bridge_sessions_total{outcome="dead_lettered"}"#) == 7.0
     })
     .await;
-    assert_eq!(
-        app.metric(r#"segment_bridge_sessions_total{outcome="delivered"}"#),
-        10.0
-    );
-    assert_eq!(
-        app.metric(r#"segment_bridge_sessions_total{outcome="skipped_no_email"}"#),
-        2.0
-    );
-    assert_eq!(
-        app.metric(r#"segment_bridge_dead_letters_total{reason="no_write_key"}"#),
-        1.0
-    );
-    assert_eq!(
-        app.metric(r#"segment_bridge_dead_letters_total{reason="too_large"}"#),
-        1.0
-    );
+    for (series, want) in [
+        (
+            r#"segment_bridge_sessions_total{outcome="delivered"}"#,
+            10.0,
+        ),
+        (
+            r#"segment_bridge_sessions_total{outcome="skipped_no_email"}"#,
+            2.0,
+        ),
+        (
+            r#"segment_bridge_dead_letters_total{reason="no_write_key"}"#,
+            1.0,
+        ),
+        (
+            r#"segment_bridge_dead_letters_total{reason="too_large"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(app.metric(series), want, "{series}");
+    }
     app.stop().await;
 
     assert_eq!(us.accepted().len(), 20);
@@ -408,16 +414,30 @@ async fn the_same_session_to_two_segment_sources_gets_other_ids_in_each_and_the_
     );
 }
 
+/// The worker's configuration for `queues` and `us`, with batches of at most `events`
+/// events.
+fn batching(queues: &Queues, us: &FakeSegment, events: usize) -> Config {
+    let mut config = config(queues, Some(us), None);
+    config.segment.max_batch_events = events;
+    config
+}
+
+/// Publishes `n` sessions of region us, with ids `<prefix>0`, `<prefix>1`, ….
+async fn publish_us_sessions(queues: &Queues, prefix: &str, n: usize) {
+    let bodies: Vec<String> = (0..n)
+        .map(|i| session(&format!("{prefix}{i}"), "us"))
+        .collect();
+    queues.publish(&bodies).await;
+}
+
 #[tokio::test]
 async fn batches_respect_the_event_limit_and_the_flush_interval() {
     let queues = Queues::new("batching").await;
     let us = FakeSegment::ok().await;
-    let mut config = config(&queues, Some(&us), None);
-    config.segment.max_batch_events = 10;
+    let mut config = batching(&queues, &us, 10);
     config.segment.flush_interval_ms = 300;
     let app = spawn_app(config).await;
-    let bodies: Vec<String> = (0..23).map(|i| session(&format!("b{i}"), "us")).collect();
-    queues.publish(&bodies).await;
+    publish_us_sessions(&queues, "b", 23).await;
     us.wait_accepted(46, WITHIN).await;
     app.stop().await;
 
@@ -456,12 +476,10 @@ async fn a_slow_segment_gets_several_requests_in_flight_per_region() {
         })
         .await
     };
-    let mut config = config(&queues, Some(&us), None);
-    config.segment.max_batch_events = 4;
+    let mut config = batching(&queues, &us, 4);
     config.segment.max_in_flight = 3;
     let app = spawn_app(config).await;
-    let bodies: Vec<String> = (0..30).map(|i| session(&format!("f{i}"), "us")).collect();
-    queues.publish(&bodies).await;
+    publish_us_sessions(&queues, "f", 30).await;
     us.wait_accepted(60, WITHIN).await;
     queues.wait_ready((0, 0), WITHIN).await;
     app.stop().await;

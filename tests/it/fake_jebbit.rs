@@ -384,28 +384,24 @@ async fn token(State(fake): State<Arc<Fake>>, body: Bytes) -> Response {
         .into_response()
 }
 
-async fn business(State(fake): State<Arc<Fake>>, headers: HeaderMap) -> Response {
-    if let Err(r) = fake.authorize(&headers, "read:business") {
-        return r;
-    }
+async fn business(State(fake): State<Arc<Fake>>, headers: HeaderMap) -> Answer {
+    fake.authorize(&headers, "read:business")?;
     let o = &fake.options;
-    document(
+    Ok(document(
         StatusCode::OK,
         json!({"id": o.business_id, "type": "businesses", "attributes": {"name": o.business_name}}),
-    )
+    ))
 }
 
-async fn list(State(fake): State<Arc<Fake>>, headers: HeaderMap) -> Response {
-    if let Err(r) = fake.authorize(&headers, "read:integration") {
-        return r;
-    }
+async fn list(State(fake): State<Arc<Fake>>, headers: HeaderMap) -> Answer {
+    fake.authorize(&headers, "read:integration")?;
     let store = fake.store.lock().unwrap();
     let data: Vec<Value> = store
         .integrations
         .iter()
         .map(|(id, a)| integration(*id, a))
         .collect();
-    document(StatusCode::OK, Value::Array(data))
+    Ok(document(StatusCode::OK, Value::Array(data)))
 }
 
 /// Checks and applies `attributes` over `current`; `Err` is the answer.
@@ -437,30 +433,23 @@ fn apply(current: &mut Value, attributes: &Value) -> Result<(), Response> {
     Ok(())
 }
 
-async fn create(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = fake.authorize(&headers, "write:integration") {
-        return r;
-    }
-    let request = match fake.body(&headers, &body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn create(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: Bytes) -> Answer {
+    fake.authorize(&headers, "write:integration")?;
+    let request = fake.body(&headers, &body)?;
     let mut attributes = json!({
         "endpoint": null, "region": "us", "is_active": true, "include_uids": false,
         "require_opt_in": null, "include_mapped_attributes": null,
         "service_name": "webhooks_standard", "additional_options": {"hash_pii": false},
         "created_at": "2026-12-06T10:00:00.000Z", "updated_at": "2026-12-06T10:00:00.000Z",
     });
-    if let Err(r) = apply(&mut attributes, &request["data"]["attributes"]) {
-        return r;
-    }
+    apply(&mut attributes, &request["data"]["attributes"])?;
     if !attributes["endpoint"].is_string() {
-        return api_error(
+        return Err(api_error(
             StatusCode::BAD_REQUEST,
             "Invalid Attribute",
             "can't be blank",
             Some("/data/attributes/endpoint"),
-        );
+        ));
     }
     let secret = random_string(34);
     let mut store = fake.store.lock().unwrap();
@@ -469,8 +458,11 @@ async fn create(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: Bytes) 
     store.integrations.insert(id, attributes.clone());
     store.secrets.insert(id, secret.clone());
     attributes["shared_secret"] = json!(secret);
-    document(StatusCode::CREATED, integration(id, &attributes))
+    Ok(document(StatusCode::CREATED, integration(id, &attributes)))
 }
+
+/// A handler's answer: `Err` for an early one (unauthorized, bad request, not found).
+type Answer = Result<Response, Response>;
 
 fn parse_id(id: &str) -> Option<u64> {
     id.parse().ok()
@@ -480,18 +472,12 @@ fn not_found() -> Response {
     api_error(StatusCode::NOT_FOUND, "Not Found", "record not found", None)
 }
 
-async fn read(
-    State(fake): State<Arc<Fake>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = fake.authorize(&headers, "read:integration") {
-        return r;
-    }
+async fn read(State(fake): State<Arc<Fake>>, Path(id): Path<String>, headers: HeaderMap) -> Answer {
+    fake.authorize(&headers, "read:integration")?;
     let store = fake.store.lock().unwrap();
     match parse_id(&id).and_then(|id| Some((id, store.integrations.get(&id)?))) {
-        Some((id, a)) => document(StatusCode::OK, integration(id, a)),
-        None => not_found(),
+        Some((id, a)) => Ok(document(StatusCode::OK, integration(id, a))),
+        None => Err(not_found()),
     }
 }
 
@@ -500,41 +486,32 @@ async fn update(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    if let Err(r) = fake.authorize(&headers, "write:integration") {
-        return r;
-    }
-    let request = match fake.body(&headers, &body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+) -> Answer {
+    fake.authorize(&headers, "write:integration")?;
+    let request = fake.body(&headers, &body)?;
     let mut store = fake.store.lock().unwrap();
     let Some((id, current)) =
         parse_id(&id).and_then(|id| Some((id, store.integrations.get_mut(&id)?)))
     else {
-        return not_found();
+        return Err(not_found());
     };
     let mut changed = current.clone();
-    if let Err(r) = apply(&mut changed, &request["data"]["attributes"]) {
-        return r;
-    }
+    apply(&mut changed, &request["data"]["attributes"])?;
     *current = changed.clone();
     // Whether Jebbit shows the secret again after creation is not documented: it does not.
-    document(StatusCode::OK, integration(id, &changed))
+    Ok(document(StatusCode::OK, integration(id, &changed)))
 }
 
 async fn delete(
     State(fake): State<Arc<Fake>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(r) = fake.authorize(&headers, "write:integration") {
-        return r;
-    }
+) -> Answer {
+    fake.authorize(&headers, "write:integration")?;
     let mut store = fake.store.lock().unwrap();
     match parse_id(&id).and_then(|id| store.integrations.remove(&id)) {
-        Some(_) => StatusCode::NO_CONTENT.into_response(),
-        None => not_found(),
+        Some(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+        None => Err(not_found()),
     }
 }
 
@@ -558,21 +535,12 @@ fn target(fake: &Fake, id: u64) -> Result<(String, String), Response> {
     ))
 }
 
-async fn test(
-    State(fake): State<Arc<Fake>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = fake.authorize(&headers, "write:integration") {
-        return r;
-    }
+async fn test(State(fake): State<Arc<Fake>>, Path(id): Path<String>, headers: HeaderMap) -> Answer {
+    fake.authorize(&headers, "write:integration")?;
     let Some(id) = parse_id(&id) else {
-        return not_found();
+        return Err(not_found());
     };
-    let (endpoint, secret) = match target(&fake, id) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
+    let (endpoint, secret) = target(&fake, id)?;
     let payload = json!({
         "data": {"email": "test@example.com", "test_attribute": "attribute_value",
                  "opt_in": "true", "outcome": "example_outcome"},
@@ -585,17 +553,12 @@ async fn test(
         let body = payload.clone().into_bytes();
         async move { fake.send(&endpoint, &secret, body, true).await }
     });
-    (StatusCode::OK, json!([payload]).to_string()).into_response()
+    Ok((StatusCode::OK, json!([payload]).to_string()).into_response())
 }
 
-async fn backfill(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = fake.authorize(&headers, "write:integration") {
-        return r;
-    }
-    let request = match fake.body(&headers, &body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn backfill(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: Bytes) -> Answer {
+    fake.authorize(&headers, "write:integration")?;
+    let request = fake.body(&headers, &body)?;
     // A JSON:API envelope or a flat object: only a third-party copy documents it.
     let named = request["data"]["attributes"]["integration_id"].clone();
     let named = if named.is_null() {
@@ -609,17 +572,14 @@ async fn backfill(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: Bytes
         _ => None,
     };
     let Some(integration_id) = id else {
-        return api_error(
+        return Err(api_error(
             StatusCode::BAD_REQUEST,
             "Invalid Attribute",
             "integration_id is required",
             Some("/data/attributes/integration_id"),
-        );
+        ));
     };
-    let (endpoint, secret) = match target(&fake, integration_id) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
+    let (endpoint, secret) = target(&fake, integration_id)?;
     let backfill_id = {
         let mut store = fake.store.lock().unwrap();
         if store
@@ -627,12 +587,12 @@ async fn backfill(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: Bytes
             .values()
             .any(|(i, status)| *i == integration_id && status != "completed")
         {
-            return api_error(
+            return Err(api_error(
                 StatusCode::BAD_REQUEST,
                 "Bad Request",
                 "a backfill is already processing",
                 None,
-            );
+            ));
         }
         store.next_id += 1;
         let id = store.next_id;
@@ -666,28 +626,26 @@ async fn backfill(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: Bytes
             set("completed");
         }
     });
-    document(
+    Ok(document(
         StatusCode::CREATED,
         json!({"id": backfill_id.to_string(), "type": "integration_historic_backfills",
                "attributes": {"integration_id": integration_id.to_string(), "status": "received"}}),
-    )
+    ))
 }
 
 async fn backfill_status(
     State(fake): State<Arc<Fake>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(r) = fake.authorize(&headers, "read:integration") {
-        return r;
-    }
+) -> Answer {
+    fake.authorize(&headers, "read:integration")?;
     let store = fake.store.lock().unwrap();
     match parse_id(&id).and_then(|id| Some((id, store.backfills.get(&id)?))) {
-        Some((id, (integration_id, status))) => document(
+        Some((id, (integration_id, status))) => Ok(document(
             StatusCode::OK,
             json!({"id": id.to_string(), "type": "integration_historic_backfills",
                    "attributes": {"integration_id": integration_id.to_string(), "status": status}}),
-        ),
-        None => not_found(),
+        )),
+        None => Err(not_found()),
     }
 }

@@ -24,11 +24,21 @@ pub fn bridge<'a>(command: &str, settings: impl IntoIterator<Item = (&'a str, St
 /// `segment-bridge run` against the test's queues and fake Segment (us), with short
 /// timers and its side port on a free port; `settings` come last and win.
 pub fn daemon(queues: &Queues, us: &FakeSegment, settings: &[(&str, &str)]) -> Running {
+    let mut bridge = worker_bridge(queues, &us.url());
+    for (key, value) in settings {
+        bridge.set(key, value);
+    }
+    bridge.spawn()
+}
+
+/// `segment-bridge run`, not yet started, against the test's queues, region us posting to
+/// `endpoint`, with short timers and its side port on a free port.
+pub fn worker_bridge(queues: &Queues, endpoint: &str) -> Bridge {
     let base = [
         ("AMQP__URL", AMQP_URL.to_owned()),
         ("AMQP__QUEUE", queues.main.clone()),
         ("AMQP__DEAD_LETTER_QUEUE", queues.dead.clone()),
-        ("SEGMENT__US__ENDPOINT", us.url()),
+        ("SEGMENT__US__ENDPOINT", endpoint.to_owned()),
         ("SEGMENT__US__WRITE_KEY", US_KEY.to_owned()),
         ("SEGMENT__FLUSH_INTERVAL_MS", "50".to_owned()),
         ("RETRY__INITIAL_BACKOFF_MS", "10".to_owned()),
@@ -36,8 +46,5 @@ pub fn daemon(queues: &Queues, us: &FakeSegment, settings: &[(&str, &str)]) -> R
     ];
     let mut bridge = bridge("run", base);
     bridge.probes();
-    for (key, value) in settings {
-        bridge.set(key, value);
-    }
-    bridge.spawn()
+    bridge
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use secrecy::SecretString;
@@ -18,12 +18,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-use segment_bridge::app::{AppError, IntakeApp, Stopped};
 use segment_bridge::config::{Config, Source, SourceKind};
 use segment_bridge::domain::Region;
-use segment_bridge::intake::metrics::IntakeMetrics;
 use segment_bridge::intake::signature::sign;
 
 use crate::helpers::*;
@@ -95,69 +92,23 @@ fn http() -> reqwest::Client {
     segment_bridge::segment::http_client(Duration::from_secs(20)).unwrap()
 }
 
+use segment_bridge_testkit::broker::declare_durable;
 use segment_bridge_testkit::jebbit::{signature as signed, unix_now as now};
 
-/// An intake running in this process, with its side port.
-struct Intake {
-    addr: SocketAddr,
-    probes: String,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<Stopped, AppError>>,
-    metrics: Arc<IntakeMetrics>,
-    http: reqwest::Client,
-}
-
-/// What the intake answered.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    retry_after: Option<String>,
-    body: Value,
-}
-
+/// The intake with its listen addresses on free ports.
 async fn spawn_intake(mut config: Config) -> Intake {
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.intake.listen = "127.0.0.1:0".parse().unwrap();
-    let app = IntakeApp::build(config).await.unwrap();
-    let (addr, probes) = (app.addr(), format!("http://{}", app.probes_addr()));
-    let metrics = app.metrics();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(app.run(shutdown.clone()));
-    Intake {
-        addr,
-        probes,
-        shutdown,
-        task,
-        metrics,
-        http: http(),
-    }
+    start_intake(config, WITHIN).await
 }
 
-impl Intake {
-    async fn post(&self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> Answer {
-        let mut request = self
-            .http
-            .post(format!("http://{}{path}", self.addr))
-            .header("content-type", "application/json")
-            .body(body.to_vec());
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap().to_owned());
-        let text = response.text().await.unwrap();
-        Answer {
-            status,
-            retry_after,
-            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        }
-    }
-
+/// What only these tests send.
+trait Jebbit {
     /// POSTs a correctly signed Jebbit webhook to `source`.
+    async fn jebbit(&self, source: &str, body: &[u8]) -> Answer;
+}
+
+impl Jebbit for Intake {
     async fn jebbit(&self, source: &str, body: &[u8]) -> Answer {
         let signature = signed(JEBBIT_SECRET, body);
         self.post(
@@ -166,40 +117,6 @@ impl Intake {
             &[("x-jebbit-signature", &signature)],
         )
         .await
-    }
-
-    async fn probe(&self, path: &str) -> (u16, String) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.probes))
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    }
-
-    async fn wait_ready(&self) {
-        let done = wait_until(WITHIN, async || self.probe("/readyz").await.0 == 200).await;
-        assert!(done.is_ok(), "the intake did not become ready");
-    }
-
-    fn metric(&self, series: &str) -> f64 {
-        metric(&self.metrics.render(), series)
-    }
-
-    fn requests(&self, source: &str, outcome: &str) -> f64 {
-        self.metric(&format!(
-            r#"segment_bridge_intake_requests_total{{source="{source}",outcome="{outcome}"}}"#
-        ))
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(WITHIN, self.task)
-            .await
-            .expect("the intake stops")
-            .unwrap()
-            .unwrap();
     }
 }
 
@@ -1316,10 +1233,7 @@ async fn declare_limited(queue: &str, max_length: i32) -> (Connection, lapin::Ch
         "x-overflow".into(),
         AMQPValue::LongString("reject-publish".into()),
     );
-    channel
-        .queue_declare(queue.into(), QueueDeclareOptions::durable(), args)
-        .await
-        .unwrap();
+    declare_durable(&channel, queue, args).await.unwrap();
     (conn, channel)
 }
 

@@ -213,8 +213,7 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_consumption_resumes()
     })
     .await;
     let connection = worker_connection(&queues.main).await;
-    let ids = session_ids("c", 200);
-    queues.publish(bodies(&ids)).await;
+    let ids = publish_sessions(&queues, "c", 200).await;
     us.wait_accepted(20, WITHIN).await;
 
     rabbitmqctl(&["close_connection", &connection, "closed by a test"]).await;
@@ -311,8 +310,7 @@ async fn a_daemon_started_while_the_broker_refuses_it_stays_up_not_ready_and_con
     let user = BrokerUser::new().await;
     user.deny().await;
     let us = FakeSegment::ok().await;
-    let ids = session_ids("s", 10);
-    queues.publish(bodies(&ids)).await;
+    let ids = publish_sessions(&queues, "s", 10).await;
     let url = user.url();
     let mut daemon = daemon(
         &queues,
@@ -366,8 +364,7 @@ async fn deliveries_held_past_max_hold_are_requeued_and_delivered_once_segment_r
     let mut config = config(&queues, Some(&us), None);
     config.retry.max_hold_s = 1;
     let app = spawn_app(config).await;
-    let ids = session_ids("h", 20);
-    queues.publish(bodies(&ids)).await;
+    let ids = publish_sessions(&queues, "h", 20).await;
 
     app.wait_until("held deliveries are requeued", WITHIN, |a| {
         a.metric(r#"segment_bridge_deliveries_requeued_total{cause="max_hold"}"#) > 0.0
@@ -405,8 +402,7 @@ async fn no_delivery_stays_unacknowledged_past_max_hold_not_even_one_waiting_beh
         a.metric("segment_bridge_amqp_connected") == 1.0
     })
     .await;
-    let ids = session_ids("q", 50);
-    queues.publish(bodies(&ids)).await;
+    let ids = publish_sessions(&queues, "q", 50).await;
     // From here on the worker holds all 50, unacknowledged.
     queues.wait_ready((0, 0), Duration::from_secs(2)).await;
     let held_since = Instant::now();
@@ -450,8 +446,7 @@ async fn while_segment_is_down_the_worker_holds_no_more_than_prefetch_and_delive
     let mut config = config(&queues, Some(&us), None);
     config.amqp.prefetch = 50;
     let app = spawn_app(config).await;
-    let ids = session_ids("m", 300);
-    queues.publish(bodies(&ids)).await;
+    let ids = publish_sessions(&queues, "m", 300).await;
 
     let done = wait_until(WITHIN, async || us.requests().len() >= 5).await;
     assert!(done.is_ok(), "the worker never tried Segment");
@@ -491,8 +486,7 @@ async fn while_segment_is_down_the_worker_holds_no_more_than_prefetch_and_delive
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_refused_write_key_a_restarted_worker_with_a_good_key_delivers_everything() {
     let queues = Queues::new("key-restart").await;
-    let ids = session_ids("w", 25);
-    queues.publish(bodies(&ids)).await;
+    let ids = publish_sessions(&queues, "w", 25).await;
 
     let refused = FakeSegment::start(|_, _| Reply::status(401)).await;
     let app = spawn_app(config(&queues, Some(&refused), None)).await;

@@ -9,10 +9,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-use segment_bridge::app::{AppError, IntakeApp, Stopped};
 use segment_bridge::config::Config;
 
 use crate::fake_jebbit::{self, FakeJebbit};
@@ -42,6 +39,29 @@ impl Run {
     fn failed(self) -> Run {
         assert!(!self.status.success(), "it succeeded: {}", self.text());
         self
+    }
+
+    /// Asserts that standard output holds `want`.
+    #[track_caller]
+    fn out_has(&self, want: &str) {
+        self.expect(self.stdout.contains(want), want);
+    }
+
+    /// Asserts that standard output starts with `want`.
+    #[track_caller]
+    fn out_starts(&self, want: &str) {
+        self.expect(self.stdout.starts_with(want), want);
+    }
+
+    /// Asserts that standard error holds `want`.
+    #[track_caller]
+    fn err_has(&self, want: &str) {
+        self.expect(self.stderr.contains(want), want);
+    }
+
+    #[track_caller]
+    fn expect(&self, found: bool, want: &str) {
+        assert!(found, "{want:?} not where expected in:\n{}", self.text());
     }
 }
 
@@ -129,6 +149,24 @@ auth_url = "{url}"
 
     /// Runs the binary in the working directory (which holds `config.toml`), with the
     /// Jebbit credentials in the environment and nothing inherited that could configure it.
+    /// `jebbit connect --source jebbit_eu --public-url <the intake's URL>` and `extra`.
+    async fn connect(&mut self, extra: &[&str]) -> Run {
+        let public = self.public_url();
+        let mut args = vec!["jebbit", "connect", "--source", "jebbit_eu", "--public-url"];
+        args.push(&public);
+        args.extend_from_slice(extra);
+        self.run(&args).await
+    }
+
+    /// `jebbit test --source jebbit_eu`, reading the intake's metrics, waiting `within`
+    /// seconds.
+    async fn jebbit_test(&mut self, within: &str) -> Run {
+        let metrics = self.metrics_url();
+        let args = ["jebbit", "test", "--source", "jebbit_eu", "--metrics-url"];
+        self.run(&[&args[..], &[&metrics, "--within", within]].concat())
+            .await
+    }
+
     async fn run(&mut self, args: &[&str]) -> Run {
         let mut cmd = std::process::Command::new(BIN);
         cmd.args(args).current_dir(self.dir.path());
@@ -177,22 +215,10 @@ auth_url = "{url}"
 
     /// Starts the intake in this process on the chosen ports.
     async fn spawn_intake(&self, secrets: &[(&str, &str)]) -> Intake {
-        let app = IntakeApp::build(self.config(secrets)).await.unwrap();
-        assert_eq!(app.addr(), self.intake);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(app.run(shutdown.clone()));
-        let http = segment_bridge::segment::http_client(Duration::from_secs(5)).unwrap();
-        let start = Instant::now();
-        while !http
-            .get(format!("http://{}/readyz", self.probes))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            assert!(start.elapsed() < WITHIN, "the intake did not become ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Intake { shutdown, task }
+        let intake = start_intake(self.config(secrets), WITHIN).await;
+        assert_eq!(intake.addr, self.intake);
+        intake.wait_ready().await;
+        intake
     }
 
     /// No output of the binary holds a secret: a `shared_secret`, a token Jebbit issued,
@@ -220,19 +246,11 @@ auth_url = "{url}"
     }
 }
 
-struct Intake {
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<Stopped, AppError>>,
-}
-
-impl Intake {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(WITHIN, self.task)
-            .await
-            .expect("the intake stops")
-            .unwrap()
-            .unwrap();
+/// A fake Jebbit whose token covers several businesses.
+fn multi_business() -> fake_jebbit::Options {
+    fake_jebbit::Options {
+        multi_business: true,
+        ..Default::default()
     }
 }
 
@@ -254,11 +272,8 @@ fn session_ids(events: &[Value]) -> std::collections::BTreeSet<String> {
 async fn connect_test_and_backfill_deliver_every_session_and_print_no_secret() {
     let mut o = Onboarding::new(
         "onboard_e2e",
-        fake_jebbit::Options {
-            // The token covers several businesses: every call must name one.
-            multi_business: true,
-            ..Default::default()
-        },
+        // The token covers several businesses: every call must name one.
+        multi_business(),
     )
     .await;
     let business = o.fake.options().business_id.clone();
@@ -266,19 +281,11 @@ async fn connect_test_and_backfill_deliver_every_session_and_print_no_secret() {
     let public = o.public_url();
 
     let whoami = o.run(&["jebbit", "whoami"]).await.ok();
-    assert!(whoami.stdout.contains(&business), "{}", whoami.text());
+    whoami.out_has(&business);
 
     // Connect: the integration posts to the source's URL, with its region; the secret is
     // in a 0600 file, and the output says what to do next.
-    let connect = [
-        "jebbit",
-        "connect",
-        "--source",
-        "jebbit_eu",
-        "--public-url",
-        &public,
-    ];
-    let connected = o.run(&connect).await.ok();
+    let connected = o.connect(&[]).await.ok();
     let text = connected.text();
     let endpoint = format!("{public}/webhooks/jebbit_eu");
     for want in [
@@ -306,7 +313,7 @@ async fn connect_test_and_backfill_deliver_every_session_and_print_no_secret() {
     assert_eq!(mode(&secret_file), 0o600);
 
     // Connecting again updates the same integration and keeps the secret.
-    let again = o.run(&connect).await.ok();
+    let again = o.connect(&[]).await.ok();
     assert!(again.text().contains("updated"), "{}", again.text());
     assert_eq!(o.fake.integrations().len(), 1);
     assert_eq!(std::fs::read_to_string(&secret_file).unwrap(), secret);
@@ -336,21 +343,8 @@ async fn connect_test_and_backfill_deliver_every_session_and_print_no_secret() {
     let intake = o
         .spawn_intake(&[("jebbit_eu", &secret), ("cta", &token)])
         .await;
-    let metrics = o.metrics_url();
-    let test = o
-        .run(&[
-            "jebbit",
-            "test",
-            "--source",
-            "jebbit_eu",
-            "--metrics-url",
-            &metrics,
-            "--within",
-            "15",
-        ])
-        .await
-        .ok();
-    assert!(test.stdout.starts_with("verified"), "{}", test.text());
+    let test = o.jebbit_test("15").await.ok();
+    test.out_starts("verified");
     let sent = o.fake.sent();
     assert!(
         sent.iter().any(|s| s.test
@@ -422,37 +416,18 @@ async fn a_wrong_client_secret_a_missing_scope_and_a_refused_region_are_each_one
         },
     )
     .await;
-    let public = o.public_url();
-    let connect = [
-        "jebbit",
-        "connect",
-        "--source",
-        "jebbit_eu",
-        "--public-url",
-        &public,
-    ];
 
     // Missing scope: reading works, creating does not.
     o.run(&["jebbit", "list"]).await.ok();
-    let refused = o.run(&connect).await.failed();
-    assert!(
-        refused
-            .stderr
-            .contains("lack the scope `write:integration`"),
-        "{}",
-        refused.text()
-    );
+    let refused = o.connect(&[]).await.failed();
+    refused.err_has("lack the scope `write:integration`");
 
     // A wrong client secret.
     let wrong = format!("wrong-{}", fake_jebbit::random_string(20));
     o.set_env("JEBBIT_CLIENT_SECRET", &wrong);
     let denied = o.run(&["jebbit", "whoami"]).await.failed();
-    assert!(
-        denied.stderr.contains(
-            "refused the client credentials (401): check JEBBIT_CLIENT_ID and JEBBIT_CLIENT_SECRET"
-        ),
-        "{}",
-        denied.text()
+    denied.err_has(
+        "refused the client credentials (401): check JEBBIT_CLIENT_ID and JEBBIT_CLIENT_SECRET",
     );
     assert!(!denied.text().contains(&wrong), "{}", denied.text());
     assert_eq!(denied.status.code(), Some(1), "a failure at Jebbit");
@@ -460,48 +435,24 @@ async fn a_wrong_client_secret_a_missing_scope_and_a_refused_region_are_each_one
     o.set_env("JEBBIT_CLIENT_SECRET", &missing);
 
     // A token covering several businesses, without the business header.
-    let mut multi = Onboarding::new(
-        "onboard_business",
-        fake_jebbit::Options {
-            multi_business: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut multi = Onboarding::new("onboard_business", multi_business()).await;
     let unnamed = multi.run(&["jebbit", "list"]).await.failed();
-    assert!(
-        unnamed.stderr.contains("JEBBIT_BUSINESS_ID"),
-        "{}",
-        unnamed.text()
-    );
+    unnamed.err_has("JEBBIT_BUSINESS_ID");
     multi.assert_no_secret(&[], &[]);
 
     // A region Jebbit refuses, with Jebbit's own words; no secret file appears.
     let mut full = Onboarding::new("onboard_region", fake_jebbit::Options::default()).await;
-    let region = full
-        .run(&[&connect[..], &["--region", "apac"]].concat())
-        .await
-        .failed();
-    assert!(
-        region
-            .stderr
-            .contains("(400): region must be a valid region (us|eu)."),
-        "{}",
-        region.text()
-    );
+    let region = full.connect(&["--region", "apac"]).await.failed();
+    region.err_has("(400): region must be a valid region (us|eu).");
     assert!(!full.path("jebbit_eu.secret").exists());
 
     // A secret file that cannot be written: refused before Jebbit creates anything.
     let nowhere = full.path("no-such-directory/jebbit_eu.secret");
     let unwritable = full
-        .run(&[&connect[..], &["--secret-file", nowhere.to_str().unwrap()]].concat())
+        .connect(&["--secret-file", nowhere.to_str().unwrap()])
         .await
         .failed();
-    assert!(
-        unwritable.stderr.contains("cannot write the secret to"),
-        "{}",
-        unwritable.text()
-    );
+    unwritable.err_has("cannot write the secret to");
     assert!(full.fake.integrations().is_empty());
 
     // 5xx answers are retried with backoff.
@@ -514,57 +465,22 @@ async fn a_wrong_client_secret_a_missing_scope_and_a_refused_region_are_each_one
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_submission_that_never_arrives_or_does_not_verify_is_reported_as_such() {
     let mut o = Onboarding::new("onboard_unverified", fake_jebbit::Options::default()).await;
-    let public = o.public_url();
-    let metrics = o.metrics_url();
-    o.run(&[
-        "jebbit",
-        "connect",
-        "--source",
-        "jebbit_eu",
-        "--public-url",
-        &public,
-        "--secret-file",
-        "handed-over",
-    ])
-    .await
-    .ok();
+    o.connect(&["--secret-file", "handed-over"]).await.ok();
     assert_eq!(mode(&o.path("handed-over")), 0o600);
-    let test = [
-        "jebbit",
-        "test",
-        "--source",
-        "jebbit_eu",
-        "--metrics-url",
-        &metrics,
-        "--within",
-        "3",
-    ];
 
     // The intake is down.
-    let down = o.run(&test).await.failed();
-    assert!(down.stdout.starts_with("never arrived"), "{}", down.text());
-    assert!(down.stdout.contains("not running"), "{}", down.text());
+    let down = o.jebbit_test("3").await.failed();
+    down.out_starts("never arrived");
+    down.out_has("not running");
 
     // The intake holds another secret.
     let other = format!("another-secret-{}", fake_jebbit::random_string(20));
     let intake = o
         .spawn_intake(&[("jebbit_eu", &other), ("cta", "some-joturl-token")])
         .await;
-    let wrong = o.run(&test).await.failed();
-    assert!(
-        wrong
-            .stdout
-            .starts_with("arrived but the signature did not verify"),
-        "{}",
-        wrong.text()
-    );
-    assert!(
-        wrong
-            .stdout
-            .contains("SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_EU__SECRET"),
-        "{}",
-        wrong.text()
-    );
+    let wrong = o.jebbit_test("3").await.failed();
+    wrong.out_starts("arrived but the signature did not verify");
+    wrong.out_has("SEGMENT_BRIDGE__INTAKE__SOURCES__JEBBIT_EU__SECRET");
     intake.stop().await;
     o.assert_no_secret(&[], &[]);
 }
@@ -573,20 +489,7 @@ async fn a_test_submission_that_never_arrives_or_does_not_verify_is_reported_as_
 async fn a_kubernetes_secret_is_printed_only_when_asked_and_integrations_can_be_switched_off_and_deleted()
  {
     let mut o = Onboarding::new("onboard_k8s", fake_jebbit::Options::default()).await;
-    let public = o.public_url();
-    let manifest = o
-        .run(&[
-            "jebbit",
-            "connect",
-            "--source",
-            "jebbit_eu",
-            "--public-url",
-            &public,
-            "--k8s-secret",
-            "sb-jebbit-eu",
-        ])
-        .await
-        .ok();
+    let manifest = o.connect(&["--k8s-secret", "sb-jebbit-eu"]).await.ok();
     let secret = o.fake.secrets().remove(0);
     assert!(
         manifest
@@ -610,9 +513,9 @@ async fn a_kubernetes_secret_is_printed_only_when_asked_and_integrations_can_be_
         .run(&["jebbit", "deactivate", "--source", "jebbit_eu"])
         .await
         .ok();
-    assert!(off.stdout.contains("active=false"), "{}", off.text());
+    off.out_has("active=false");
     let list = o.run(&["jebbit", "list"]).await.ok();
-    assert!(list.stdout.contains("active=false"), "{}", list.text());
+    list.out_has("active=false");
     let id = o.fake.integrations()[0]["id"].as_str().unwrap().to_owned();
     o.run(&["jebbit", "delete", "--id", &id]).await.ok();
     assert!(o.fake.integrations().is_empty());
@@ -620,11 +523,7 @@ async fn a_kubernetes_secret_is_printed_only_when_asked_and_integrations_can_be_
         .run(&["jebbit", "test", "--source", "jebbit_eu"])
         .await
         .failed();
-    assert!(
-        gone.stderr.contains("jebbit connect --source jebbit_eu"),
-        "{}",
-        gone.text()
-    );
+    gone.err_has("jebbit connect --source jebbit_eu");
     assert_eq!(gone.status.code(), Some(2), "a usage error");
     o.assert_no_secret(&[], &[]);
 }

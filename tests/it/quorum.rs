@@ -19,15 +19,35 @@ const WITHIN: Duration = Duration::from_secs(30);
 const HANDED_BACK_MAX_HOLD: &str = "segment_bridge_deliveries_requeued_total{cause=\"max_hold\"}";
 const FALLBACKS: &str = "segment_bridge_requeue_fallbacks_total";
 
+/// A quorum queue with a delivery limit of 3 holding `n` sessions (ids `<prefix>000`…),
+/// and a fake Segment that answers every request with `status`.
+async fn failing_segment(
+    test: &str,
+    status: u16,
+    prefix: &str,
+    n: usize,
+) -> (Queues, FakeSegment, Vec<String>) {
+    let queues = Queues::quorum(test, 3).await;
+    let segment = fake_segment(status, Duration::ZERO).await;
+    let ids = publish_sessions(&queues, prefix, n).await;
+    (queues, segment, ids)
+}
+
+/// A worker against a healthy Segment delivers every one of `ids` and leaves the queues
+/// empty.
+async fn deliver_all(queues: &Queues, ids: &[String]) {
+    let good = FakeSegment::ok().await;
+    let app = spawn_app(config(queues, Some(&good), None)).await;
+    wait_all_tracked(&good, ids, WITHIN).await;
+    queues.wait_ready((0, 0), WITHIN).await;
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_outage_far_past_the_delivery_limit_loses_no_session_on_a_quorum_queue() {
     let queues = Queues::quorum("qq-outage", 3).await;
-    let (us, up) = FakeSegment::down_until_up().await;
-    let mut config = config(&queues, Some(&us), None);
-    config.retry.max_hold_s = 1;
-    let app = spawn_app(config).await;
-    let ids = session_ids("o", 100);
-    queues.publish(bodies(&ids)).await;
+    let (app, us, up) = spawn_app_segment_down(&queues, 1).await;
+    let ids = publish_sessions(&queues, "o", 100).await;
 
     // Each delivery is held for a second and handed back, again and again: six times each,
     // twice what the queue's limit of 3 returns allows.
@@ -54,10 +74,7 @@ async fn a_segment_outage_far_past_the_delivery_limit_loses_no_session_on_a_quor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_key_refused_across_many_restarts_loses_no_session_on_a_quorum_queue() {
-    let queues = Queues::quorum("qq-refused", 3).await;
-    let refused = fake_segment(401, Duration::ZERO).await;
-    let ids = session_ids("r", 50);
-    queues.publish(bodies(&ids)).await;
+    let (queues, refused, ids) = failing_segment("qq-refused", 401, "r", 50).await;
 
     // Five workers in a row take the sessions, are refused, and give them back: each
     // session goes back five times, more than the limit of 3 returns allows.
@@ -75,11 +92,7 @@ async fn a_write_key_refused_across_many_restarts_loses_no_session_on_a_quorum_q
             "round {round}: every session is back in the queue"
         );
     }
-    let good = FakeSegment::ok().await;
-    let app = spawn_app(config(&queues, Some(&good), None)).await;
-    wait_all_tracked(&good, &ids, WITHIN).await;
-    queues.wait_ready((0, 0), WITHIN).await;
-    app.stop().await;
+    deliver_all(&queues, &ids).await;
     assert!(
         refused.requests().len() >= 5,
         "each round reached the refusing Segment"
@@ -88,10 +101,7 @@ async fn a_write_key_refused_across_many_restarts_loses_no_session_on_a_quorum_q
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutting_down_again_and_again_while_segment_is_down_loses_no_session_on_a_quorum_queue() {
-    let queues = Queues::quorum("qq-shutdown", 3).await;
-    let down = fake_segment(503, Duration::ZERO).await;
-    let ids = session_ids("s", 100);
-    queues.publish(bodies(&ids)).await;
+    let (queues, down, ids) = failing_segment("qq-shutdown", 503, "s", 100).await;
 
     // Each worker is stopped as soon as deliveries arrive, while more are still on their
     // way: what it holds, and what the broker had already sent it, goes back unspent.
@@ -108,11 +118,7 @@ async fn shutting_down_again_and_again_while_segment_is_down_loses_no_session_on
         queues.wait_ready((100, 0), WITHIN).await;
         assert_eq!(metric(&metrics.render(), FALLBACKS), 0.0, "round {round}");
     }
-    let good = FakeSegment::ok().await;
-    let app = spawn_app(config(&queues, Some(&good), None)).await;
-    wait_all_tracked(&good, &ids, WITHIN).await;
-    queues.wait_ready((0, 0), WITHIN).await;
-    app.stop().await;
+    deliver_all(&queues, &ids).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,8 +210,7 @@ async fn three_competing_workers_one_killed_midway_deliver_every_session_with_on
     }
     // At most about 480 sessions/s with three workers: a stream of over 6 s, killed after
     // about a fifth of it.
-    let ids = session_ids("c", 3000);
-    queues.publish(bodies(&ids)).await;
+    let ids = publish_sessions(&queues, "c", 3000).await;
     us.wait_accepted(600, WITHIN).await;
 
     let mut killed = daemons.remove(0);
@@ -260,8 +265,7 @@ async fn shutting_down_while_the_dead_letter_queue_is_missing_hands_the_dead_let
     // The bad message comes first: its tag is the lowest, and after the cancel the
     // others' acks wait for it.
     queues.publish(["not json"]).await;
-    let ids = session_ids("g", 20);
-    queues.publish(bodies(&ids)).await;
+    let ids = publish_sessions(&queues, "g", 20).await;
     app.wait_until("every delivery arrived", WITHIN, |a| {
         a.metric("segment_bridge_deliveries_received_total") >= 21.0
     })

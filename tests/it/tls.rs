@@ -175,20 +175,7 @@ impl Drop for TlsSegment {
 /// `segment-bridge run` on the test's queues, region us posting to `endpoint`, with
 /// `SSL_CERT_FILE` set to `ca` if given.
 fn worker(queues: &Queues, endpoint: &str, ca: Option<&Path>) -> Running {
-    let mut bridge = bridge(
-        "run",
-        [
-            ("AMQP__URL", AMQP_URL.to_owned()),
-            ("AMQP__QUEUE", queues.main.clone()),
-            ("AMQP__DEAD_LETTER_QUEUE", queues.dead.clone()),
-            ("SEGMENT__US__ENDPOINT", endpoint.to_owned()),
-            ("SEGMENT__US__WRITE_KEY", US_KEY.to_owned()),
-            ("SEGMENT__FLUSH_INTERVAL_MS", "50".to_owned()),
-            ("RETRY__INITIAL_BACKOFF_MS", "10".to_owned()),
-            ("RETRY__MAX_BACKOFF_MS", "200".to_owned()),
-        ],
-    );
-    bridge.probes();
+    let mut bridge = worker_bridge(queues, endpoint);
     if let Some(ca) = ca {
         bridge.env("SSL_CERT_FILE", ca.to_str().unwrap());
     }
