@@ -13,7 +13,8 @@
 //! - [`eventually`]: waiting for a condition instead of hand-written polling loops;
 //! - [`stats`]: medians, percentiles and what `/proc` says about a process;
 //! - [`jebbit`]: the signature Jebbit puts on a webhook;
-//! - [`bench`]: the benchmark programs' error type, option parsers and exit code.
+//! - [`bench`]: the benchmark programs' error type, option parsers and exit code;
+//! - [`tls`]: a test CA and server certificates, made with `openssl`.
 //!
 //! A dev-only crate: nothing here is part of the service.
 
@@ -26,3 +27,4 @@ pub mod launch;
 pub mod segment;
 pub mod sessions;
 pub mod stats;
+pub mod tls;

@@ -600,76 +600,13 @@ fn set_mode(path: &Path, mode: u32) {
 /// A test CA and a server certificate for `localhost` and 127.0.0.1 signed by it, made
 /// with the `openssl` CLI into `dir`.
 pub fn make_certificates(dir: &Path) -> TlsFiles {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("the openssl CLI runs");
-        outcome(&format!("openssl {args:?}"), out).unwrap_or_else(|e| panic!("{e}"));
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-subj",
-        "/CN=segment-bridge test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n\
-         basicConstraints=critical,CA:FALSE\n\
-         keyUsage=critical,digitalSignature,keyEncipherment\n\
-         extendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        "server.pem",
-        "-extfile",
-        "server.ext",
-    ]);
-    TlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-    }
+    let ca = segment_bridge_testkit::tls::test_ca(dir);
+    let (cert, key) = segment_bridge_testkit::tls::server_certificate(
+        dir,
+        "server",
+        "DNS:localhost,IP:127.0.0.1",
+    );
+    TlsFiles { ca, cert, key }
 }
 
 /// `openssl s_client` against `port` trusting only `ca`, checking the name `localhost`:

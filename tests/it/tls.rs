@@ -4,11 +4,12 @@
 //! with the cause `tls` and logs the certificate's problem.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use segment_bridge_testkit::tls;
 
 use crate::helpers::*;
 
@@ -17,77 +18,10 @@ const WITHIN: Duration = Duration::from_secs(20);
 /// A test CA, and two server certificates it signed: `good.pem` for localhost and
 /// 127.0.0.1, `other.pem` for another name only.
 fn make_certificates(dir: &Path) -> PathBuf {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("the openssl CLI runs");
-        assert!(out.status.success(), "openssl {args:?}: {out:?}");
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-subj",
-        "/CN=segment-bridge test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    for (name, san) in [
-        ("good", "DNS:localhost,IP:127.0.0.1"),
-        ("other", "DNS:other.example"),
-    ] {
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            "/CN=segment-bridge test server",
-        ]);
-        std::fs::write(
-            dir.join(format!("{name}.ext")),
-            format!(
-                "subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\n\
-                 keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
-            ),
-        )
-        .unwrap();
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &format!("{name}.pem"),
-            "-extfile",
-            &format!("{name}.ext"),
-        ]);
-    }
-    dir.join("ca.pem")
+    let ca = tls::test_ca(dir);
+    tls::server_certificate(dir, "good", "DNS:localhost,IP:127.0.0.1");
+    tls::server_certificate(dir, "other", "DNS:other.example");
+    ca
 }
 
 /// A Segment stand-in over TLS with the certificate `<name>.pem`: answers 200 and keeps
