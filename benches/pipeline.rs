@@ -72,7 +72,7 @@ use segment_bridge_testkit::broker::AMQP_URL;
 use segment_bridge_testkit::segment::Sink;
 use segment_bridge_testkit::segment::sink::count_tracks;
 use segment_bridge_testkit::sessions::{self, Generated};
-use segment_bridge_testkit::stats::{ProcStats, broker_pid, median, proc_stats, rank};
+use segment_bridge_testkit::stats::{ProcStats, broker_pid, loadavg, median, proc_stats, rank};
 
 // ---------------------------------------------------------------------------------------
 // Options
@@ -219,21 +219,50 @@ fn child_worker() -> Result<()> {
     // Built and run as `segment-bridge run` does.
     runtime.block_on(async { WorkerApp::build(config, false).await?.run(shutdown).await })?;
     runtime.shutdown_timeout(Duration::from_millis(100));
+    report_life()
+}
+
+/// A child's last line: its CPU (user + system, every thread, since it started) and peak
+/// RSS over its whole life, start-up and shutdown included, read as it is about to exit.
+fn report_life() -> Result<()> {
+    let stats = proc_stats(std::process::id()).ok_or("cannot read /proc/self")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "life {} {}", stats.cpu_s, stats.hwm_kib)?;
+    out.flush()?;
     Ok(())
+}
+
+/// Parses a child's `life` line.
+fn parse_life(line: &str) -> Option<ProcStats> {
+    let mut parts = line.strip_prefix("life ")?.split(' ');
+    let cpu_s = parts.next()?.parse().ok()?;
+    let hwm_kib = parts.next()?.parse().ok()?;
+    Some(ProcStats {
+        cpu_s,
+        rss_kib: 0,
+        hwm_kib,
+    })
 }
 
 /// The ceiling: consume with `prefetch`, acknowledge every `group` deliveries with
 /// `multiple`, and nothing else. Prints `done` once `n` are acknowledged, then waits for
-/// standard input to close.
+/// standard input to close. It runs on a current-thread runtime, the leanest a lapin
+/// consumer gets (lapin reads the socket on a thread of its own either way): on
+/// tokio's multi-thread runtime, the same consumer took 15–30% more CPU per session.
 fn child_ceiling(queue: &str, prefetch: u16, n: u64, group: u64) -> Result<()> {
-    // Tokio's default, but deaf to TOKIO_WORKER_THREADS: that is a knob of the worker
-    // under test, and the ceiling must not move with it.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
+    let runtime = if std::env::var("SB_BENCH_CEILING_RUNTIME").as_deref() == Ok("multi") {
+        // Tokio's default, but deaf to TOKIO_WORKER_THREADS (a knob of the worker under test).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    };
+    let done: Result<()> = runtime.block_on(async {
         let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
         let channel = conn.create_channel().await?;
         channel
@@ -273,7 +302,10 @@ fn child_ceiling(queue: &str, prefetch: u16, n: u64, group: u64) -> Result<()> {
         tokio::task::spawn_blocking(|| std::io::stdin().read_to_end(&mut Vec::new())).await??;
         let _ = conn.close(200, "OK".into()).await;
         Ok(())
-    })
+    });
+    done?;
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    report_life()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -391,8 +423,20 @@ struct Proc {
 }
 
 impl Proc {
+    /// Starts this binary as the child `args`; under `SB_BENCH_WRAP` (split on white
+    /// space, e.g. `valgrind --tool=callgrind`) when set.
     fn spawn(args: &[&str], env: &HashMap<String, String>) -> Result<Proc> {
-        let mut child = Command::new(std::env::current_exe()?)
+        let wrap = std::env::var("SB_BENCH_WRAP").unwrap_or_default();
+        let mut wrap = wrap.split_whitespace();
+        let mut command = match wrap.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(wrap).arg(std::env::current_exe()?);
+                c
+            }
+            None => Command::new(std::env::current_exe()?),
+        };
+        let mut child = command
             .args(args)
             .envs(env)
             .stdin(Stdio::piped())
@@ -420,17 +464,30 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
-    /// Closes its standard input (its signal to finish) and waits for it to exit.
-    async fn finish(mut self, within: Duration) -> Result<()> {
+    /// Closes its standard input (its signal to finish), waits for it to exit and returns
+    /// what it reported of its whole life.
+    async fn finish(mut self, within: Duration) -> Result<ProcStats> {
         drop(self.child.stdin.take());
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                return if status.success() {
-                    Ok(())
-                } else {
-                    Err(format!("child exited with {status}").into())
-                };
+                if !status.success() {
+                    return Err(format!("child exited with {status}").into());
+                }
+                // The reader thread sees the end of its output soon after the exit.
+                let until = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < until {
+                    match self.lines.recv_timeout(Duration::from_millis(100)) {
+                        Ok((_, line)) => {
+                            if let Some(life) = parse_life(&line) {
+                                return Ok(life);
+                            }
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                return Err("the child exited without reporting its CPU".into());
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
@@ -454,7 +511,7 @@ impl Drop for Proc {
 // ---------------------------------------------------------------------------------------
 // Runs
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Run {
     secs: f64,
     /// Until 99% of the events were in (the worker) or of the deliveries acknowledged.
@@ -462,7 +519,10 @@ struct Run {
     /// From the spawn until the queue had the child as its consumer.
     startup_s: f64,
     rate: f64,
-    stats: ProcStats,
+    /// Over the child's whole life, start-up and shutdown included: what is compared.
+    life: ProcStats,
+    /// The one-minute load average as the run began.
+    load: String,
     broker_cpu_s: f64,
     /// This process's CPU meanwhile: the sink (and the idle parent).
     sink_cpu_s: f64,
@@ -552,6 +612,7 @@ impl Bench {
             .ceiling_group
             .unwrap_or((self.prefetch / 4).max(1));
         let (broker0, own0) = (self.broker_cpu(), self.own_cpu());
+        let load = loadavg();
         let started = Instant::now();
         let mut proc = Proc::spawn(
             &[
@@ -577,9 +638,9 @@ impl Bench {
             self.check_consuming(&queue, &mut consuming).await;
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        let stats = proc_stats(proc.pid()).unwrap_or_default();
-        let run = self.run(started, consuming, done, n, stats, broker0, own0);
-        proc.finish(Duration::from_secs(30)).await?;
+        let mut run = self.run(started, consuming, done, n, broker0, own0);
+        run.life = proc.finish(Duration::from_secs(30)).await?;
+        run.load = load;
         self.broker.delete(&queue).await;
         Ok(run)
     }
@@ -594,6 +655,7 @@ impl Bench {
         self.sink.reset(expected);
         let env = self.worker_env(&queue);
         let (broker0, own0) = (self.broker_cpu(), self.own_cpu());
+        let load = loadavg();
         let started = Instant::now();
         let mut proc = Proc::spawn(&["worker"], &env)?;
         let mut consuming = None;
@@ -618,9 +680,9 @@ impl Bench {
                 .into());
             }
         };
-        let stats = proc_stats(proc.pid()).unwrap_or_default();
-        let run = self.run(started, consuming, done, n, stats, broker0, own0);
-        proc.finish(Duration::from_secs(30)).await?;
+        let mut run = self.run(started, consuming, done, n, broker0, own0);
+        run.life = proc.finish(Duration::from_secs(30)).await?;
+        run.load = load;
         let (ready, _) = self.broker.counts(&queue).await?;
         let (dead_ready, _) = self.broker.counts(&dead).await?;
         let tracks = self.sink.tracks();
@@ -654,14 +716,12 @@ impl Bench {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         started: Instant,
         consuming: Option<Instant>,
         done: Instant,
         n: u64,
-        stats: ProcStats,
         broker0: f64,
         own0: f64,
     ) -> Run {
@@ -672,7 +732,8 @@ impl Bench {
             secs99: most.map_or(f64::NAN, |m| m.duration_since(started).as_secs_f64()),
             startup_s: consuming.map_or(f64::NAN, |c| c.duration_since(started).as_secs_f64()),
             rate: n as f64 / secs,
-            stats,
+            life: ProcStats::default(),
+            load: String::new(),
             broker_cpu_s: self.broker_cpu() - broker0,
             sink_cpu_s: self.own_cpu() - own0,
         }
@@ -843,29 +904,33 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
             if is_ceiling && !o.no_ceiling {
                 let r = bench.ceiling(round, &sessions).await?;
                 println!(
-                    "round {round} ceiling: {:>8.0} sessions/s  {:6.2} s (start-up {:4.0} ms)  cpu {:5.2} s  rss {:5.1} MB  broker cpu {:5.2} s",
+                    "round {round} ceiling: {:>8.0} sessions/s  {:6.2} s (start-up {:4.0} ms)  cpu {:5.2} s ({:4.1} µs/session)  rss {:5.1} MB  broker cpu {:5.2} s  load {}",
                     r.rate,
                     r.secs,
                     r.startup_s * 1e3,
-                    r.stats.cpu_s,
-                    r.stats.hwm_kib as f64 / 1024.0,
-                    r.broker_cpu_s
+                    r.life.cpu_s,
+                    r.life.cpu_s * 1e6 / o.sessions() as f64,
+                    r.life.hwm_kib as f64 / 1024.0,
+                    r.broker_cpu_s,
+                    r.load,
                 );
                 ceilings.push(r);
             } else if !is_ceiling {
                 let r = bench.worker(round, &sessions).await?;
                 println!(
-                    "round {round} worker:  {:>8.0} sessions/s  {:6.2} s (start-up {:4.0} ms, 99% at {:.2} s)  cpu {:5.2} s  rss {:5.1} MB  broker cpu {:5.2} s  sink cpu {:5.2} s  ({} requests, {:.0} MB)",
+                    "round {round} worker:  {:>8.0} sessions/s  {:6.2} s (start-up {:4.0} ms, 99% at {:.2} s)  cpu {:5.2} s ({:4.1} µs/session)  rss {:5.1} MB  broker cpu {:5.2} s  sink cpu {:5.2} s  ({} requests, {:.0} MB)  load {}",
                     r.rate,
                     r.secs,
                     r.startup_s * 1e3,
                     r.secs99,
-                    r.stats.cpu_s,
-                    r.stats.hwm_kib as f64 / 1024.0,
+                    r.life.cpu_s,
+                    r.life.cpu_s * 1e6 / o.sessions() as f64,
+                    r.life.hwm_kib as f64 / 1024.0,
                     r.broker_cpu_s,
                     r.sink_cpu_s,
                     bench.sink.requests(),
                     bench.sink.bytes() as f64 / 1e6,
+                    r.load,
                 );
                 workers.push(r);
             }
@@ -917,7 +982,7 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
     );
     if !ratios.is_empty() {
         println!(
-            "| worker / ceiling (median of per-round ratios) | {:.2} | ≥ 0.90 |",
+            "| worker / ceiling, throughput (median of per-round ratios) | {:.2} | ≥ 0.95 |",
             median(ratios)
         );
         let ratios99: Vec<f64> = workers
@@ -929,18 +994,27 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
             "| the same, worker until 99% of the events | {:.2} | |",
             median(ratios99)
         );
+        let cpu_ratios: Vec<f64> = workers
+            .iter()
+            .zip(&ceilings)
+            .map(|(w, c)| w.life.cpu_s / c.life.cpu_s)
+            .collect();
+        println!(
+            "| worker / ceiling, CPU per session over each process's life (median of per-round ratios) | {:.2} | ≤ 1.30 |",
+            median(cpu_ratios)
+        );
     }
     println!(
-        "| worker CPU | {:.2} s | |",
-        med(&workers, |r| r.stats.cpu_s)
+        "| worker CPU over its life (start-up and shutdown included) | {:.2} s | |",
+        med(&workers, |r| r.life.cpu_s)
     );
     println!(
         "| worker CPU per session | {:.1} µs | |",
-        med(&workers, |r| r.stats.cpu_s) * 1e6 / n
+        med(&workers, |r| r.life.cpu_s) * 1e6 / n
     );
     println!(
         "| worker peak RSS (VmHWM) | {:.1} MB | ≤ 40 MB |",
-        med(&workers, |r| r.stats.hwm_kib as f64) / 1024.0
+        med(&workers, |r| r.life.hwm_kib as f64) / 1024.0
     );
     println!(
         "| broker CPU during the worker run | {:.2} s | |",
@@ -952,9 +1026,9 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
     );
     if !ceilings.is_empty() {
         println!(
-            "| ceiling consumer CPU / peak RSS | {:.2} s / {:.1} MB | |",
-            med(&ceilings, |r| r.stats.cpu_s),
-            med(&ceilings, |r| r.stats.hwm_kib as f64) / 1024.0
+            "| ceiling CPU per session / peak RSS | {:.1} µs / {:.1} MB | |",
+            med(&ceilings, |r| r.life.cpu_s) * 1e6 / n,
+            med(&ceilings, |r| r.life.hwm_kib as f64) / 1024.0
         );
     }
     if let Some(p) = pure {
