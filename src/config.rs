@@ -116,6 +116,9 @@ pub struct Segment {
     pub default_region: Region,
     /// A batch is sent when its oldest event has waited this long.
     pub flush_interval_ms: u64,
+    /// A batch is also sent when no session joined it for this long: nothing is coming
+    /// to fill it (the end of a burst, a quiet hour). 0: only `flush_interval_ms`.
+    pub flush_idle_ms: u64,
     /// Events per request, at most 2,500.
     pub max_batch_events: usize,
     /// Bytes per request body, envelope included, at most 500,000.
@@ -140,6 +143,7 @@ impl Default for Segment {
         Segment {
             default_region: Region::Us,
             flush_interval_ms: 500,
+            flush_idle_ms: 50,
             max_batch_events: 1000,
             max_batch_bytes: 475_000,
             max_in_flight: 4,
@@ -812,6 +816,12 @@ impl Config {
 
     pub fn flush_interval(&self) -> Duration {
         Duration::from_millis(self.segment.flush_interval_ms)
+    }
+
+    /// `None` when off (0), or when not under `flush_interval`, where it could not matter.
+    pub fn flush_idle(&self) -> Option<Duration> {
+        let idle = self.segment.flush_idle_ms;
+        (idle > 0 && idle < self.segment.flush_interval_ms).then(|| Duration::from_millis(idle))
     }
 
     pub fn request_timeout(&self) -> Duration {

@@ -1,6 +1,6 @@
 //! The batches being gathered, one per region, owned by the consuming task: which batch a
 //! session's events join, and when a batch goes to its region's sender (the flush
-//! deadlines and their timer).
+//! deadlines, the idle rule and their one timer).
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -13,15 +13,22 @@ use crate::domain::Region;
 use super::Sender;
 
 /// The batches being gathered, one per region, owned by the consuming task. A batch goes
-/// to its region's sender when the next session would not fit, when it is full, or when
-/// its oldest event has waited `flush_interval`.
+/// to its region's sender when the next session would not fit, when it is full, when its
+/// oldest event has waited `flush_interval`, or when no session joined it for
+/// `flush_idle` (the end of a burst: nothing is coming to fill it).
 pub(super) struct Gather<T> {
     batches: [Batch<T>; 2],
     /// When each region's batch must go, if it holds anything.
     deadlines: [Option<Instant>; 2],
+    /// When a session last joined each region's batch.
+    last_push: [Instant; 2],
     senders: [Option<Sender<T>>; 2],
     flush_interval: Duration,
-    /// One timer for the flush deadlines, reset only when the earliest changes.
+    /// `None`: no idle rule, only `flush_interval`.
+    flush_idle: Option<Duration>,
+    /// One timer for the flush deadlines. It is set earlier when the earliest deadline
+    /// comes earlier, never later: the idle point moves with every session, and a timer
+    /// reset per delivery would cost more than the rare wake-up that finds nothing due.
     timer: Pin<Box<Sleep>>,
     /// The deadline the timer is set for, if any.
     armed: Option<Instant>,
@@ -32,12 +39,16 @@ impl<T> Gather<T> {
         senders: [Option<Sender<T>>; 2],
         limits: Limits,
         flush_interval: Duration,
+        flush_idle: Option<Duration>,
     ) -> Self {
+        let now = Instant::now();
         Gather {
             batches: [Batch::new(limits), Batch::new(limits)],
             deadlines: [None, None],
+            last_push: [now, now],
             senders,
             flush_interval,
+            flush_idle: flush_idle.filter(|idle| *idle < flush_interval),
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             armed: None,
         }
@@ -52,46 +63,64 @@ impl<T> Gather<T> {
         if !self.batches[i].is_empty() && !self.batches[i].fits(&entry.events) {
             self.send(i);
         }
+        let now = Instant::now();
         if self.batches[i].is_empty() {
-            self.deadlines[i] = Some(Instant::now() + self.flush_interval);
+            self.deadlines[i] = Some(now + self.flush_interval);
         }
+        self.last_push[i] = now;
         self.batches[i].push(entry);
         if self.batches[i].is_full() {
             self.send(i);
         }
     }
 
-    /// The earliest flush deadline.
+    /// When region `i`'s batch must go, if it holds anything: its flush deadline, or
+    /// earlier once it has been idle for `flush_idle`.
+    fn due(&self, i: usize) -> Option<Instant> {
+        let deadline = self.deadlines[i]?;
+        Some(match self.flush_idle {
+            Some(idle) => deadline.min(self.last_push[i] + idle),
+            None => deadline,
+        })
+    }
+
+    /// The earliest moment a batch must go.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.iter().flatten().min().copied()
+        (0..2).filter_map(|i| self.due(i)).min()
     }
 
     /// Waits for the earliest flush deadline, then sends the batches whose deadline has
     /// come. Pending for as long as no batch holds anything; dropped before it completes,
     /// it sends nothing.
     pub(super) async fn flush_when_due(&mut self) {
-        let due = self.next_deadline();
-        if due != self.armed {
-            if let Some(at) = due {
-                self.timer.as_mut().reset(at);
+        loop {
+            let Some(due) = self.next_deadline() else {
+                self.armed = None;
+                return std::future::pending().await;
+            };
+            if self.armed.is_none_or(|armed| due < armed) {
+                self.timer.as_mut().reset(due);
+                self.armed = Some(due);
             }
-            self.armed = due;
+            self.timer.as_mut().await;
+            self.armed = None;
+            if self.flush_due(Instant::now()) {
+                return;
+            }
+            // Set for an idle point that sessions have since moved on: wait again.
         }
-        if self.armed.is_none() {
-            return std::future::pending().await;
-        }
-        self.timer.as_mut().await;
-        self.armed = None;
-        self.flush_due(Instant::now());
     }
 
-    /// Sends the batches whose deadline has come.
-    pub(super) fn flush_due(&mut self, now: Instant) {
+    /// Sends the batches whose deadline has come; false if none had.
+    pub(super) fn flush_due(&mut self, now: Instant) -> bool {
+        let mut sent = false;
         for i in 0..2 {
-            if self.deadlines[i].is_some_and(|d| d <= now) {
+            if self.due(i).is_some_and(|d| d <= now) {
                 self.send(i);
+                sent = true;
             }
         }
+        sent
     }
 
     pub(super) fn flush_all(&mut self) {
@@ -128,11 +157,18 @@ mod tests {
 
     type Receivers = [mpsc::UnboundedReceiver<Batch<FakeTicket>>; 2];
 
+    const IDLE: Duration = Duration::from_millis(50);
+
+    /// Batches with `flush_interval` only, no idle rule.
     fn gather(limits: Limits) -> (Gather<FakeTicket>, Receivers) {
+        gather_idle(limits, None)
+    }
+
+    fn gather_idle(limits: Limits, idle: Option<Duration>) -> (Gather<FakeTicket>, Receivers) {
         let (us, us_rx) = mpsc::unbounded_channel();
         let (eu, eu_rx) = mpsc::unbounded_channel();
         (
-            Gather::new([Some(us), Some(eu)], limits, INTERVAL),
+            Gather::new([Some(us), Some(eu)], limits, INTERVAL, idle),
             [us_rx, eu_rx],
         )
     }
@@ -250,5 +286,64 @@ mod tests {
         assert_eq!(next_flush(&mut gather).await - start, 300 * MS + INTERVAL);
         assert_eq!(sent(&mut eu), [vec![4]]);
         assert!(sent(&mut us).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_no_session_joined_for_the_idle_time_goes_before_its_flush_interval() {
+        let link = Ledger::default().link();
+        let (mut gather, [mut us, _eu]) = gather_idle(ROOMY, Some(IDLE));
+        let start = Instant::now();
+        gather.push(Region::Us, link.entry(1, Region::Us));
+        advance(30 * MS).await;
+        gather.push(Region::Us, link.entry(2, Region::Us));
+        assert!(
+            timeout(49 * MS, gather.flush_when_due()).await.is_err(),
+            "the idle time counts from the last session, not the first"
+        );
+        assert!(sent(&mut us).is_empty());
+        assert_eq!(next_flush(&mut gather).await - start, 30 * MS + IDLE);
+        assert_eq!(sent(&mut us), [vec![1, 2]]);
+        assert_eq!(gather.next_deadline(), None, "nothing left to flush");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_that_keep_coming_within_the_idle_time_wait_for_the_flush_interval() {
+        let link = Ledger::default().link();
+        let (mut gather, [mut us, _eu]) = gather_idle(ROOMY, Some(IDLE));
+        let start = Instant::now();
+        let mut id = 0;
+        let mut flushed = None;
+        // A session every 40 ms: never idle for 50 ms.
+        while flushed.is_none() && start.elapsed() < 2 * INTERVAL {
+            id += 1;
+            gather.push(Region::Us, link.entry(id, Region::Us));
+            if timeout(40 * MS, gather.flush_when_due()).await.is_ok() {
+                flushed = Some(Instant::now());
+            }
+        }
+        assert_eq!(flushed.map(|at| at - start), Some(INTERVAL));
+        assert_eq!(sent(&mut us), [(1..=id).collect::<Vec<_>>()]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_region_is_idle_on_its_own() {
+        let link = Ledger::default().link();
+        let (mut gather, [mut us, mut eu]) = gather_idle(ROOMY, Some(IDLE));
+        let start = Instant::now();
+        gather.push(Region::Eu, link.entry(100, Region::Eu));
+        let mut id = 0;
+        while start.elapsed() < 200 * MS {
+            id += 1;
+            gather.push(Region::Us, link.entry(id, Region::Us));
+            let _ = timeout(20 * MS, gather.flush_when_due()).await;
+        }
+        assert_eq!(sent(&mut eu), [vec![100]], "EU went once it was idle");
+        assert!(sent(&mut us).is_empty(), "US sessions keep coming");
+    }
+
+    #[tokio::test]
+    async fn an_idle_time_not_under_the_flush_interval_changes_nothing() {
+        let (gather, _rx) = gather_idle(ROOMY, Some(INTERVAL));
+        assert_eq!(gather.flush_idle, None);
     }
 }

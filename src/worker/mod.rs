@@ -157,6 +157,7 @@ impl Worker {
             senders,
             self.config.batch_limits(),
             self.config.flush_interval(),
+            self.config.flush_idle(),
         );
         // Links given up on (lost, or cancelled by the broker) close once their tickets are
         // settled; shutdown waits for them too, so that their last acks go out.

@@ -92,6 +92,8 @@ async fn sigint_flushes_a_batch_still_waiting_for_its_flush_interval_and_exits_0
         &us,
         &[
             ("SEGMENT__FLUSH_INTERVAL_MS", "20000"),
+            // No early flush when the stream goes quiet: the batch must still be waiting.
+            ("SEGMENT__FLUSH_IDLE_MS", "0"),
             ("SHUTDOWN__GRACE_PERIOD_S", "5"),
         ],
     );
