@@ -13,8 +13,15 @@
 //! - **saturation**: the same, as fast as oha can send;
 //! - **ceiling**: no HTTP at all: C tasks in this process publish the same body with the
 //!   same properties to the same kind of queue and each waits for its confirm before the
-//!   next, on one connection and one confirm channel, as the intake does. Its rate is what
-//!   the broker's publish-confirm path allows with C publishes outstanding.
+//!   next, on one connection and one confirm channel and a current-thread runtime, as the
+//!   intake does. Its rate is what the broker's publish-confirm path allows with C
+//!   publishes outstanding;
+//! - **ceiling at the fixed rate**: the same publishers taking turns at Q publishes/s. Its
+//!   CPU per publish is what lapin and the kernel cost per message at that rate before any
+//!   HTTP: the floor under the intake's CPU per request.
+//!
+//! CPU per request is the intake process's (utime + stime) over the measurement; for the
+//! ceilings, this process's, which does nothing else meanwhile.
 //!
 //! Every measurement gets a fresh durable queue `sb-bench.<pid>.intake.…`, deleted
 //! afterwards, and checks that the queue holds every message answered 200 (and at most
@@ -26,12 +33,12 @@
 //! self-check that needs neither oha nor a broker.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 
@@ -103,6 +110,7 @@ fn main() {
 enum Kind {
     Fixed,
     Saturation,
+    CeilingFixed,
     Ceiling,
 }
 
@@ -111,6 +119,7 @@ impl Kind {
         match self {
             Kind::Fixed => "fixed rate",
             Kind::Saturation => "saturation",
+            Kind::CeilingFixed => "ceiling at the fixed rate",
             Kind::Ceiling => "ceiling (bare confirm-publish)",
         }
     }
@@ -155,7 +164,12 @@ async fn parent(o: Options) -> Result<()> {
     );
     let mut runs = Vec::new();
     for round in 0..o.rounds {
-        let mut order = [Kind::Fixed, Kind::Saturation, Kind::Ceiling];
+        let mut order = [
+            Kind::Fixed,
+            Kind::CeilingFixed,
+            Kind::Saturation,
+            Kind::Ceiling,
+        ];
         if round % 2 == 1 {
             order.reverse();
         }
@@ -167,7 +181,7 @@ async fn parent(o: Options) -> Result<()> {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let load_before = loadavg();
             let measured = match kind {
-                Kind::Ceiling => ceiling(&queue, &body, &o).await,
+                Kind::Ceiling | Kind::CeilingFixed => ceiling(kind, &queue, &body, &o).await,
                 _ => http(kind, &queue, &body, &o).await,
             };
             let load_after = loadavg();
@@ -203,11 +217,12 @@ async fn parent(o: Options) -> Result<()> {
                 .into());
             }
             eprintln!(
-                "round {round} {:<31} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  confirm {:?}  200: {} other: {}  load {} -> {}",
+                "round {round} {:<31} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {:>5.3} ms/req  confirm {:?}  200: {} other: {}  load {} -> {}",
                 kind.name(),
                 run.rate,
                 run.p50_ms,
                 run.p99_ms,
+                run.cpu_ms_per_1000.unwrap_or(f64::NAN) / 1000.0,
                 run.confirm_ms,
                 run.ok,
                 run.other,
@@ -352,8 +367,46 @@ fn histogram_quantiles(text: &str, name: &str) -> Option<(f64, f64)> {
     Some((at(0.50)?, at(0.99)?))
 }
 
-/// C publishers, each waiting for its confirm before the next publish, for S seconds.
-async fn ceiling(queue: &str, body: &str, o: &Options) -> Result<Run> {
+/// C publishers, each waiting for its confirm before the next publish, for S seconds: as
+/// fast as they can (`Ceiling`), or taking turns at the fixed rate (`CeilingFixed`), each
+/// publish due at its slot of the schedule, its latency counted from then. They run as
+/// the intake does: one connection, one confirm channel, a current-thread runtime on a
+/// thread of its own (lapin adds its I/O thread). CPU per publish is this process's
+/// (utime + stime) over the measurement; nothing else in it is busy meanwhile.
+async fn ceiling(kind: Kind, queue: &str, body: &str, o: &Options) -> Result<Run> {
+    let (queue, body, o) = (queue.to_owned(), body.to_owned(), o.clone());
+    let cpu_before = proc_stats(std::process::id()).map(|p| p.cpu_s);
+    let measured = tokio::task::spawn_blocking(move || -> Result<(f64, Vec<f64>)> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(publish_loop(kind, &queue, &body, &o))
+    })
+    .await??;
+    let cpu = proc_stats(std::process::id())
+        .map(|p| p.cpu_s)
+        .zip(cpu_before)
+        .map(|(a, b)| a - b);
+    let (took, mut latencies) = measured;
+    latencies.sort_by(f64::total_cmp);
+    let ok = latencies.len() as u64;
+    Ok(Run {
+        kind,
+        round: 0,
+        rate: ok as f64 / took,
+        p50_ms: percentile(&latencies, 50.0),
+        p99_ms: percentile(&latencies, 99.0),
+        ok,
+        other: 0,
+        cpu_ms_per_1000: cpu.map(|c| c * 1000.0 * 1000.0 / ok.max(1) as f64),
+        confirm_ms: None,
+        load_before: String::new(),
+        load_after: String::new(),
+    })
+}
+
+/// The publishers of [`ceiling`]: the seconds they took and every publish's latency (ms).
+async fn publish_loop(kind: Kind, queue: &str, body: &str, o: &Options) -> Result<(f64, Vec<f64>)> {
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
     let channel = conn.create_channel().await?;
     channel
@@ -373,47 +426,53 @@ async fn ceiling(queue: &str, body: &str, o: &Options) -> Result<Run> {
         .with_content_type("application/json".into())
         .with_timestamp(unix_now() as u64)
         .with_headers(headers);
-    let deadline = Instant::now() + Duration::from_secs(o.secs);
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(o.secs);
+    // The fixed rate's schedule: the n-th publish is due at n / rate; a publisher takes
+    // the next slot when it is free, as oha's connections take the next request.
+    let slot = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let every = Duration::from_secs_f64(1.0 / o.rate as f64);
+    let fixed = kind == Kind::CeilingFixed;
     let mut tasks = FuturesUnordered::new();
     for _ in 0..o.connections {
-        let channel = channel.clone();
-        let queue = queue.into();
-        let body = body.as_bytes().to_vec();
-        let properties = properties.clone();
-        tasks.push(tokio::spawn(async move {
+        let (channel, queue, properties, slot) = (
+            channel.clone(),
+            ShortString::from(queue),
+            properties.clone(),
+            slot.clone(),
+        );
+        let body = body.as_bytes();
+        tasks.push(async move {
             let mut latencies = Vec::new();
-            while Instant::now() < deadline {
-                let sent = Instant::now();
-                let confirm = publish_mandatory(&channel, &queue, &body, properties.clone())
+            loop {
+                let due = if fixed {
+                    let n = slot.get();
+                    slot.set(n + 1);
+                    let due = started + every * n as u32;
+                    tokio::time::sleep_until(due).await;
+                    due
+                } else {
+                    tokio::time::Instant::now()
+                };
+                if due >= deadline {
+                    break;
+                }
+                let confirm = publish_mandatory(&channel, &queue, body, properties.clone())
                     .await
                     .map_err(|e| e.to_string())?;
                 confirmed(confirm).await.map_err(|e| e.to_string())?;
-                latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                latencies.push(due.elapsed().as_secs_f64() * 1000.0);
             }
             Ok::<_, String>(latencies)
-        }));
+        });
     }
     let mut latencies = Vec::new();
     while let Some(done) = tasks.next().await {
-        latencies.extend(done??);
+        latencies.extend(done?);
     }
     let took = started.elapsed().as_secs_f64();
     let _ = conn.close(200, "OK".into()).await;
-    latencies.sort_by(f64::total_cmp);
-    Ok(Run {
-        kind: Kind::Ceiling,
-        round: 0,
-        rate: latencies.len() as f64 / took,
-        p50_ms: percentile(&latencies, 50.0),
-        p99_ms: percentile(&latencies, 99.0),
-        ok: latencies.len() as u64,
-        other: 0,
-        cpu_ms_per_1000: None,
-        confirm_ms: None,
-        load_before: String::new(),
-        load_after: String::new(),
-    })
+    Ok((took, latencies))
 }
 
 fn report(runs: &[Run], o: &Options) {
@@ -422,7 +481,12 @@ fn report(runs: &[Run], o: &Options) {
         "| measurement | req/s (median) | p50 ms (median) | p99 ms (median) | of which confirm p50/p99 ms (bucket ≤) | intake CPU ms / 1,000 req | rounds: req/s, p50/p99 ms, load before→after |"
     );
     println!("|---|---:|---:|---:|---:|---:|---|");
-    for kind in [Kind::Fixed, Kind::Saturation, Kind::Ceiling] {
+    for kind in [
+        Kind::Fixed,
+        Kind::CeilingFixed,
+        Kind::Saturation,
+        Kind::Ceiling,
+    ] {
         let of: Vec<&Run> = runs.iter().filter(|r| r.kind == kind).collect();
         let med = |f: fn(&Run) -> f64| median(of.iter().map(|r| f(r)).collect());
         let cpu: Vec<f64> = of.iter().filter_map(|r| r.cpu_ms_per_1000).collect();
@@ -438,6 +502,7 @@ fn report(runs: &[Run], o: &Options) {
         let name = match kind {
             Kind::Fixed => format!("intake at {}/s", o.rate),
             Kind::Saturation => "intake at saturation".to_owned(),
+            Kind::CeilingFixed => format!("ceiling: bare confirm-publish at {}/s", o.rate),
             Kind::Ceiling => "ceiling: bare confirm-publish loop".to_owned(),
         };
         let confirms: Vec<(f64, f64)> = of.iter().filter_map(|r| r.confirm_ms).collect();
