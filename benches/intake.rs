@@ -478,7 +478,7 @@ async fn publish_loop(kind: Kind, queue: &str, body: &str, o: &Options) -> Resul
 fn report(runs: &[Run], o: &Options) {
     println!();
     println!(
-        "| measurement | req/s (median) | p50 ms (median) | p99 ms (median) | of which confirm p50/p99 ms (bucket ≤) | intake CPU ms / 1,000 req | rounds: req/s, p50/p99 ms, load before→after |"
+        "| measurement | req/s (median) | p50 ms (median) | p99 ms (median) | of which confirm p50/p99 ms (bucket ≤) | CPU ms / 1,000 req (the intake; for a ceiling, the publishers) | rounds: req/s, p50/p99 ms, load before→after |"
     );
     println!("|---|---:|---:|---:|---:|---:|---|");
     for kind in [
