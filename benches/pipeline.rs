@@ -862,6 +862,12 @@ async fn parent(options: Options) -> Result<()> {
         println!("  {k}={v}");
     }
 
+    if std::env::var_os("SB_BENCH_WRAP").is_some() && options.latency() {
+        return Err(
+            "SB_BENCH_WRAP measures the rounds only (the latency run reads the CPU of the wrapper's process): add --no-latency"
+                .into(),
+        );
+    }
     let pure = if !options.no_pure {
         let r = pure_rate();
         println!("pure path (parse + map + serialise, 1 thread, in-process): {r:.0} sessions/s");

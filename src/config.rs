@@ -1218,6 +1218,27 @@ mod tests {
     }
 
     #[test]
+    fn the_idle_flush_is_50_ms_off_at_0_and_off_when_not_under_the_flush_interval() {
+        let idle = |vars: &[(&str, &str)]| Config::load(None, env(vars)).unwrap().flush_idle();
+        assert_eq!(idle(&[]), Some(Duration::from_millis(50)));
+        assert_eq!(
+            idle(&[("SEGMENT_BRIDGE__SEGMENT__FLUSH_IDLE_MS", "0")]),
+            None
+        );
+        assert_eq!(
+            idle(&[
+                ("SEGMENT_BRIDGE__SEGMENT__FLUSH_IDLE_MS", "100"),
+                ("SEGMENT_BRIDGE__SEGMENT__FLUSH_INTERVAL_MS", "100"),
+            ]),
+            None
+        );
+        assert_eq!(
+            idle(&[("SEGMENT_BRIDGE__SEGMENT__FLUSH_IDLE_MS", "20")]),
+            Some(Duration::from_millis(20))
+        );
+    }
+
+    #[test]
     fn a_misspelt_key_is_an_error_not_a_silent_default() {
         let f = file("[segment]\nmax_batch_event = 100\n");
         let err = Config::load(Some(f.path()), env(&[]))

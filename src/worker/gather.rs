@@ -3,8 +3,10 @@
 //! deadlines, the idle rule and their one timer).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 
 use crate::batch::{Batch, Entry, Limits};
@@ -15,7 +17,10 @@ use super::Sender;
 /// The batches being gathered, one per region, owned by the consuming task. A batch goes
 /// to its region's sender when the next session would not fit, when it is full, when its
 /// oldest event has waited `flush_interval`, or when no session joined it for
-/// `flush_idle` (the end of a burst: nothing is coming to fill it).
+/// `flush_idle` (the end of a burst: nothing is coming to fill it) while the sender has a
+/// request slot free. With every slot taken (Segment slow, or retrying), a batch sent
+/// early would only wait in line, and the sessions after it would make batches of their
+/// own: it keeps gathering until `flush_interval` instead.
 pub(super) struct Gather<T> {
     batches: [Batch<T>; 2],
     /// When each region's batch must go, if it holds anything.
@@ -23,6 +28,8 @@ pub(super) struct Gather<T> {
     /// When a session last joined each region's batch.
     last_push: [Instant; 2],
     senders: [Option<Sender<T>>; 2],
+    /// Each sender's request slots; `None`: always taken to have one free.
+    slots: [Option<Arc<Semaphore>>; 2],
     flush_interval: Duration,
     /// `None`: no idle rule, only `flush_interval`.
     flush_idle: Option<Duration>,
@@ -37,6 +44,7 @@ pub(super) struct Gather<T> {
 impl<T> Gather<T> {
     pub(super) fn new(
         senders: [Option<Sender<T>>; 2],
+        slots: [Option<Arc<Semaphore>>; 2],
         limits: Limits,
         flush_interval: Duration,
         flush_idle: Option<Duration>,
@@ -47,8 +55,9 @@ impl<T> Gather<T> {
             deadlines: [None, None],
             last_push: [now, now],
             senders,
+            slots,
             flush_interval,
-            flush_idle: flush_idle.filter(|idle| *idle < flush_interval),
+            flush_idle: flush_idle.filter(|idle| !idle.is_zero() && *idle < flush_interval),
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             armed: None,
         }
@@ -75,12 +84,15 @@ impl<T> Gather<T> {
     }
 
     /// When region `i`'s batch must go, if it holds anything: its flush deadline, or
-    /// earlier once it has been idle for `flush_idle`.
+    /// earlier once it has been idle for `flush_idle`, if its sender has a slot free.
     fn due(&self, i: usize) -> Option<Instant> {
         let deadline = self.deadlines[i]?;
+        let slot_free = self.slots[i]
+            .as_ref()
+            .is_none_or(|slots| slots.available_permits() > 0);
         Some(match self.flush_idle {
-            Some(idle) => deadline.min(self.last_push[i] + idle),
-            None => deadline,
+            Some(idle) if slot_free => deadline.min(self.last_push[i] + idle),
+            _ => deadline,
         })
     }
 
@@ -168,7 +180,7 @@ mod tests {
         let (us, us_rx) = mpsc::unbounded_channel();
         let (eu, eu_rx) = mpsc::unbounded_channel();
         (
-            Gather::new([Some(us), Some(eu)], limits, INTERVAL, idle),
+            Gather::new([Some(us), Some(eu)], [None, None], limits, INTERVAL, idle),
             [us_rx, eu_rx],
         )
     }
@@ -345,5 +357,40 @@ mod tests {
     async fn an_idle_time_not_under_the_flush_interval_changes_nothing() {
         let (gather, _rx) = gather_idle(ROOMY, Some(INTERVAL));
         assert_eq!(gather.flush_idle, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_every_request_slot_taken_an_idle_batch_waits_for_its_flush_interval() {
+        let link = Ledger::default().link();
+        let (us, mut us_rx) = mpsc::unbounded_channel();
+        let slots = Arc::new(Semaphore::new(1));
+        let mut gather = Gather::new(
+            [Some(us), None],
+            [Some(slots.clone()), None],
+            ROOMY,
+            INTERVAL,
+            Some(IDLE),
+        );
+        let taken = slots.clone().try_acquire_owned().unwrap();
+        let start = Instant::now();
+        gather.push(Region::Us, link.entry(1, Region::Us));
+        advance(100 * MS).await;
+        gather.push(Region::Us, link.entry(2, Region::Us));
+        assert_eq!(
+            next_flush(&mut gather).await - start,
+            INTERVAL,
+            "idle, but no slot to send it on: it keeps gathering"
+        );
+        assert_eq!(sent(&mut us_rx), [vec![1, 2]]);
+
+        drop(taken);
+        let second = Instant::now();
+        gather.push(Region::Us, link.entry(3, Region::Us));
+        assert_eq!(
+            next_flush(&mut gather).await - second,
+            IDLE,
+            "a slot is free"
+        );
+        assert_eq!(sent(&mut us_rx), [vec![3]]);
     }
 }

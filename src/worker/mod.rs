@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -117,6 +117,7 @@ impl Worker {
         let _stop_timer = abandon.clone().drop_guard();
         let mut batchers = JoinSet::new();
         let mut senders: [Option<Sender<Ticket>>; 2] = [None, None];
+        let mut slots: [Option<Arc<Semaphore>>; 2] = [None, None];
         let stdout = Arc::new(std::sync::Mutex::new(std::io::stdout()));
         for region in Region::ALL {
             let sink = if self.dry_run {
@@ -150,11 +151,14 @@ impl Worker {
                 shutdown: shutdown.clone(),
                 abandon: abandon.clone(),
             });
-            batchers.spawn(run_sender(rx, deliverer, self.config.segment.max_in_flight));
+            let permits = Arc::new(Semaphore::new(self.config.segment.max_in_flight));
+            slots[region as usize] = Some(permits.clone());
+            batchers.spawn(run_sender(rx, deliverer, permits));
         }
 
         let mut gather = Gather::new(
             senders,
+            slots,
             self.config.batch_limits(),
             self.config.flush_interval(),
             self.config.flush_idle(),

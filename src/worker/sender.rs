@@ -20,14 +20,14 @@ use crate::segment::{Outcome, Post};
 
 use super::settle::Settle;
 
-/// Sends one region's batches, `max_in_flight` at a time, until its channel closes; then
-/// waits for every request.
+/// Sends one region's batches, one per permit of `permits` (`max_in_flight` of them) at a
+/// time, until its channel closes; then waits for every request. The gatherer reads the
+/// free permits too (see [`super::gather`]).
 pub(super) async fn run_sender<T: Settle, S: Post>(
     mut rx: mpsc::UnboundedReceiver<Batch<T>>,
     deliverer: Arc<Deliverer<S>>,
-    max_in_flight: usize,
+    permits: Arc<Semaphore>,
 ) {
-    let permits = Arc::new(Semaphore::new(max_in_flight));
     let mut in_flight = JoinSet::new();
     while let Some(batch) = rx.recv().await {
         dispatch(batch, &mut in_flight, &permits, &deliverer).await;
@@ -245,7 +245,11 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         Running {
             tx,
-            task: tokio::spawn(run_sender(rx, deliverer.clone(), max_in_flight)),
+            task: tokio::spawn(run_sender(
+                rx,
+                deliverer.clone(),
+                Arc::new(Semaphore::new(max_in_flight)),
+            )),
         }
     }
 
