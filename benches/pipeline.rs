@@ -24,9 +24,10 @@
 //!   endpoints pointing at the sink) until the sink has every Track event.
 //!
 //! Both consumers run as child processes (this binary, re-executed as `pipeline worker` or
-//! `pipeline ceiling …`, hidden subcommands), so
-//! their CPU time (`/proc/<pid>/stat` utime+stime) and peak RSS (`/proc/<pid>/status`
-//! VmHWM) are theirs alone; both are read at the moment the work is done. The sink
+//! `pipeline ceiling …`, hidden subcommands), each on a current-thread runtime, so their
+//! CPU time (utime + stime of all threads) and peak RSS (VmHWM) are theirs alone. Each
+//! child reads both from `/proc/self` as it is about to exit and prints them (its `life`
+//! line): the whole life, start-up and shutdown included. The sink
 //! (`segment_bridge_testkit::segment::Sink`) runs in this process: it counts
 //! `"type":"track"` in each body and answers 200. It counts the bytes as they came (the
 //! "MB" of a worker round), and decompresses gzip bodies
@@ -41,9 +42,12 @@
 //! `SB_BENCH_RUNTIME=multi` runs the worker on tokio's multi-thread runtime instead of the
 //! binary's one thread (with `TOKIO_WORKER_THREADS` threads, else one per core).
 //! `SB_BENCH_TRACE=1` prints the queue's ready count every ~100 ms.
+//! `SB_BENCH_WRAP="<command> <args>"` starts each child under that command, e.g.
+//! `valgrind --tool=callgrind` or `perf record … --` (with `--no-latency`).
+//! `SB_BENCH_CEILING_RUNTIME=multi` runs the ceiling on the multi-thread runtime.
 //! Before each run the benchmark waits (up to 20 s) for the broker to go quiet after the
-//! preload; the broker still has slow phases (its CPU per message doubles), so compare
-//! medians, and worker CPU per session rather than single rates. Every queue
+//! preload; the broker still has slow phases (its CPU per message swings by half), so
+//! compare the ratios pooled over an even number of rounds rather than single rates. Every queue
 //! is named `sb-bench.<pid>.…` and deleted afterwards. Without `--bench` on its command
 //! line (`cargo test --benches`) the binary only runs a self-check (no broker needed).
 
