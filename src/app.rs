@@ -250,8 +250,8 @@ impl WorkerApp {
                     released = t.released,
                     skipped = t.skipped,
                     dead_lettered = t.dead_lettered,
-                    "Shut down. Since start: {} sessions {sent} and acknowledged, {} handed back to the queue, {} left unacknowledged to the broker, which redelivers them; {} skipped, {} dead-lettered; {} let go with a lost connection and redelivered by the broker.",
-                    t.delivered,
+                    "Shut down. Since start: {} {sent} and acknowledged, {} handed back to the queue, {} left unacknowledged to the broker, which redelivers them; {} skipped, {} dead-lettered; {} let go with a lost connection and redelivered by the broker.",
+                    counted(t.delivered, "session", "sessions"),
                     t.handed_back,
                     t.unsettled(),
                     t.skipped,
@@ -266,10 +266,10 @@ impl WorkerApp {
                     delivered = t.delivered,
                     handed_back = t.handed_back,
                     left_to_broker = t.unsettled(),
-                    "The grace period ran out. Since start: {} sessions {sent} and acknowledged, {} handed back to the queue; {} deliveries not acknowledged stay with the broker and will be redelivered.",
-                    t.delivered,
+                    "The grace period ran out. Since start: {} {sent} and acknowledged, {} handed back to the queue; {} not acknowledged stay with the broker and will be redelivered.",
+                    counted(t.delivered, "session", "sessions"),
                     t.handed_back,
-                    t.unsettled(),
+                    counted(t.unsettled(), "delivery", "deliveries"),
                 );
                 Stopped::GraceRanOut
             }
@@ -383,9 +383,9 @@ impl IntakeApp {
                     took_ms = started.elapsed().as_millis() as u64,
                     requests = %t.summary(),
                     messages_queued = t.messages,
-                    "Intake shut down. Since start: {} requests answered; {} messages queued.",
-                    t.requests.iter().sum::<u64>(),
-                    t.messages,
+                    "Intake shut down. Since start: {} answered; {} queued.",
+                    counted(t.requests.iter().sum::<u64>(), "request", "requests"),
+                    counted(t.messages, "message", "messages"),
                 );
                 if drained {
                     Stopped::Drained
@@ -461,6 +461,11 @@ fn log_worker_progress(now: &WorkerTotals, last: &WorkerTotals, every: Duration)
     );
 }
 
+/// "1 session", "2 sessions": a count with its noun for a log line.
+fn counted(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// The intake's progress line: requests by outcome, and messages queued.
 fn log_intake_progress(now: &IntakeTotals, last: &IntakeTotals, every: Duration) {
     let d = now.since(last);
@@ -477,6 +482,13 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[test]
+    fn a_count_of_one_takes_the_singular() {
+        assert_eq!(counted(1, "request", "requests"), "1 request");
+        assert_eq!(counted(0, "request", "requests"), "0 requests");
+        assert_eq!(counted(3, "delivery", "deliveries"), "3 deliveries");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_progress_line_comes_only_for_an_interval_in_which_something_changed() {
