@@ -109,10 +109,10 @@ pub fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// current-thread, multi-thread with one worker and multi-thread with two (the former
 /// default here) alternating: current-thread used the least CPU per request at 100 and
 /// at 1,000 requests/s, two threads the most (cross-thread wake-ups for every request at
-/// a low rate), though the margins are within the machine's noise. At saturation a
-/// request costs about 0.035 ms of CPU, so one thread serves several times the broker's
-/// confirm-publish ceiling (about 7,000/s); a pod of 250m–1 CPU has no second core to
-/// give a second thread, and more load is met with more replicas.
+/// a low rate). Under CPU quotas of 250m, 500m and 1 CPU (docs, "In a pod of 250m, 500m
+/// and 1 CPU"), two worker threads cost 20–25% more CPU per request at 1,000/s in every
+/// size, and served fewer requests at saturation under 250m and 500m; more load is met
+/// with more replicas.
 ///
 /// `SEGMENT_BRIDGE_INTAKE_THREADS` overrides the flavour: `current` (or `0`) for the
 /// current-thread scheduler, a number N for the multi-thread one with N worker threads.
