@@ -1072,6 +1072,11 @@ async fn run_all(bench: &mut Bench, pure: Option<f64>) -> Result<()> {
 /// What `cargo test --benches` runs: no broker, no processes; the sink's counter and the
 /// generated sessions are checked.
 fn self_check() {
+    // A child's last line carries what the rounds compare.
+    let life = parse_life("life 1.25 2048").expect("a life line");
+    assert_eq!((life.cpu_s, life.hwm_kib), (1.25, 2048));
+    assert_eq!(parse_life("done 20000"), None);
+    assert_eq!(parse_life("life 1.25"), None);
     let generated = sessions::sessions(1, "check", 2_000);
     let options = events::Options::default();
     let now = time::OffsetDateTime::now_utc();
